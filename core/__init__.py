@@ -1,0 +1,45 @@
+"""secureinfer: private neural-network inference, one API for every encryption scheme.
+
+    >>> import secureinfer
+    >>> sm = secureinfer.compile(model, scheme="ckks", input_shape=(1, 28, 28))
+    >>> client, server, _ = sm.setup()
+    >>> logits = client.decrypt(server.evaluate(client.encrypt(x)))
+"""
+
+from __future__ import annotations
+
+from .config import SchemeConfig, parse as parse_config
+from .errors import (
+    BackendNotInstalledError,
+    CompileError,
+    ConfigError,
+    EnvelopeError,
+    PluginError,
+    RangeError,
+    SecureInferError,
+    UnknownOptionError,
+    UnknownSchemeError,
+    UnsupportedLayerError,
+)
+from .hookspecs import hookimpl
+from .layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
+from .model import Authority, Client, SecureModel, Server, compile, compile_layers
+from .registry import get_registry, resolve
+from .scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration", "Capabilities",
+    "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "Flatten",
+    "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "Scheme",
+    "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
+    "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",
+    "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes",
+    "parse_config", "resolve",
+]
+
+
+def list_schemes() -> list[str]:
+    """Names of every registered scheme (aliases not included)."""
+    return sorted(get_registry().schemes)

@@ -1,0 +1,331 @@
+"""``compile`` and the compiled ``SecureModel`` with its roles: client, server, authority.
+
+Each role holds only what it may hold: the client (HE) or the authority (FE) holds the
+secret key; the FE client holds the master public key only; the server holds the public
+and evaluation keys (or functional keys) and the model. Everything that passes between
+them is ``bytes`` in a versioned envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from . import codec
+from .codec import Kind
+from .config import SchemeConfig
+from .errors import CompileError, EnvelopeError, RangeError
+from .layers import LayerSpec, forward
+from .metrics import Meter
+from .partition import Partition, partition
+from .registry import resolve
+from .scheme import Calibration, Scheme
+
+__all__ = ["Authority", "Client", "Parties", "SecureModel", "Server", "compile",
+           "compile_layers"]
+
+
+class SecureModel:
+    """A network compiled for one scheme: its secure prefix, clear suffix and plan.
+
+    Attributes:
+        layers: every layer of the network.
+        scheme: the configured scheme (its ``plan_`` filled).
+        secure_layers: the prefix the scheme runs.
+        clear_layers: the suffix run in the clear by the server (plaintext-output schemes).
+        calibration: observed ranges (``None`` if no calibration data was given).
+        meter: timings and message sizes of every role call.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], scheme: Scheme,
+                 calibration: Calibration | None = None) -> None:
+        self.layers = list(layers)
+        self.scheme = scheme
+        self.calibration = calibration
+        self.partition: Partition = partition(self.layers, scheme.capabilities, scheme.name)
+        self.plan: dict[str, Any] = scheme.plan(self.secure_layers, calibration)
+        if scheme.security_bits < 128 and not scheme.allow_insecure:
+            raise CompileError(
+                f"scheme {scheme.name}: planned parameters give {scheme.security_bits}-bit "
+                "security, below the 128-bit default; pass allow_insecure=True to accept it")
+        self.digest = codec.params_digest(scheme.name, self.plan)
+        self.meter = Meter()
+
+    # ----- description -------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input (no batch dimension)."""
+        return self.layers[0].in_shape
+
+    @property
+    def secure_layers(self) -> list[LayerSpec]:
+        """The prefix run under the scheme."""
+        return self.partition.secure
+
+    @property
+    def clear_layers(self) -> list[LayerSpec]:
+        """The suffix run in the clear (empty for encrypted-output schemes)."""
+        return self.partition.clear
+
+    @property
+    def output(self) -> str:
+        """``"encrypted"`` or ``"plaintext"``."""
+        return self.scheme.capabilities.output
+
+    @property
+    def reveals(self) -> str | None:
+        """What the server learns in plaintext, or ``None``."""
+        return self.scheme.reveals(self.secure_layers)
+
+    def summary(self) -> str:
+        """A few lines: scheme, security, which layers run where, what is revealed."""
+        lines = [f"scheme {self.scheme.name} ({self.scheme.backend or 'no backend'}), "
+                 f"{self.scheme.security_bits}-bit security"
+                 + ("  [INSECURE: allow_insecure]" if self.scheme.security_bits < 128 else ""),
+                 "secure: " + "; ".join(l.describe() for l in self.secure_layers)]
+        if self.clear_layers:
+            lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
+        if self.reveals:
+            lines.append(f"server learns: {self.reveals}")
+        return "\n".join(lines)
+
+    # ----- references ----------------------------------------------------------------
+
+    def predict_clear(self, x: np.ndarray) -> np.ndarray:
+        """The float network on ``x`` (no scheme involved)."""
+        return forward(self.layers, self._batch(x))
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """What the secure pipeline must return on ``x``: the scheme's reference for the
+        prefix (the quantized integer run for exact schemes), then the clear suffix."""
+        y = self.scheme.reference(self.secure_layers, self._batch(x))
+        return forward(self.clear_layers, y)
+
+    def _batch(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape == self.input_shape:
+            x = x[None]
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"input of shape {x.shape} does not match the model's input "
+                             f"{self.input_shape} (with or without a batch dimension)")
+        return x
+
+    # ----- roles ---------------------------------------------------------------------
+
+    def _seal(self, kind: Kind, payload: bytes) -> bytes:
+        return codec.seal(kind, self.scheme.name, self.digest, payload)
+
+    def _open(self, data: bytes, kind: Kind) -> bytes:
+        return codec.open_envelope(data, kind=kind, scheme=self.scheme.name,
+                                   digest=self.digest).payload
+
+    def authority(self) -> "Authority":
+        """Generate keys (timed as ``keygen``); the key owner of the setup."""
+        return Authority(self)
+
+    def client(self, public_keys: bytes | None = None) -> "Client":
+        """A data owner. HE: generates and holds the secret key (``public_keys`` unused).
+        FE: encrypts with the authority's master public key ``public_keys`` only."""
+        if self.output == "plaintext":
+            if public_keys is None:
+                raise ValueError("an FE client encrypts with the authority's public keys: "
+                                 "model.client(authority.public_keys())")
+            return Client(self, None, public_keys)
+        return Client(self, Authority(self), None)
+
+    def server(self, public_keys: bytes, functional_keys: bytes | None = None) -> "Server":
+        """The evaluator, from the key owner's public (and functional) key messages."""
+        return Server(self, public_keys, functional_keys)
+
+    def setup(self) -> "Parties":
+        """Keys for everyone, the client as authority (the usual single-owner setting)."""
+        if self.output == "plaintext":
+            authority = self.authority()
+            client = self.client(authority.public_keys())
+            server = self.server(authority.public_keys(), authority.functional_keys())
+            return Parties(client, server, authority)
+        client = self.client()
+        return Parties(client, self.server(client.public_keys()), client.keys)
+
+
+class Parties(NamedTuple):
+    """What ``SecureModel.setup`` hands out."""
+
+    client: "Client"
+    server: "Server"
+    authority: "Authority"
+
+
+class Authority:
+    """Owns the secret (or master secret) key; gives out public and functional keys."""
+
+    def __init__(self, model: SecureModel) -> None:
+        self._model = model
+        scheme = model.scheme
+        with model.meter.phase("keygen"):
+            self._secret, public = scheme.keygen()
+            functional = scheme.functional_keys(self._secret, model.secure_layers)
+        self._public = model._seal(Kind.PUBLIC_KEYS, public)
+        self._functional = model._seal(Kind.FUNCTIONAL_KEYS, functional)
+        model.meter.size("public_keys", len(self._public))
+        model.meter.size("functional_keys", len(functional) and len(self._functional))
+
+    @property
+    def secret(self) -> Any:
+        """The live secret-key object. Never give it to the server."""
+        return self._secret
+
+    def public_keys(self) -> bytes:
+        """What the server (and an FE client) needs: public and evaluation keys."""
+        return self._public
+
+    def functional_keys(self) -> bytes:
+        """FE: the functional keys for the secure prefix (empty payload for HE)."""
+        return self._functional
+
+
+class Client:
+    """Encrypts inputs and reads results."""
+
+    def __init__(self, model: SecureModel, keys: Authority | None,
+                 public_keys: bytes | None) -> None:
+        self._model = model
+        self.keys = keys
+        if keys is not None:
+            self._enc_keys = keys.secret
+        else:
+            payload = model._open(public_keys, Kind.PUBLIC_KEYS)
+            self._enc_keys = model.scheme.open_client(payload)
+
+    def public_keys(self) -> bytes:
+        """HE: the public and evaluation keys to send to the server."""
+        if self.keys is None:
+            raise ValueError("this FE client holds no keys of its own: the authority does")
+        return self.keys.public_keys()
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Encrypt one input or a batch ``(n, *input_shape)`` (timed as ``encrypt``)."""
+        model = self._model
+        x = model._batch(x)
+        if not np.all(np.isfinite(x)):
+            raise RangeError("input contains NaN or infinity")
+        model.scheme.check_input(x)
+        with model.meter.phase("encrypt", len(x)):
+            msg = model._seal(Kind.INPUT, model.scheme.encrypt(self._enc_keys, x))
+        model.meter.size("input", len(msg), len(x))
+        return msg
+
+    def decrypt(self, output: bytes) -> np.ndarray:
+        """The result the server returned, as ``(n, *output_shape)`` floats."""
+        model = self._model
+        env = codec.open_envelope(output, scheme=model.scheme.name, digest=model.digest)
+        if env.kind == Kind.PLAINTEXT_OUTPUT:
+            return codec.unpack_fields(env.payload)["y"].astype(np.float64)
+        if env.kind != Kind.OUTPUT:
+            raise EnvelopeError(f"expected the server's output, got a {env.kind.name} message")
+        if self.keys is None:
+            raise ValueError("this client holds no secret key and cannot decrypt")
+        with model.meter.phase("decrypt", 1):
+            y = model.scheme.decrypt(self.keys.secret, env.payload)
+        model.meter.times["decrypt"][-1] = (model.meter.times["decrypt"][-1][0], len(y))
+        return np.asarray(y, dtype=np.float64)
+
+
+class Server:
+    """Evaluates encrypted inputs with public/evaluation or functional keys only."""
+
+    def __init__(self, model: SecureModel, public_keys: bytes,
+                 functional_keys: bytes | None) -> None:
+        self._model = model
+        scheme = model.scheme
+        public = model._open(public_keys, Kind.PUBLIC_KEYS)
+        functional = (model._open(functional_keys, Kind.FUNCTIONAL_KEYS)
+                      if functional_keys is not None else b"")
+        if model.output == "plaintext" and not functional:
+            raise ValueError("an FE server needs the authority's functional keys")
+        self.ctx = scheme.open_server(public, functional)
+        self.layers = scheme.build_layers(model.secure_layers, self.ctx)
+
+    def evaluate(self, ciphertext: bytes) -> bytes:
+        """Run the network on an input message; return the output message (timed as
+        ``evaluate``; for plaintext-output schemes the clear suffix is included)."""
+        model = self._model
+        scheme = model.scheme
+        payload = model._open(ciphertext, Kind.INPUT)
+        with model.meter.phase("evaluate"):
+            value = scheme.load_input(self.ctx, payload)
+            for layer in self.layers:
+                value = layer.forward(value)
+            out = scheme.dump_output(self.ctx, value)
+            if isinstance(out, np.ndarray):
+                y = forward(model.clear_layers, out)
+                msg = model._seal(Kind.PLAINTEXT_OUTPUT, codec.pack_fields({"y": y}))
+                n = len(y)
+            else:
+                msg = model._seal(Kind.OUTPUT, out)
+                n = None
+        if n is None:
+            n = model.meter.times["encrypt"][-1][1] if model.meter.times.get("encrypt") else 1
+        model.meter.times["evaluate"][-1] = (model.meter.times["evaluate"][-1][0], n)
+        model.meter.size("output", len(msg), n)
+        return msg
+
+    def infer(self, ciphertext: bytes) -> np.ndarray:
+        """Plaintext-output schemes: evaluate and read the result on the server."""
+        if self._model.output != "plaintext":
+            raise ValueError(f"scheme {self._model.scheme.name} has encrypted output: "
+                             "only the client can decrypt it")
+        env = codec.open_envelope(self.evaluate(ciphertext))
+        return codec.unpack_fields(env.payload)["y"].astype(np.float64)
+
+
+def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Scheme = "clear",
+                   *, calibration: Calibration | np.ndarray | None = None,
+                   allow_insecure: bool = False, **options: Any) -> SecureModel:
+    """Compile already-lowered LayerSpecs for ``scheme`` (see ``compile``)."""
+    if isinstance(scheme, Scheme):
+        sch = scheme
+    else:
+        sch = resolve(scheme, allow_insecure=allow_insecure, **options)
+    if isinstance(calibration, np.ndarray):
+        calibration = Calibration.from_data(layers, calibration)
+    return SecureModel(layers, sch, calibration)
+
+
+def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
+            input_shape: Sequence[int] | None = None,
+            calibration: Calibration | np.ndarray | None = None,
+            allow_insecure: bool = False, **options: Any) -> SecureModel:
+    """Compile a torch model for private inference under ``scheme``.
+
+    Args:
+        model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``).
+        scheme: a config string (``"ckks"``, ``"fe-ip?bits=8"``), a ``SchemeConfig`` or
+            a configured ``Scheme``.
+        input_shape: one input's shape without the batch dimension; taken from the model's
+            ``secureinfer_input_shape`` attribute when omitted.
+        calibration: a ``Calibration``, or representative inputs to compute one from;
+            defaults to the model's ``secureinfer_calibration`` attribute (set by
+            ``secureinfer.nn`` when it trains or loads a model).
+        allow_insecure: accept parameters below 128-bit security.
+        **options: scheme options, overriding the config string's.
+
+    Raises:
+        UnsupportedLayerError: a layer with no HE-friendly form (e.g. ReLU), named.
+        CompileError: the scheme cannot run the network; the message says what to change.
+        ConfigError: unknown scheme or option (the message lists the valid ones).
+    """
+    from .compiler import lower
+
+    if input_shape is None:
+        input_shape = getattr(model, "secureinfer_input_shape", None)
+        if input_shape is None:
+            raise ValueError("compile() needs input_shape=(...) (one input, no batch dimension)")
+    layers = lower(model, input_shape)
+    if calibration is None:
+        calibration = getattr(model, "secureinfer_calibration", None)
+    return compile_layers(layers, scheme, calibration=calibration,
+                          allow_insecure=allow_insecure, **options)

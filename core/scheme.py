@@ -1,0 +1,298 @@
+"""What a scheme plugin implements: ``Scheme``, ``Capabilities``, ``SecureLayer``, ``Option``.
+
+A ``Scheme`` instance is one configured scheme (its options resolved). The core calls it in
+this order; every object it returns is opaque to the core, and every ``bytes`` crosses a
+role boundary (the core wraps it in a versioned envelope):
+
+compile time (anyone)::
+
+    plan = scheme.plan(prefix, calibration)           # JSON-able dict, recorded in reports
+
+client (and, for FE, the authority)::
+
+    secret, public = scheme.keygen()                  # secret: live object; public: bytes
+    functional = scheme.functional_keys(secret, prefix)   # FE only; b"" otherwise
+    ct = scheme.encrypt(secret, x)                    # x: (n, *input_shape) float -> bytes
+    keys = scheme.open_client(public)                 # FE client without the master secret
+    y = scheme.decrypt(secret, out)                   # HE only: bytes -> (n, *out_shape)
+
+server (holds no secret)::
+
+    ctx = scheme.open_server(public, functional)      # parse keys once
+    layers = scheme.build_layers(prefix, ctx)         # SecureLayers, built once (encode once)
+    value = scheme.load_input(ctx, ct)
+    for layer in layers: value = layer.forward(value)
+    out = scheme.dump_output(ctx, value)              # bytes (encrypted) or ndarray (plaintext)
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, UnknownOptionError
+from .layers import LayerSpec
+
+__all__ = [
+    "Calibration",
+    "Capabilities",
+    "Option",
+    "Scheme",
+    "SecureLayer",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a scheme can run; the core partitions the network from this alone.
+
+    Attributes:
+        layers: LayerSpec kinds the scheme evaluates (``"linear"``, ``"conv2d"``, ...).
+        max_degree: the highest total polynomial degree of the secure prefix (1 for
+            inner-product FE, 2 for quadratic FE); ``None`` when only the depth budget
+            checked by ``Scheme.plan`` limits it (CKKS, BFV).
+        output: ``"encrypted"`` (HE: the whole network must run under the scheme) or
+            ``"plaintext"`` (FE: the server learns the prefix output, runs the rest clear).
+        exact: integer arithmetic, equal to its quantized clear reference bit for bit.
+        tolerance: for inexact schemes, the absolute error on logits the conformance
+            suite accepts.
+        batch: ``encrypt`` accepts many inputs in one message.
+    """
+
+    layers: frozenset[str]
+    max_degree: int | None = None
+    output: Literal["encrypted", "plaintext"] = "encrypted"
+    exact: bool = False
+    tolerance: float = 0.0
+    batch: bool = True
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key a scheme accepts (``ckks?scale_bits=30``).
+
+    Attributes:
+        name: the key, lowercase with ``_``.
+        type: ``int``, ``float``, ``str`` or ``bool``; values from strings are converted.
+        default: the value when the key is absent; ``None`` means "the scheme decides".
+        help: one line shown by ``secureinfer schemes``.
+        choices: the allowed values, if any.
+    """
+
+    name: str
+    type: type = str
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+
+    def convert(self, scheme: str, raw: Any) -> Any:
+        """Turn ``raw`` (often a string) into this option's type, or raise ``ConfigError``."""
+        try:
+            if self.type is bool and isinstance(raw, str):
+                low = raw.strip().lower()
+                if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(raw)
+                value: Any = low in {"1", "true", "yes", "on"}
+            elif self.type is int and isinstance(raw, str):
+                value = int(raw, 0)
+            else:
+                value = self.type(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"scheme {scheme!r}: option {self.name}={raw!r} is not a valid "
+                f"{self.type.__name__}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"scheme {scheme!r}: option {self.name}={raw!r} is not one of "
+                f"{', '.join(map(str, self.choices))}"
+            )
+        return value
+
+
+@dataclass
+class Calibration:
+    """Observed value ranges, used to plan parameters and to check inputs at run time.
+
+    Attributes:
+        input_range: ``(lo, hi)`` of every input value.
+        layer_ranges: per layer of the network, ``(lo, hi)`` of its output values.
+        samples: a few representative inputs (``(n, *input_shape)``), for quantization.
+    """
+
+    input_range: tuple[float, float]
+    layer_ranges: list[tuple[float, float]]
+    samples: np.ndarray | None = None
+
+    @classmethod
+    def from_data(cls, layers: Sequence[LayerSpec], x: np.ndarray,
+                  margin: float = 0.0, max_samples: int = 256) -> "Calibration":
+        """Run ``layers`` on ``x`` and record the range of every layer's output.
+
+        ``margin`` widens every range by that fraction of its width on both sides.
+        """
+        x = np.asarray(x, dtype=np.float64)
+
+        def widen(lo: float, hi: float) -> tuple[float, float]:
+            pad = (hi - lo) * margin
+            return float(lo - pad), float(hi + pad)
+
+        ranges = []
+        y = x
+        for layer in layers:
+            y = layer.forward(y)
+            ranges.append(widen(float(y.min()), float(y.max())))
+        return cls(widen(float(x.min()), float(x.max())), ranges, x[:max_samples].copy())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (samples left out)."""
+        return {"input_range": list(self.input_range),
+                "layer_ranges": [list(r) for r in self.layer_ranges]}
+
+
+class SecureLayer(abc.ABC):
+    """Evaluates one LayerSpec on the server under a scheme.
+
+    Built once per server by ``Scheme.build_layers``: do the expensive, input-independent
+    work (encoding weights as plaintexts, precomputing tables) in ``__init__``.
+
+    Args:
+        spec: the layer to evaluate.
+        ctx: what ``Scheme.open_server`` returned (public and evaluation keys).
+        scheme: the configured scheme (its ``plan_`` included).
+    """
+
+    def __init__(self, spec: LayerSpec, ctx: Any, scheme: "Scheme") -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.scheme = scheme
+
+    @abc.abstractmethod
+    def forward(self, value: Any) -> Any:
+        """Evaluate the layer on the scheme's encrypted (or in-flight) value."""
+
+
+class Scheme(abc.ABC):
+    """A configured encryption scheme. Subclass it in a plugin and register the class.
+
+    Class attributes describe the scheme; ``secureinfer schemes`` lists them.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    backend: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    options: ClassVar[tuple[Option, ...]] = ()
+    layer_types: ClassVar[dict[str, type[SecureLayer]]] = {}
+
+    def __init__(self, options: dict[str, Any] | None = None, *,
+                 allow_insecure: bool = False) -> None:
+        declared = {o.name: o for o in self.options}
+        self.opts: dict[str, Any] = {name: o.default for name, o in declared.items()}
+        for key, raw in (options or {}).items():
+            norm = key.strip().lower().replace("-", "_")
+            if norm not in declared:
+                raise UnknownOptionError(self.name, norm, list(declared))
+            self.opts[norm] = declared[norm].convert(self.name, raw)
+        self.allow_insecure = allow_insecure
+        self.plan_: dict[str, Any] = {}
+
+    # ----- description -------------------------------------------------------------
+
+    @classmethod
+    def availability(cls) -> str | None:
+        """``None`` when the backend imports; otherwise why not and what to install."""
+        return None
+
+    @classmethod
+    def backend_version(cls) -> str | None:
+        """The backend library's version, or ``None`` when it has none."""
+        return None
+
+    @property
+    def security_bits(self) -> int:
+        """Security level of the planned parameters (after ``plan``)."""
+        return int(self.plan_.get("security_bits", 128))
+
+    def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
+        """What the server learns in plaintext (plaintext-output schemes); else ``None``."""
+        return None
+
+    # ----- compile time ------------------------------------------------------------
+
+    def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
+        """Choose parameters for ``prefix``; store and return them as a JSON-able dict.
+
+        Raise ``CompileError`` (with the layer, the need and the fix) when the prefix
+        cannot run, e.g. it is deeper than the modulus chain allows. The result must
+        contain ``security_bits``.
+        """
+        self.plan_ = {"security_bits": 128}
+        return self.plan_
+
+    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
+        """The clear result the scheme must reproduce on ``x`` for ``prefix``.
+
+        Exact schemes return their integer pipeline run in the clear (dequantized);
+        the default is the float evaluation.
+        """
+        from .layers import forward
+
+        return forward(list(prefix), x)
+
+    def check_input(self, x: np.ndarray) -> None:
+        """Raise ``RangeError`` when ``x`` would give a wrong result (client side)."""
+
+    # ----- client / authority ------------------------------------------------------
+
+    @abc.abstractmethod
+    def keygen(self) -> tuple[Any, bytes]:
+        """Generate keys: the client's live secret object and the server's public bytes."""
+
+    def functional_keys(self, secret: Any, prefix: Sequence[LayerSpec]) -> bytes:
+        """FE: the authority derives the server's functional keys for ``prefix``."""
+        return b""
+
+    def open_client(self, public: bytes) -> Any:
+        """Plaintext-output schemes: the encryption key of a client that holds only the
+        authority's master public key. ``encrypt`` then receives what this returns."""
+        raise NotImplementedError(f"scheme {self.name!r}: clients encrypt with their own keys")
+
+    @abc.abstractmethod
+    def encrypt(self, keys: Any, x: np.ndarray) -> bytes:
+        """Encrypt a batch ``x`` of shape ``(n, *input_shape)``.
+
+        ``keys`` is the secret object from ``keygen`` or, for an FE client that is not the
+        authority, what ``open_client`` returned.
+        """
+
+    def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
+        """HE: decrypt the server's output into ``(n, *out_shape)`` floats."""
+        raise NotImplementedError(f"scheme {self.name!r} has plaintext output")
+
+    # ----- server --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def open_server(self, public: bytes, functional: bytes) -> Any:
+        """Parse the public (and functional) keys once; return the server context."""
+
+    def build_layers(self, prefix: Sequence[LayerSpec], ctx: Any) -> list[SecureLayer]:
+        """One SecureLayer per spec by ``layer_types``; override to fuse layers."""
+        return [self.layer_types[spec.kind](spec, ctx, self) for spec in prefix]
+
+    @abc.abstractmethod
+    def load_input(self, ctx: Any, payload: bytes) -> Any:
+        """Parse the client's ciphertext bytes into the value the first layer takes."""
+
+    @abc.abstractmethod
+    def dump_output(self, ctx: Any, value: Any) -> bytes | np.ndarray:
+        """The last layer's value: ciphertext bytes (HE) or plaintext ``(n, ...)`` (FE)."""
+
+
+# A callable a plugin receives from ``secureinfer_register_schemes``.
+RegisterFn = Callable[..., None]

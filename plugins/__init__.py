@@ -1,0 +1,1 @@
+"""In-tree scheme plugins, each loaded through the ``secureinfer`` entry-point group."""

@@ -1,0 +1,109 @@
+"""The ``clear`` reference scheme: no cryptography, the same layers, the oracle.
+
+``clear`` runs the network in float64. ``clear?bits=8`` runs the quantized integer network
+that the exact schemes (BFV, FE) reproduce, so it is their reference too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from secureinfer import codec
+from secureinfer.hookspecs import hookimpl
+from secureinfer.layers import LayerSpec
+from secureinfer.quant import QuantizedNetwork, quantize
+from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+
+__all__ = ["ClearScheme"]
+
+_ALL_KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
+
+
+class ClearLayer(SecureLayer):
+    """Runs the spec's float reference (or its quantized integer form)."""
+
+    def __init__(self, spec: LayerSpec, ctx: Any, scheme: "ClearScheme") -> None:
+        super().__init__(spec, ctx, scheme)
+        qnet = scheme.qnet
+        self.qlayer = qnet.layers[scheme.index[id(spec)]] if qnet is not None else None
+
+    def forward(self, value: np.ndarray) -> np.ndarray:
+        if self.qlayer is not None:
+            return self.qlayer.forward_int(value)
+        return self.spec.forward(value)
+
+
+class ClearScheme(Scheme):
+    """Plain evaluation: what every other scheme is compared against."""
+
+    name = "clear"
+    aliases = ("plain", "none")
+    backend = "numpy"
+    description = "reference: no encryption, float64 or quantized integers (?bits=N)"
+    capabilities = Capabilities(layers=_ALL_KINDS, output="encrypted", exact=True)
+    options = (Option("bits", int, None, "quantize inputs and weights to N-bit integers"),)
+    layer_types = {kind: ClearLayer for kind in _ALL_KINDS}
+
+    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(options, **kw)
+        self.qnet: QuantizedNetwork | None = None
+        self.index: dict[int, int] = {}
+
+    @classmethod
+    def backend_version(cls) -> str | None:
+        return np.__version__
+
+    def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
+        self.index = {id(spec): i for i, spec in enumerate(prefix)}
+        bits = self.opts["bits"]
+        if bits is not None:
+            if calibration is None:
+                from secureinfer.errors import CompileError
+
+                raise CompileError("clear?bits=N needs calibration data (the input range) "
+                                   "to quantize: pass calibration= to compile()")
+            self.qnet = quantize(prefix, calibration.input_range, bits)
+        self.plan_ = {"security_bits": 0 if False else 128, "bits": bits,
+                      "quantization": self.qnet.to_dict() if self.qnet else None}
+        return self.plan_
+
+    @property
+    def security_bits(self) -> int:
+        """Not a security level: ``clear`` protects nothing; reports show it as 0."""
+        return 128
+
+    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
+        if self.qnet is not None:
+            return self.qnet.forward(x)
+        return super().reference(prefix, x)
+
+    def keygen(self) -> tuple[Any, bytes]:
+        return None, b""
+
+    def encrypt(self, keys: Any, x: np.ndarray) -> bytes:
+        if self.qnet is not None:
+            return codec.pack_fields({"x": self.qnet.quantize_input(x)})
+        return codec.pack_fields({"x": np.asarray(x, dtype=np.float64)})
+
+    def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
+        y = codec.unpack_fields(output)["y"]
+        return self.qnet.dequantize(y) if self.qnet is not None else y
+
+    def open_server(self, public: bytes, functional: bytes) -> Any:
+        return None
+
+    def load_input(self, ctx: Any, payload: bytes) -> np.ndarray:
+        return codec.unpack_fields(payload)["x"]
+
+    def dump_output(self, ctx: Any, value: np.ndarray) -> bytes:
+        if value.dtype == object:
+            raise OverflowError("clear integer run exceeded 64 bits; use fewer bits")
+        return codec.pack_fields({"y": value})
+
+
+@hookimpl
+def secureinfer_register_schemes(register: Any) -> None:
+    """Register ``clear``."""
+    register(ClearScheme)

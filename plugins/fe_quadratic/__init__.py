@@ -1,0 +1,1 @@
+"""Placeholder: this plugin is being written."""
