@@ -219,6 +219,14 @@ class Scheme(abc.ABC):
         """Security level of the planned parameters (after ``plan``)."""
         return int(self.plan_.get("security_bits", 128))
 
+    def batch_size(self) -> int:
+        """How many inputs one ``encrypt`` call should carry (after ``plan``).
+
+        1 for per-input packing; the slot capacity for batch packing. Runners and
+        benchmarks group inputs by this.
+        """
+        return 1
+
     def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
         """What the server learns in plaintext (plaintext-output schemes); else ``None``."""
         return None
