@@ -116,7 +116,7 @@ def open_envelope(data: bytes, *, kind: Kind | None = None, scheme: str | None =
 
 # ----- field codec ----------------------------------------------------------------------
 
-_T_BYTES, _T_BLOBS, _T_ARRAY, _T_INT, _T_STR = b"b", b"l", b"a", b"i", b"s"
+_T_BYTES, _T_BLOBS, _T_ARRAY, _T_INT, _T_STR, _T_BIGINTS = b"b", b"l", b"a", b"i", b"s", b"n"
 _ARRAY_KINDS = set("biuf")
 
 
@@ -125,7 +125,8 @@ def _blob(data: bytes) -> bytes:
 
 
 def pack_fields(fields: Mapping[str, Any]) -> bytes:
-    """Serialize named fields: ``bytes``, ``list[bytes]``, numeric arrays, ``int``, ``str``."""
+    """Serialize named fields: ``bytes``, ``list[bytes]``, numeric arrays, arrays of Python
+    integers (``dtype=object``, any size), ``int``, ``str``."""
     out = [struct.pack("<I", len(fields))]
     for name, value in fields.items():
         key = name.encode()
@@ -135,6 +136,10 @@ def pack_fields(fields: Mapping[str, Any]) -> bytes:
         elif isinstance(value, (list, tuple)):
             out.append(_T_BLOBS + struct.pack("<Q", len(value)))
             out.extend(_blob(bytes(v)) for v in value)
+        elif isinstance(value, np.ndarray) and value.dtype == object:
+            text = ",".join(str(int(v)) for v in value.ravel()).encode()
+            out.append(_T_BIGINTS + bytes([value.ndim])
+                       + struct.pack(f"<{value.ndim}Q", *value.shape) + _blob(text))
         elif isinstance(value, np.ndarray):
             if value.dtype.kind not in _ARRAY_KINDS:
                 raise TypeError(f"field {name!r}: dtype {value.dtype} is not numeric")
@@ -195,6 +200,19 @@ def unpack_fields(data: bytes) -> dict[str, Any]:
             if int(np.prod(shape, dtype=np.uint64)) * dt.itemsize != len(raw):
                 raise EnvelopeError(f"field {name!r}: {len(raw)} bytes do not fill shape {shape}")
             fields[name] = np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+        elif tag == _T_BIGINTS:
+            ndim = r.take(1)[0]
+            shape = r.unpack(f"<{ndim}Q")
+            text = r.blob().decode("ascii", "replace")
+            try:
+                vals = [int(v) for v in text.split(",")] if text else []
+            except ValueError:
+                raise EnvelopeError(f"field {name!r}: malformed integers") from None
+            if len(vals) != int(np.prod(shape, dtype=np.uint64)):
+                raise EnvelopeError(f"field {name!r}: {len(vals)} integers do not fill {shape}")
+            arr = np.empty(len(vals), dtype=object)
+            arr[:] = vals
+            fields[name] = arr.reshape(shape)
         elif tag == _T_INT:
             try:
                 fields[name] = int(r.blob().decode("ascii"))

@@ -15,6 +15,10 @@ Conventions (per-tensor, no zero points):
 * Flatten: nothing;
 * Poly of degree d: ``y_q = sum_k q_k x_q**k`` with integer ``q_k = round(c_k s**k / s_out)``
   and ``s_out = s**d * 2**-coeff_bits``; ``x**2`` is exactly ``y_q = x_q**2``, ``s_out = s**2``.
+
+Integers grow layer after layer (nothing rescales); arrays switch from int64 to Python
+integers (``dtype=object``) where a worst-case bound passes 2**62, so the reference stays
+exact at any depth.
 """
 
 from __future__ import annotations
@@ -171,20 +175,22 @@ def _weight_quant(w: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, floa
 
 
 def quantize(layers: Sequence[LayerSpec], input_range: tuple[float, float], bits: int = 8,
-             coeff_bits: int = 16) -> QuantizedNetwork:
+             coeff_bits: int | None = None) -> QuantizedNetwork:
     """Quantize ``layers`` for inputs in ``input_range`` at ``bits`` bits.
 
     Args:
         layers: the prefix to quantize (Linear, Conv2d, AvgPool2d, Flatten, Poly).
         input_range: calibrated ``(lo, hi)`` of the inputs.
         bits: width of inputs and weights, 2 to 16.
-        coeff_bits: fractional bits of polynomial coefficients other than ``x**2``.
+        coeff_bits: fractional bits of polynomial coefficients other than ``x**2``
+            (default: ``bits``).
 
     Raises:
         CompileError: a layer kind that has no integer form, or a bad bit width.
     """
     if not 2 <= int(bits) <= 16:
         raise CompileError(f"quantization: bits={bits} is outside 2..16; 8 is the usual choice")
+    coeff_bits = int(bits) if coeff_bits is None else int(coeff_bits)
     lo, hi = float(input_range[0]), float(input_range[1])
     if not hi > lo:
         raise CompileError(f"quantization: empty input range [{lo}, {hi}]")
@@ -200,11 +206,11 @@ def quantize(layers: Sequence[LayerSpec], input_range: tuple[float, float], bits
         if isinstance(spec, (Linear, Conv2d)):
             w_q, s_w = _weight_quant(spec.weight, bits, spec.name)
             out_scale = s * s_w
-            b_q = np.rint(spec.bias / out_scale).astype(np.int64)
+            b_q = np.array([int(v) for v in np.rint(spec.bias / out_scale)], dtype=object)
             # Each output sums one row (a Linear row, or a Conv2d kernel) of |W_q| * bound.
             rows = np.abs(w_q.reshape(w_q.shape[0], -1)).astype(object).sum(axis=1)
             new_bound = int(max(rows * bound + np.abs(b_q).astype(object)))
-            q = QuantLayer(spec, s, out_scale, _as_int(w_q, 0), _as_int(b_q, 0), bound=new_bound)
+            q = QuantLayer(spec, s, out_scale, w_q, _as_int(b_q, new_bound), bound=new_bound)
         elif isinstance(spec, AvgPool2d):
             k2 = spec.kernel * spec.kernel
             q = QuantLayer(spec, s, s / k2, bound=bound * k2)

@@ -1,0 +1,13 @@
+"""Testing helpers: the scheme conformance suite, usable from any project's tests.
+
+``SchemeConformance`` is a pytest test class to subclass with ``config = "<scheme>"``.
+The ``pytest11`` entry point ``secureinfer`` (``secureinfer.testing.plugin``) adds the
+``--secureinfer-scheme`` option, which runs the suite against any installed scheme.
+"""
+
+from __future__ import annotations
+
+from .networks import NETWORKS, inputs
+from .suite import SchemeConformance
+
+__all__ = ["NETWORKS", "SchemeConformance", "inputs"]
