@@ -46,7 +46,8 @@ class SecureModel:
         self.calibration = calibration
         self.partition: Partition = partition(self.layers, scheme.capabilities, scheme.name)
         self.plan: dict[str, Any] = scheme.plan(self.secure_layers, calibration)
-        if scheme.security_bits < 128 and not scheme.allow_insecure:
+        bits = scheme.security_bits
+        if bits is not None and bits < 128 and not scheme.allow_insecure:
             raise CompileError(
                 f"scheme {scheme.name}: planned parameters give {scheme.security_bits}-bit "
                 "security, below the 128-bit default; pass allow_insecure=True to accept it")
@@ -82,9 +83,10 @@ class SecureModel:
 
     def summary(self) -> str:
         """A few lines: scheme, security, which layers run where, what is revealed."""
-        lines = [f"scheme {self.scheme.name} ({self.scheme.backend or 'no backend'}), "
-                 f"{self.scheme.security_bits}-bit security"
-                 + ("  [INSECURE: allow_insecure]" if self.scheme.security_bits < 128 else ""),
+        bits = self.scheme.security_bits
+        security = "no encryption (reference)" if bits is None else f"{bits}-bit security" + (
+            "  [INSECURE: allow_insecure]" if bits < 128 else "")
+        lines = [f"scheme {self.scheme.name} ({self.scheme.backend or 'no backend'}), {security}",
                  "secure: " + "; ".join(l.describe() for l in self.secure_layers)]
         if self.clear_layers:
             lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
@@ -222,16 +224,18 @@ class Client:
         """The result the server returned, as ``(n, *output_shape)`` floats."""
         model = self._model
         env = codec.open_envelope(output, scheme=model.scheme.name, digest=model.digest)
-        if env.kind == Kind.PLAINTEXT_OUTPUT:
-            return codec.unpack_fields(env.payload)["y"].astype(np.float64)
-        if env.kind != Kind.OUTPUT:
+        if env.kind not in (Kind.OUTPUT, Kind.PLAINTEXT_OUTPUT):
             raise EnvelopeError(f"expected the server's output, got a {env.kind.name} message")
-        if self.keys is None:
+        if env.kind == Kind.OUTPUT and self.keys is None:
             raise ValueError("this client holds no secret key and cannot decrypt")
         with model.meter.phase("decrypt", 1):
-            y = model.scheme.decrypt(self.keys.secret, env.payload)
+            if env.kind == Kind.PLAINTEXT_OUTPUT:
+                y = codec.unpack_fields(env.payload)["y"]
+            else:
+                y = model.scheme.decrypt(self.keys.secret, env.payload)
+            y = np.asarray(y, dtype=np.float64)
         model.meter.times["decrypt"][-1] = (model.meter.times["decrypt"][-1][0], len(y))
-        return np.asarray(y, dtype=np.float64)
+        return y
 
 
 class Server:

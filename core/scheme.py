@@ -215,8 +215,9 @@ class Scheme(abc.ABC):
         return None
 
     @property
-    def security_bits(self) -> int:
-        """Security level of the planned parameters (after ``plan``)."""
+    def security_bits(self) -> int | None:
+        """Security level of the planned parameters (after ``plan``); ``None`` for a
+        scheme that encrypts nothing (``clear``)."""
         return int(self.plan_.get("security_bits", 128))
 
     def batch_size(self) -> int:

@@ -69,14 +69,14 @@ class ClearScheme(Scheme):
                 raise CompileError("clear?bits=N needs calibration data (the input range) "
                                    "to quantize: pass calibration= to compile()")
             self.qnet = quantize(prefix, calibration.input_range, bits)
-        self.plan_ = {"security_bits": 128, "bits": bits,
+        self.plan_ = {"security_bits": None, "bits": bits,
                       "quantization": self.qnet.to_dict() if self.qnet else None}
         return self.plan_
 
     @property
-    def security_bits(self) -> int:
-        """Not a security level: ``clear`` protects nothing; reports show it as 0."""
-        return 128
+    def security_bits(self) -> None:
+        """``clear`` encrypts nothing: no security level (reports say "none")."""
+        return None
 
     def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
         if self.qnet is not None:

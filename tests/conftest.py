@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated cache directory and a small trained torch model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Default models and discrete-log tables go to a per-session cache, not the user's.
+_CACHE = Path(os.environ.setdefault(
+    "SECUREINFER_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache"
+                                 / "secureinfer")))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits dataset."""
+    from secureinfer import data
+
+    return data.load("digits")
+
+
+@pytest.fixture(scope="session")
+def square_mlp(digits):
+    """Flatten -> Linear 64->32 -> x^2 -> Linear 32->10 trained for a few seconds."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+        def secureinfer_poly(self):
+            return (0.0, 0.0, 1.0)
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), Square(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x, y = torch.tensor(digits.x_train), torch.tensor(digits.y_train)
+    for _ in range(80):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,121 @@
+"""The command line, end to end through ``python -m secureinfer``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from secureinfer import cli, registry
+from secureinfer.runner import REPORT_FIELDS
+
+
+def sh(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "secureinfer", *args], capture_output=True,
+                          text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def clear_run():
+    proc = sh("run", "--scheme", "clear", "--dataset", "digits", "--limit", "100", "--json",
+              "--no-progress", check=True)
+    return json.loads(proc.stdout)
+
+
+def test_run_clear_json_has_every_field(clear_run):
+    missing = set(REPORT_FIELDS) - set(clear_run)
+    assert not missing
+    assert set(clear_run["latency_s"]) == {"keygen", "encrypt", "evaluate", "decrypt"}
+    assert set(clear_run["bytes"]) == {"input", "output", "public_keys", "functional_keys"}
+    assert clear_run["samples"] == 100
+    assert clear_run["agreement"] == 1.0
+    assert clear_run["accuracy"] >= 0.9
+    assert clear_run["security_bits"] is None and clear_run["reveals"] is None
+
+
+def test_unknown_scheme_exits_2_and_lists_clear():
+    proc = sh("run", "--scheme", "nosuch")
+    assert proc.returncode == 2
+    assert "clear" in proc.stderr and "nosuch" in proc.stderr
+
+
+def test_unknown_option_exits_2():
+    proc = sh("run", "--scheme", "clear?nosuch=1")
+    assert proc.returncode == 2 and "bits" in proc.stderr
+
+
+def test_bad_dataset_exits_2(tmp_path):
+    proc = sh("run", "--scheme", "clear", "--dataset", f"npz:{tmp_path / 'none.npz'}")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_usage_error_exits_2():
+    assert sh("run", "--limit", "many").returncode == 2
+
+
+def test_schemes_json_fields():
+    rows = json.loads(sh("schemes", "--json", check=True).stdout)
+    clear = next(r for r in rows if r["name"] == "clear")
+    for key in ("aliases", "backend", "output", "exact", "layers", "installed", "why_not"):
+        assert key in clear
+    assert clear["installed"] and "plain" in clear["aliases"]
+
+
+def test_doctor_lists_schemes_and_plugin_checks(capsys):
+    class Extra:
+        @staticmethod
+        @registry.hookspecs.hookimpl
+        def secureinfer_doctor():
+            return [{"name": "acme-hsm", "ok": False, "version": None,
+                     "hint": "pip install acme-hsm"}]
+
+    pm = registry.get_plugin_manager()
+    pm.register(Extra, name="extra-doctor")
+    try:
+        assert cli.main(["doctor", "--json"]) == 0
+    finally:
+        pm.unregister(name="extra-doctor")
+    checks = json.loads(capsys.readouterr().out)
+    names = [c["name"] for c in checks]
+    assert "acme-hsm" in names and any(n.startswith("scheme clear") for n in names)
+
+
+def test_bench_writes_three_files(tmp_path):
+    sh("bench", "--schemes", "clear,clear?bits=8", "--limit", "50", "--out", str(tmp_path),
+       "--no-progress", check=True)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["config"] for r in results] == ["clear", "clear?bits=8"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "`clear?bits=8`" in md and "evaluate ms/img" in md
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_compare_merges(tmp_path):
+    for name in ("clear", "other"):
+        r = {k: None for k in REPORT_FIELDS}
+        r.update(scheme=name, config=name, output="encrypted", security_bits=128,
+                 accuracy=0.9, clear_accuracy=0.9, agreement=1.0, max_abs_error=0.0,
+                 throughput_per_s=10.0, peak_rss_mb=100.0, dataset="digits", samples=5,
+                 latency_s={"keygen": 0.1, "encrypt": 0.01, "evaluate": 0.1, "decrypt": 0.01},
+                 bytes={"input": 1000, "output": 100, "public_keys": 10, "functional_keys": 0})
+        (tmp_path / f"bench-{name}.json").write_text(json.dumps([r]))
+    proc = sh("compare", str(tmp_path), check=True)
+    assert "bench-clear.json" in proc.stdout
+    assert (tmp_path / "compare.md").read_text().count("| `") == 2
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_without_results_exits_2(tmp_path):
+    proc = sh("compare", str(tmp_path))
+    assert proc.returncode == 2 and "bench-clear" in proc.stderr
+
+
+def test_env_var_config(monkeypatch):
+    monkeypatch.setenv("SECUREINFER_SCHEME", "nosuch")
+    assert sh("run").returncode == 2

@@ -1,0 +1,71 @@
+"""The integer reference shared by the exact schemes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secureinfer.errors import CompileError, RangeError
+from secureinfer.quant import quantize
+from secureinfer.testing import NETWORKS, inputs
+
+
+@pytest.mark.parametrize("net", sorted(NETWORKS))
+def test_bounds_hold_and_result_close(net):
+    layers = NETWORKS[net](np.random.default_rng(0))
+    q = quantize(layers, (0.0, 1.0), bits=8)
+    x = inputs(layers, 50)
+    y = q.quantize_input(x)
+    assert np.abs(y).max() <= q.input_bound
+    for layer in q.layers:
+        y = layer.forward_int(y)
+        assert max(abs(int(v)) for v in np.ravel(y)) <= layer.bound, layer.spec.name
+    from secureinfer.layers import forward
+
+    ref = forward(layers, x)
+    assert np.abs(q.forward(x) - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_extreme_inputs_reach_but_never_pass_bound():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(3))
+    q = quantize(layers, (0.0, 1.0), bits=6)
+    w = layers[1].weight
+    # The input that maximises |fc1| output 0 reaches the first layer's worst case for it.
+    x = (w[0] > 0).astype(float).reshape(1, 1, 4, 4)
+    h = q.layers[1].forward_int(q.quantize_input(x).reshape(1, -1))
+    assert abs(int(h[0, 0])) <= q.layers[1].bound
+
+
+def test_more_bits_more_accuracy():
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    x = inputs(layers, 50)
+    from secureinfer.layers import forward
+
+    ref = forward(layers, x)
+    errs = [np.abs(quantize(layers, (0, 1), bits=b).forward(x) - ref).max() for b in (4, 8, 12)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_big_integers_stay_exact():
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    q = quantize(layers, (0.0, 1.0), bits=16)
+    assert q.max_bound > 2**62
+    y = q.forward_int(q.quantize_input(inputs(layers, 3)))
+    assert y.dtype == object
+
+
+def test_input_out_of_range_is_named_error():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    q = quantize(layers, (0.0, 1.0), bits=8)
+    with pytest.raises(RangeError, match=r"\[0, 1\]"):
+        q.quantize_input(np.full((1, 1, 4, 4), 1.5))
+
+
+def test_signed_range_and_bad_bits():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    q = quantize(layers, (-1.0, 1.0), bits=8)
+    assert q.input_bound == 127
+    with pytest.raises(CompileError, match="bits"):
+        quantize(layers, (0, 1), bits=1)
+    with pytest.raises(CompileError, match="range"):
+        quantize(layers, (1, 1), bits=8)
