@@ -216,7 +216,8 @@ class Client:
             raise RangeError("input contains NaN or infinity")
         model.scheme.check_input(x)
         with model.meter.phase("encrypt", len(x)):
-            msg = model._seal(Kind.INPUT, model.scheme.encrypt(self._enc_keys, x))
+            payload = model.scheme.encrypt(self._enc_keys, x)
+            msg = model._seal(Kind.INPUT, codec.pack_fields({"n": len(x), "ct": payload}))
         model.meter.size("input", len(msg), len(x))
         return msg
 
@@ -258,8 +259,11 @@ class Server:
         ``evaluate``; for plaintext-output schemes the clear suffix is included)."""
         model = self._model
         scheme = model.scheme
-        payload = model._open(ciphertext, Kind.INPUT)
-        with model.meter.phase("evaluate"):
+        fields = codec.unpack_fields(model._open(ciphertext, Kind.INPUT))
+        n, payload = fields.get("n"), fields.get("ct")
+        if not isinstance(n, int) or not isinstance(payload, bytes) or n < 1:
+            raise EnvelopeError("input message lacks its sample count or ciphertext")
+        with model.meter.phase("evaluate", n):
             value = scheme.load_input(self.ctx, payload)
             for layer in self.layers:
                 value = layer.forward(value)
@@ -267,13 +271,8 @@ class Server:
             if isinstance(out, np.ndarray):
                 y = forward(model.clear_layers, out)
                 msg = model._seal(Kind.PLAINTEXT_OUTPUT, codec.pack_fields({"y": y}))
-                n = len(y)
             else:
                 msg = model._seal(Kind.OUTPUT, out)
-                n = None
-        if n is None:
-            n = model.meter.times["encrypt"][-1][1] if model.meter.times.get("encrypt") else 1
-        model.meter.times["evaluate"][-1] = (model.meter.times["evaluate"][-1][0], n)
         model.meter.size("output", len(msg), n)
         return msg
 
