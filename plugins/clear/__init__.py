@@ -45,7 +45,9 @@ class ClearScheme(Scheme):
     description = "reference: no encryption, float64 or quantized integers (?bits=N)"
     capabilities = Capabilities(layers=_ALL_KINDS, output="encrypted", exact=False,
                                 tolerance=1e-9)
-    options = (Option("bits", int, None, "quantize inputs and weights to N-bit integers"),)
+    options = (Option("bits", int, None, "quantize inputs and weights to N-bit integers"),
+               Option("coeff_bits", int, None,
+                      "fractional bits of polynomial coefficients (default: bits)"))
     layer_types = {kind: ClearLayer for kind in _ALL_KINDS}
 
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
@@ -68,7 +70,8 @@ class ClearScheme(Scheme):
 
                 raise CompileError("clear?bits=N needs calibration data (the input range) "
                                    "to quantize: pass calibration= to compile()")
-            self.qnet = quantize(prefix, calibration.input_range, bits)
+            self.qnet = quantize(prefix, calibration.input_range, bits,
+                                 coeff_bits=self.opts["coeff_bits"])
         self.plan_ = {"security_bits": None, "bits": bits,
                       "quantization": self.qnet.to_dict() if self.qnet else None}
         return self.plan_
