@@ -1,0 +1,324 @@
+"""Inner-product functional encryption (Abdalla, Bourse, De Caro, Pointcheval, PKC 2015).
+
+The DDH-based scheme over G1 of BLS12-381 (pymcl), with ``g`` mcl's G1 generator and
+``r`` the group order:
+
+* master keys: ``s`` uniform in ``Z_r^n`` (secret), ``h_i = s_i g`` (public);
+* functional key for an integer vector ``y``: ``sk_y = <s, y> mod r``;
+* encryption of an integer vector ``x`` with fresh ``rho``: ``ct_0 = rho g``,
+  ``ct_i = rho h_i + x_i g``;
+* decryption with ``(y, sk_y)``: ``sum_i y_i ct_i - sk_y ct_0 = <x, y> g``, then a bounded
+  discrete logarithm gives ``<x, y>``.
+
+The secure prefix is every layer before the first activation (Linear, Conv2d with
+folded BatchNorm, AvgPool2d, Flatten). Quantized by ``secureinfer.quant.quantize``, that
+prefix is one integer affine map ``y = A x_q + c`` (``fe_common.integer.affine_map``,
+exact); the authority issues one functional key per row of ``A``, the server decrypts
+``A x_q`` and adds the public bias ``c``: the result equals ``qnet.forward_int(x_q)``
+integer for integer. The server learns the prefix outputs in plaintext, nothing else
+about ``x`` (selective IND-CPA under DDH in G1), and runs the rest of the network in the
+clear. When ``A`` has full column rank (as many independent outputs as inputs) those
+outputs determine ``x``; ``reveals`` says so.
+
+Speed comes from the problem's structure (``fe_common.tables``): the weights are small,
+so the server builds a windowed table of multiples of each ciphertext element and pays
+about one G1 addition per weight; encryption uses a fixed-base table of ``g`` for
+``rho g`` and the plaintext terms; the discrete-log table (``fe_common.dlog``) is sized
+from the quantization bound so that a search takes a few giant steps. What no table
+removes, at about one scalar multiplication (50 us) each: ``rho h_i`` per input on the
+client; mcl's check, on the server, that each received point lies in the prime-order
+subgroup (kept: a point with a small-order component would let a client learn the
+functional keys modulo the small primes of the cofactor); ``sk_j ct_0`` per output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from secureinfer import codec
+from secureinfer.errors import CompileError, EnvelopeError
+from secureinfer.layers import LayerSpec
+from secureinfer.quant import QuantizedNetwork, quantize
+from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+
+from ..fe_common import backend
+from ..fe_common.dlog import DlogOutOfRange, DlogTable, max_giant_steps, table_bits_for
+from ..fe_common.groups import (
+    fr,
+    group,
+    group_order,
+    pack_elements,
+    random_scalar,
+    scalars_from_bytes,
+    scalars_to_bytes,
+    unpack_elements,
+)
+from ..fe_common.integer import affine_map, inner_product_bound
+from ..fe_common.tables import FixedBase, SmallMatVec
+
+__all__ = ["InnerProductFE", "InnerProductLayer", "MasterSecret", "PublicKey", "ServerKeys"]
+
+_KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten"})
+_MAX_TABLE_BITS = 22
+_MAX_STEPS = 1024
+
+
+@dataclass
+class _Program:
+    """What the plan derives from the prefix: the quantized net and its affine map."""
+
+    qnet: QuantizedNetwork
+    weights: np.ndarray  # A, (n_out, n_in) int64
+    bias: np.ndarray     # c, (n_out,) int64
+    bound: int           # max |A_j . x_q|
+    digest: str          # sha256 of A and c
+
+
+@dataclass
+class PublicKey:
+    """A client's encryption key: the master public key ``h`` and tables of ``g``."""
+
+    h: list[Any]
+    g_table: FixedBase
+    small: list[Any]  # x * g for x in [-input_bound, input_bound], index x + input_bound
+
+
+@dataclass
+class MasterSecret:
+    """The authority's master secret key ``s`` (and the public key it goes with)."""
+
+    s: list[int]
+    public: PublicKey
+
+
+@dataclass
+class ServerKeys:
+    """What the server holds: one functional key ``<s, A_j>`` per output, no master key."""
+
+    sk: list[int]
+
+
+class InnerProductFE(Scheme):
+    """Inner-product FE (ABDP 2015, DDH in G1 of BLS12-381): the server learns the outputs
+    of the network's first linear layers in plaintext and runs the rest in the clear."""
+
+    name = "fe_ip"
+    aliases = ("ipfe",)
+    backend = "pymcl"
+    extra = "fe"
+    description = ("inner-product functional encryption (ABDP 2015, DDH, BLS12-381 G1): "
+                   "server learns the first linear layer's outputs")
+    capabilities = Capabilities(layers=_KINDS, max_degree=1, output="plaintext", exact=True)
+    options = (
+        Option("bits", int, 8, "quantize inputs and weights to N-bit integers"),
+        Option("dlog_table_bits", int, None,
+               f"log2 of the discrete-log table (default: from the bound, at most "
+               f"{_MAX_TABLE_BITS})"),
+    )
+
+    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(options, **kw)
+        self._program: _Program | None = None
+
+    # ----- description -----------------------------------------------------------------
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return backend.availability()
+
+    @classmethod
+    def backend_version(cls) -> str | None:
+        return backend.backend_version()
+
+    def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
+        n_out = int(np.prod(prefix[-1].out_shape))
+        shown = [s for s in prefix if s.kind != "flatten"] or list(prefix)
+        what = "; ".join(s.describe().replace(f" {s.name}", "", 1) for s in shown)
+        if len(shown) == 1:
+            text = f"the {n_out} outputs of layer {shown[0].name} ({what})"
+        else:
+            text = f"the {n_out} outputs of layers {shown[0].name}..{shown[-1].name} ({what})"
+        if self.plan_.get("determines_input"):
+            text += ("; they have full rank, so they determine the input itself: use a "
+                     "first layer with fewer outputs than inputs to hide it")
+        return text
+
+    # ----- compile time ----------------------------------------------------------------
+
+    def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
+        if calibration is None:
+            raise CompileError(f"{self.name} quantizes inputs and weights and needs the input "
+                               "range: pass calibration= (representative inputs) to compile()")
+        qnet = quantize(prefix, calibration.input_range, self.opts["bits"])
+        weights, bias = affine_map(qnet.layers, prefix[0].in_shape)
+        nonneg = qnet.input_range[0] >= 0
+        bound = inner_product_bound(weights, qnet.input_bound, nonneg)
+        digest = hashlib.sha256(weights.tobytes() + b"|" + bias.tobytes()).hexdigest()
+        self._program = _Program(qnet, weights, bias, bound, digest)
+        table_bits = self.opts["dlog_table_bits"]
+        if table_bits is None:
+            table_bits = table_bits_for(bound, 8, _MAX_TABLE_BITS)
+        elif not 8 <= table_bits <= 28:
+            raise CompileError(f"{self.name}: dlog_table_bits={table_bits} is outside 8..28 "
+                               f"(2**{_MAX_TABLE_BITS} entries, 80 MB, is the default cap)")
+        steps = max_giant_steps(bound, table_bits)
+        if steps > _MAX_STEPS:
+            raise CompileError(
+                f"layer {prefix[-1].name}: with bits={self.opts['bits']} the inner products "
+                f"reach {bound} (about 2**{bound.bit_length()}); a discrete-log table of "
+                f"2**{table_bits} would need {steps} giant steps per output: use fewer bits "
+                f"or a larger dlog_table_bits")
+        self.plan_ = {
+            "security_bits": 128,
+            "curve": "BLS12-381",
+            "group": "G1",
+            "bits": self.opts["bits"],
+            "inputs": int(weights.shape[1]),
+            "functional_keys": int(weights.shape[0]),
+            "weights_digest": digest,
+            "determines_input": bool(np.linalg.matrix_rank(weights.astype(np.float64))
+                                     == weights.shape[1]),
+            "dlog": {"bound": bound, "table_bits": table_bits, "max_steps": steps},
+            "quantization": qnet.to_dict(),
+        }
+        return self.plan_
+
+    def _planned(self) -> _Program:
+        if self._program is None:
+            raise CompileError(f"{self.name}: plan() must run before keys, encryption or "
+                               "evaluation (compile the model first)")
+        return self._program
+
+    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
+        return self._planned().qnet.forward(x)
+
+    def check_input(self, x: np.ndarray) -> None:
+        self._planned().qnet.quantize_input(x)
+
+    # ----- authority and client --------------------------------------------------------
+
+    def _public_key(self, h: list[Any]) -> PublicKey:
+        ops = group("G1")
+        g = ops.generator()
+        bound = self._planned().qnet.input_bound
+        pos = list(itertools.accumulate(itertools.repeat(g, bound), ops.law))
+        small = [ops.inv(e) for e in reversed(pos)] + [ops.identity()] + pos
+        return PublicKey(h, FixedBase(ops, g), small)
+
+    def keygen(self) -> tuple[MasterSecret, bytes]:
+        n = int(self._planned().weights.shape[1])
+        ops = group("G1")
+        s = [random_scalar() for _ in range(n)]
+        g_table = FixedBase(ops, ops.generator())
+        h = g_table.pow_many(s)
+        public = self._public_key(h)
+        return MasterSecret(s, public), codec.pack_fields({"h": pack_elements(ops, h)})
+
+    def functional_keys(self, secret: MasterSecret, prefix: Sequence[LayerSpec]) -> bytes:
+        """``<s, A_j> mod r`` for every row of the planned prefix's integer map ``A``, and
+        the digest of ``A`` and ``c`` the server checks against its own model."""
+        prog = self._planned()
+        s = np.array(secret.s, dtype=object)
+        sk = (prog.weights.astype(object) @ s) % group_order()
+        return codec.pack_fields({"sk": scalars_to_bytes(sk.tolist()),
+                                  "weights_digest": prog.digest})
+
+    def open_client(self, public: bytes) -> PublicKey:
+        n = int(self._planned().weights.shape[1])
+        fields = codec.unpack_fields(public)
+        if not isinstance(fields.get("h"), bytes):
+            raise EnvelopeError(f"{self.name} public key: missing field 'h'")
+        return self._public_key(unpack_elements(group("G1"), fields["h"], count=n))
+
+    def encrypt(self, keys: MasterSecret | PublicKey, x: np.ndarray) -> bytes:
+        prog = self._planned()
+        x_q = prog.qnet.quantize_input(x).reshape(len(x), -1)
+        ops = group("G1")
+        pk = keys.public if isinstance(keys, MasterSecret) else keys
+        r, parts = group_order(), []
+        for row in x_q:
+            rho = random_scalar()
+            if isinstance(keys, MasterSecret):  # ct_i = (rho s_i + x_i) g, fixed base g
+                body = pk.g_table.pow_many([(rho * s + int(v)) % r
+                                            for s, v in zip(keys.s, row.tolist())])
+            else:  # ct_i = rho h_i + x_i g
+                rho_fr, off = fr(rho), prog.qnet.input_bound
+                body = [ops.law(h * rho_fr, pk.small[v + off])
+                        for h, v in zip(pk.h, row.tolist())]
+            parts.append(pack_elements(ops, [pk.g_table.pow(rho), *body]))
+        return codec.pack_fields({"count": len(parts), "ct": b"".join(parts)})
+
+    # ----- server --------------------------------------------------------------------
+
+    def open_server(self, public: bytes, functional: bytes) -> ServerKeys:
+        prog = self._planned()
+        pub = codec.unpack_fields(public)
+        n_in = int(prog.weights.shape[1])
+        if not isinstance(pub.get("h"), bytes) or len(pub["h"]) != group("G1").element_size * n_in:
+            raise EnvelopeError(f"{self.name} public key: expected {n_in} G1 elements")
+        fields = codec.unpack_fields(functional)
+        if fields.get("weights_digest") != prog.digest:
+            raise EnvelopeError(f"{self.name}: the functional keys were issued for other "
+                                "weights than this server's model; compile the same model "
+                                "on both sides")
+        sk_raw = fields.get("sk")
+        if not isinstance(sk_raw, bytes):
+            raise EnvelopeError(f"{self.name} functional keys: missing field 'sk'")
+        return ServerKeys(scalars_from_bytes(sk_raw, count=int(prog.weights.shape[0])))
+
+    def build_layers(self, prefix: Sequence[LayerSpec], ctx: ServerKeys) -> list[SecureLayer]:
+        """One fused layer for the whole prefix (its integer affine map)."""
+        return [InnerProductLayer(prefix[-1], ctx, self)]
+
+    def load_input(self, ctx: ServerKeys, payload: bytes) -> list[tuple[Any, list[Any]]]:
+        n = int(self._planned().weights.shape[1]) + 1
+        fields = codec.unpack_fields(payload)
+        count, data = fields.get("count"), fields.get("ct")
+        if not isinstance(count, int) or not isinstance(data, bytes) or count < 1:
+            raise EnvelopeError(f"{self.name} ciphertext: missing or malformed fields")
+        elems = unpack_elements(group("G1"), data, count=count * n)
+        return [(elems[k * n], elems[k * n + 1:(k + 1) * n]) for k in range(count)]
+
+    def dump_output(self, ctx: ServerKeys, value: np.ndarray) -> np.ndarray:
+        return self._planned().qnet.dequantize(value)
+
+
+class InnerProductLayer(SecureLayer):
+    """Decrypts the prefix's outputs with the functional keys: ``A x_q + c``, integers.
+
+    Built once per server: the window plan of the weight matrix and the discrete-log
+    table. ``forward`` takes the parsed ciphertexts and returns ``(n, *out_shape)`` int64.
+    """
+
+    def __init__(self, spec: LayerSpec, ctx: ServerKeys, scheme: InnerProductFE) -> None:
+        super().__init__(spec, ctx, scheme)
+        prog = scheme._planned()
+        ops = group("G1")
+        self._ops = ops
+        self._bias = prog.bias
+        self._matvec = SmallMatVec(ops, prog.weights)
+        self._neg_sk = [fr(-k) for k in ctx.sk]
+        dlog = scheme.plan_["dlog"]
+        self._dlog = DlogTable(ops, ops.generator(), dlog["bound"],
+                               table_bits=dlog["table_bits"])
+
+    def forward(self, value: list[tuple[Any, list[Any]]]) -> np.ndarray:
+        out = []
+        for ct0, body in value:
+            masks = [ct0 * k for k in self._neg_sk]  # -sk_j ct_0
+            points = self._matvec(body, masks)       # <x, A_j> g
+            try:
+                ips = self._dlog.solve_many(points)
+            except DlogOutOfRange as exc:
+                raise DlogOutOfRange(
+                    f"layer {self.spec.name}: output {exc.index} decrypts outside "
+                    f"[-{exc.bound}, {exc.bound}], the range its keys were planned for: the "
+                    "ciphertext was not made for this model, or its input left the "
+                    "calibrated range", index=exc.index, bound=exc.bound) from None
+            out.append(ips + self._bias)
+        return np.stack(out).reshape(len(value), *self.spec.out_shape)
