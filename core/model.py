@@ -143,10 +143,13 @@ class SecureModel:
         return Server(self, public_keys, functional_keys)
 
     def setup(self) -> "Parties":
-        """Keys for everyone, the client as authority (the usual single-owner setting)."""
+        """Keys for everyone, the client as authority (the usual single-owner setting).
+
+        For FE the client then holds the master secret key, which some schemes use for a
+        faster encryption; ``client(authority.public_keys())`` is a client without it."""
         if self.output == "plaintext":
             authority = self.authority()
-            client = self.client(authority.public_keys())
+            client = Client(self, authority, None)  # the data owner is the authority
             server = self.server(authority.public_keys(), authority.functional_keys())
             return Parties(client, server, authority)
         client = self.client()

@@ -152,7 +152,9 @@ def test_server_and_client_hold_no_master_secret(setup):
         for value in vars(obj).values():
             assert not isinstance(value, MasterSecret) and value is not secret.s
     assert not set(secret.s) & set(server.ctx.sk)
-    assert client.keys is None and isinstance(client._enc_keys, PublicKey)
+    assert client.keys is authority  # setup(): the data owner is the authority
+    owner_less = sm.client(authority.public_keys())
+    assert owner_less.keys is None and isinstance(owner_less._enc_keys, PublicKey)
 
 
 def test_bytes_round_trip(setup):

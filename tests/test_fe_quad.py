@@ -189,9 +189,11 @@ def test_server_and_client_hold_no_master_secret(setup):
         for item in items:
             walk(item, seen, depth + 1)
 
-    assert client.keys is None and isinstance(client._enc_keys, dgp.PublicKey)
+    assert client.keys is authority  # setup(): the data owner is the authority
+    owner_less = setup[0].client(authority.public_keys())
+    assert owner_less.keys is None and isinstance(owner_less._enc_keys, dgp.PublicKey)
     walk(server, set())
-    walk(client, set())
+    walk(owner_less, set())
 
 
 def test_bytes_round_trip(setup):
