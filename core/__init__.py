@@ -16,6 +16,7 @@ from .errors import (
     EnvelopeError,
     PluginError,
     RangeError,
+    RangeWarning,
     SecureInferError,
     UnknownOptionError,
     UnknownSchemeError,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration", "Capabilities",
     "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "Flatten",
-    "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "Scheme",
+    "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "RangeWarning", "Scheme",
     "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
     "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",
     "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes",

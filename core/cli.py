@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .data import load
         from .nn.zoo import default_model
 
-        default_model(load(args.dataset).name, args.arch, progress=not args.no_progress)
+        default_model(load(args.dataset), args.arch, progress=not args.no_progress)
     results = []
     for s in tqdm(schemes, desc="bench", unit="scheme", file=sys.stderr,
                   disable=args.no_progress):

@@ -12,6 +12,7 @@ __all__ = [
     "EnvelopeError",
     "PluginError",
     "RangeError",
+    "RangeWarning",
     "SecureInferError",
     "UnknownOptionError",
     "UnknownSchemeError",
@@ -73,3 +74,7 @@ class EnvelopeError(SecureInferError, ValueError):
 
 class RangeError(SecureInferError, ValueError):
     """A value left the range the scheme was planned for (it would give a wrong result)."""
+
+
+class RangeWarning(UserWarning):
+    """A value left the range calibrated on the training data (the result may be off)."""

@@ -8,7 +8,7 @@ them is ``bytes`` in a versioned envelope.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from . import codec
 from .codec import Kind
 from .config import SchemeConfig
-from .errors import CompileError, EnvelopeError, RangeError
+from .errors import CompileError, EnvelopeError, RangeError, RangeWarning
 from .layers import LayerSpec, forward
 from .metrics import Meter
 from .partition import Partition, partition
@@ -40,10 +40,13 @@ class SecureModel:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], scheme: Scheme,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, range_check: str = "warn") -> None:
+        if range_check not in ("warn", "error", "off"):
+            raise ValueError(f"range_check={range_check!r}: use 'warn', 'error' or 'off'")
         self.layers = list(layers)
         self.scheme = scheme
         self.calibration = calibration
+        self.range_check = range_check
         self.partition: Partition = partition(self.layers, scheme.capabilities, scheme.name)
         self.plan: dict[str, Any] = scheme.plan(self.secure_layers, calibration)
         bits = scheme.security_bits
@@ -105,6 +108,28 @@ class SecureModel:
         prefix (the quantized integer run for exact schemes), then the clear suffix."""
         y = self.scheme.reference(self.secure_layers, self._batch(x))
         return forward(self.clear_layers, y)
+
+    def check_ranges(self, x: np.ndarray) -> list[str]:
+        """Compare ``x`` and every layer's values on it with the calibrated ranges.
+
+        The schemes planned their parameters (CKKS scale, BFV modulus, FE discrete-log
+        bounds) for those ranges. Per ``range_check``: ``"warn"`` (default) issues a
+        ``RangeWarning`` naming each layer out of range, ``"error"`` raises ``RangeError``
+        at the first, ``"off"`` checks nothing. Returns the problems found.
+        """
+        cal = self.calibration
+        if self.range_check == "off" or cal is None \
+                or len(cal.layer_ranges) != len(self.layers):
+            return []
+        problems = cal.check(self.layers, self._batch(x))
+        if problems:
+            fix = ("scale inputs like the training data, or recalibrate "
+                   "(secureinfer.nn.calibrate) on data that covers them")
+            if self.range_check == "error":
+                raise RangeError(f"{problems[0]}; the scheme was planned for the calibrated "
+                                 f"range and could return a wrong result: {fix}")
+            warnings.warn("; ".join(problems) + f": {fix}", RangeWarning, stacklevel=3)
+        return problems
 
     def _batch(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -217,6 +242,7 @@ class Client:
         x = model._batch(x)
         if not np.all(np.isfinite(x)):
             raise RangeError("input contains NaN or infinity")
+        model.check_ranges(x)
         model.scheme.check_input(x)
         with model.meter.phase("encrypt", len(x)):
             payload = model.scheme.encrypt(self._enc_keys, x)
@@ -290,7 +316,8 @@ class Server:
 
 def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Scheme = "clear",
                    *, calibration: Calibration | np.ndarray | None = None,
-                   allow_insecure: bool = False, **options: Any) -> SecureModel:
+                   allow_insecure: bool = False, range_check: str = "warn",
+                   **options: Any) -> SecureModel:
     """Compile already-lowered LayerSpecs for ``scheme`` (see ``compile``)."""
     if isinstance(scheme, Scheme):
         sch = scheme
@@ -298,13 +325,14 @@ def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Sch
         sch = resolve(scheme, allow_insecure=allow_insecure, **options)
     if isinstance(calibration, np.ndarray):
         calibration = Calibration.from_data(layers, calibration)
-    return SecureModel(layers, sch, calibration)
+    return SecureModel(layers, sch, calibration, range_check)
 
 
 def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
             input_shape: Sequence[int] | None = None,
             calibration: Calibration | np.ndarray | None = None,
-            allow_insecure: bool = False, **options: Any) -> SecureModel:
+            allow_insecure: bool = False, range_check: str = "warn",
+            **options: Any) -> SecureModel:
     """Compile a torch model for private inference under ``scheme``.
 
     Args:
@@ -317,6 +345,8 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
             defaults to the model's ``secureinfer_calibration`` attribute (set by
             ``secureinfer.nn`` when it trains or loads a model).
         allow_insecure: accept parameters below 128-bit security.
+        range_check: what ``client.encrypt`` does when an input, or a layer's values on
+            it, leave the calibrated ranges: ``"warn"``, ``"error"`` or ``"off"``.
         **options: scheme options, overriding the config string's.
 
     Raises:
@@ -334,4 +364,4 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     if calibration is None:
         calibration = getattr(model, "secureinfer_calibration", None)
     return compile_layers(layers, scheme, calibration=calibration,
-                          allow_insecure=allow_insecure, **options)
+                          allow_insecure=allow_insecure, range_check=range_check, **options)

@@ -67,7 +67,7 @@ def load_network(model: Any, dataset: Dataset, *, arch: str = "mlp",
         if model is None:
             from .nn.zoo import default_model
 
-            module = default_model(dataset.name, arch, progress=progress)
+            module = default_model(dataset, arch, progress=progress)
             name = f"default-{arch}"
         elif isinstance(model, str):
             from .nn import load as load_model

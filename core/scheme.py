@@ -129,28 +129,65 @@ class Calibration:
 
     @classmethod
     def from_data(cls, layers: Sequence[LayerSpec], x: np.ndarray,
-                  margin: float = 0.0, max_samples: int = 256) -> "Calibration":
+                  margin: float = 0.25, max_samples: int = 256) -> "Calibration":
         """Run ``layers`` on ``x`` and record the range of every layer's output.
 
-        ``margin`` widens every range by that fraction of its width on both sides.
+        ``margin`` widens every layer's range by that fraction of its width on both sides
+        (the input range is kept as observed: it is the data's domain).
         """
         x = np.asarray(x, dtype=np.float64)
-
-        def widen(lo: float, hi: float) -> tuple[float, float]:
-            pad = (hi - lo) * margin
-            return float(lo - pad), float(hi + pad)
-
         ranges = []
         y = x
         for layer in layers:
             y = layer.forward(y)
-            ranges.append(widen(float(y.min()), float(y.max())))
-        return cls(widen(float(x.min()), float(x.max())), ranges, x[:max_samples].copy())
+            lo, hi = float(y.min()), float(y.max())
+            pad = (hi - lo) * margin
+            ranges.append((lo - pad, hi + pad))
+        return cls((float(x.min()), float(x.max())), ranges, x[:max_samples].copy())
+
+    def check(self, layers: Sequence[LayerSpec], x: np.ndarray,
+              tolerance: float = 0.0) -> list[str]:
+        """Run ``layers`` on ``x`` in float64; one message per range that ``x`` leaves.
+
+        The input is compared with ``input_range`` and each layer's output (the next
+        layer's input) with its ``layer_ranges`` entry; ``tolerance`` is the accepted
+        excess as a fraction of a range's width.
+
+        Raises:
+            ValueError: the calibration does not have one range per layer.
+        """
+        if len(self.layer_ranges) != len(layers):
+            raise ValueError(f"the calibration has {len(self.layer_ranges)} layer ranges for "
+                             f"{len(layers)} layers; recalibrate this model")
+        y = np.asarray(x, dtype=np.float64)
+        problems = []
+        found = _violation(y, self.input_range, tolerance)
+        if found:
+            problems.append(f"input of layer {layers[0].name} (the network input): {found}")
+        for i, layer in enumerate(layers):
+            y = layer.forward(y)
+            found = _violation(y, self.layer_ranges[i], tolerance)
+            if found:
+                feeds = f", the input of layer {layers[i + 1].name}" if i + 1 < len(layers) \
+                    else ""
+                problems.append(f"output of layer {layer.name} ({layer.kind}{feeds}): {found}")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (samples left out)."""
         return {"input_range": list(self.input_range),
                 "layer_ranges": [list(r) for r in self.layer_ranges]}
+
+
+def _violation(values: np.ndarray, bounds: Sequence[float], tolerance: float) -> str | None:
+    lo, hi = float(bounds[0]), float(bounds[1])
+    slack = tolerance * (hi - lo)
+    flat = values.reshape(len(values), -1)
+    bad = (flat < lo - slack).any(axis=1) | (flat > hi + slack).any(axis=1)
+    if not bad.any():
+        return None
+    return (f"values span [{flat.min():.4g}, {flat.max():.4g}] in {int(bad.sum())} of "
+            f"{len(values)} input(s), outside the calibrated [{lo:.4g}, {hi:.4g}]")
 
 
 class SecureLayer(abc.ABC):

@@ -33,7 +33,7 @@ def test_toml_and_env_match_string(tmp_path, monkeypatch):
     monkeypatch.setenv(config.ENV_VAR, "clear?bits=8")
     from_env = config.from_env()
     assert from_toml.name == from_env.name == "clear"
-    assert resolve(from_toml).opts == resolve(from_env).opts == {"bits": 8}
+    assert resolve(from_toml).opts == resolve(from_env).opts == {"bits": 8, "coeff_bits": None}
 
 
 def test_toml_without_scheme_table(tmp_path):

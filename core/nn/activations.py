@@ -11,7 +11,7 @@ moves ``blend`` from 0 to 1; a blended activation is not a polynomial and does n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -58,7 +58,7 @@ def cnn_geometry(height: int, width: int) -> tuple[int, int]:
 
 def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: str = "poly",
           *, hidden: Sequence[int] | None = None, degree: int = 2,
-          input_range: Sequence[float] = DEFAULT_RANGE) -> nn.Sequential:
+          input_range: Sequence[float] = DEFAULT_RANGE, norm: bool = False) -> nn.Sequential:
     """Build an untrained ``arch`` network for ``input_shape`` (no batch) images.
 
     Args:
@@ -69,6 +69,8 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
         hidden: hidden Linear widths (see ``default_hidden``); at least one for mlp.
         degree: degree of ``poly`` activations.
         input_range: declared input range of every activation.
+        norm: a BatchNorm before every activation (range control by normalisation; folded
+            into the layer before it at compile time).
 
     Raises:
         ValueError: an unknown arch or activation, or an input shape it cannot take.
@@ -82,9 +84,11 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     n_act = 0
 
-    def act() -> None:
+    def act(features: int, norm_type: type[nn.Module] = nn.BatchNorm1d) -> None:
         nonlocal n_act
         n_act += 1
+        if norm:
+            layers[f"norm{n_act}"] = norm_type(features)
         layers[f"act{n_act}"] = activation_module(activation, degree, input_range)
 
     if arch == "mlp":
@@ -95,7 +99,7 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
     elif arch == "cnn":
         kernel, stride = cnn_geometry(shape[1], shape[2])
         layers["conv1"] = nn.Conv2d(shape[0], _CNN_CHANNELS, kernel, stride)
-        act()
+        act(_CNN_CHANNELS, nn.BatchNorm2d)
         layers["flatten"] = nn.Flatten()
         oh = (shape[1] - kernel) // stride + 1
         ow = (shape[2] - kernel) // stride + 1
@@ -104,7 +108,7 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     for i, width in enumerate(hidden, start=1):
         layers[f"fc{i}"] = nn.Linear(features, width)
-        act()
+        act(width)
         features = width
     layers[f"fc{len(hidden) + 1}"] = nn.Linear(features, int(num_classes))
     return nn.Sequential(layers)

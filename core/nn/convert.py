@@ -10,7 +10,9 @@ which returns a ``GraphModule``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +97,22 @@ def _rewrite_functional(model: nn.Module, make: Callable[[], nn.Module]) -> nn.M
 
 
 def observe_activation_inputs(model: nn.Module, x: torch.Tensor,
-                              batch_size: int = 512) -> dict[str, tuple[float, float]]:
-    """Run ``x`` through ``model`` (eval mode, no grad) and return the ``(min, max)`` of the
-    input of every polynomial activation, by module name."""
-    seen: dict[str, list[float]] = {}
+                              batch_size: int = 512) -> dict[str, dict[str, float]]:
+    """Run ``x`` through ``model`` (eval mode, no grad) and summarise the input of every
+    polynomial activation: ``min``, ``max``, ``mean`` and ``std`` over all its elements,
+    by module name."""
+    sums: dict[str, list[float]] = {}
     hooks = []
     for name, m in model.named_modules():
         if hasattr(m, "secureinfer_poly"):
             def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                lo, hi = float(args[0].min()), float(args[0].max())
-                old = seen.get(name, [lo, hi])
-                seen[name] = [min(old[0], lo), max(old[1], hi)]
+                v = args[0].detach().double()
+                acc = sums.setdefault(name, [0.0, 0.0, 0.0, math.inf, -math.inf])
+                acc[0] += v.numel()
+                acc[1] += float(v.sum())
+                acc[2] += float((v * v).sum())
+                acc[3] = min(acc[3], float(v.min()))
+                acc[4] = max(acc[4], float(v.max()))
             hooks.append(m.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
@@ -117,12 +124,17 @@ def observe_activation_inputs(model: nn.Module, x: torch.Tensor,
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return {name: (lo, hi) for name, (lo, hi) in seen.items()}
+    stats = {}
+    for name, (n, s1, s2, lo, hi) in sums.items():
+        mean = s1 / n
+        stats[name] = {"min": lo, "max": hi, "mean": mean,
+                       "std": math.sqrt(max(s2 / n - mean * mean, 0.0))}
+    return stats
 
 
 def make_he_friendly(model: nn.Module, activation: str | Callable[[], nn.Module] = "poly", *,
                      degree: int = 2, input_range: Sequence[float] = DEFAULT_RANGE,
-                     data: torch.Tensor | None = None, margin: float = 0.1,
+                     data: torch.Tensor | None = None, spread: float = 3.0,
                      blend: float = 1.0) -> nn.Module:
     """A copy of ``model`` with polynomial activations and average pooling, weights kept.
 
@@ -132,28 +144,34 @@ def make_he_friendly(model: nn.Module, activation: str | Callable[[], nn.Module]
             ``"square"``, or a callable returning a fresh activation module.
         degree: degree of ``poly`` activations.
         input_range: declared input range of each new activation (where ``poly`` fits ReLU).
-        data: a batch of training inputs; when given, each activation's range is the one its
-            input actually spans on ``data`` (widened by ``margin`` of its width on each
-            side), and ``poly`` fits ReLU there.
-        margin: widening of observed ranges.
+        data: a batch of training inputs; when given, each activation's range is where its
+            input lies on ``data``: ``mean +- spread * std`` (clipped to the observed min and
+            max), and ``poly`` fits ReLU there. The range regulariser then keeps the rare
+            values outside it inside.
+        spread: width of data-derived ranges, in standard deviations.
         blend: initial ``PolyAct.blend``; 0 starts exactly at the ReLU network (for the
             gradual schedule of ``fit``), 1 is purely polynomial.
 
     Returns:
-        The converted copy (a ``torch.fx.GraphModule`` if functional calls were rewritten).
+        The converted copy (a ``torch.fx.GraphModule`` if functional calls were rewritten);
+        it keeps ``secureinfer_input_shape`` but not the original's calibration or meta:
+        run ``calibrate`` after fine-tuning.
     """
     make = _factory(activation, degree, input_range)
     new = copy.deepcopy(model)
+    for stale in ("secureinfer_calibration", "secureinfer_meta"):  # about the old network
+        new.__dict__.pop(stale, None)
     _replace_modules(new, make)
     new = _rewrite_functional(new, make)
     polys = [m for m in new.modules() if isinstance(m, PolyAct)]
     if data is not None:
         for m in polys:
             m.blend = 0.0  # observe the inputs the ReLU network produces
-        for name, (lo, hi) in observe_activation_inputs(new, data).items():
+        for name, st in observe_activation_inputs(new, data).items():
             module = new.get_submodule(name)
-            pad = max(hi - lo, 1e-3) * margin
-            lo, hi = lo - pad, max(hi + pad, lo - pad + 1e-3)
+            half = max(spread * st["std"], 1e-3)
+            lo = max(st["mean"] - half, st["min"])
+            hi = max(min(st["mean"] + half, st["max"]), lo + 1e-3)
             if isinstance(module, PolyAct):
                 module.refit((lo, hi))
             elif hasattr(module, "input_range"):

@@ -8,13 +8,15 @@ bits is the accuracy those schemes reach with ``bits=b``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from ..compiler import lower
-from ..data import Dataset, load as load_dataset
+from ..data import Dataset
+from ..data import load as load_dataset
 from ..layers import forward
 from ..quant import quantize
 from ..scheme import Calibration
@@ -70,7 +72,7 @@ def quantization_meta(model: nn.Module, dataset: str | Dataset,
     """What a saved model records: the report and the scales and bounds at
     ``REFERENCE_BITS``."""
     in_range = _input_range(model, None)
-    shape = getattr(model, "secureinfer_input_shape")
+    shape = model.secureinfer_input_shape
     qnet = quantize(lower(model, shape), in_range, REFERENCE_BITS)
     return {"reference_bits": REFERENCE_BITS, "params": qnet.to_dict(),
             "report": quantization_report(model, dataset, bits)}

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, Self
 
 import numpy as np
 import torch
@@ -21,14 +22,11 @@ from torch import nn
 
 from ..errors import RangeError
 from ..layers import LayerSpec
+from ..errors import RangeWarning
 from ..scheme import Calibration
 from .activations import DEFAULT_RANGE
 
 __all__ = ["RangeRegularizer", "RangeWarning", "calibrate", "check_ranges"]
-
-
-class RangeWarning(UserWarning):
-    """Values left the calibrated range of a layer (``check_ranges(action="warn")``)."""
 
 
 class RangeRegularizer:
@@ -81,7 +79,7 @@ class RangeRegularizer:
             h.remove()
         self._hooks = []
 
-    def __enter__(self) -> "RangeRegularizer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,7 +103,7 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def calibrate(model: nn.Module, x: Any, input_shape: Sequence[int] | None = None, *,
-              margin: float = 0.1, input_range: Sequence[float] | None = None) -> Calibration:
+              margin: float = 0.25, input_range: Sequence[float] | None = None) -> Calibration:
     """Record the observed range of every layer of ``model`` on the inputs ``x``.
 
     The model is lowered (``secureinfer.compiler.lower``) and run in float64; the range of
@@ -137,17 +135,6 @@ def calibrate(model: nn.Module, x: Any, input_shape: Sequence[int] | None = None
     model.secureinfer_calibration = cal
     model.secureinfer_input_shape = shape
     return cal
-
-
-def _violation(values: np.ndarray, bounds: Sequence[float], tolerance: float) -> str | None:
-    lo, hi = float(bounds[0]), float(bounds[1])
-    slack = tolerance * (hi - lo)
-    flat = values.reshape(len(values), -1)
-    bad = (flat < lo - slack).any(axis=1) | (flat > hi + slack).any(axis=1)
-    if not bad.any():
-        return None
-    return (f"values span [{flat.min():.4g}, {flat.max():.4g}] in {int(bad.sum())} of "
-            f"{len(values)} input(s), outside the calibrated [{lo:.4g}, {hi:.4g}]")
 
 
 def check_ranges(model_or_layers: Any, x: Any, calibration: Calibration | None = None, *,
@@ -185,22 +172,10 @@ def check_ranges(model_or_layers: Any, x: Any, calibration: Calibration | None =
         layers = list(model_or_layers)
     if calibration is None:
         raise ValueError("check_ranges needs a Calibration (secureinfer.nn.calibrate)")
-    if len(calibration.layer_ranges) != len(layers):
-        raise ValueError(f"the calibration has {len(calibration.layer_ranges)} layer ranges "
-                         f"for {len(layers)} layers; recalibrate this model")
     y = _numpy(x)
     if y.shape == layers[0].in_shape:
         y = y[None]
-    problems = []
-    found = _violation(y, calibration.input_range, tolerance)
-    if found:
-        problems.append(f"input of layer {layers[0].name} (the network input): {found}")
-    for i, layer in enumerate(layers):
-        y = layer.forward(y)
-        found = _violation(y, calibration.layer_ranges[i], tolerance)
-        if found:
-            feeds = f", the input of layer {layers[i + 1].name}" if i + 1 < len(layers) else ""
-            problems.append(f"output of layer {layer.name} ({layer.kind}{feeds}): {found}")
+    problems = calibration.check(layers, y, tolerance)
     if problems:
         fix = ("scale inputs like the training data, or recalibrate (secureinfer.nn.calibrate) "
                "on data that covers them")

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset, load as load_dataset
-from ..errors import SecureInferError
+from ..data import Dataset
+from ..data import load as load_dataset
+from ..errors import ConfigError, SecureInferError
 from .activations import PolyAct
 from .arch import ACTIVATIONS, build, default_hidden
 from .convert import make_he_friendly
@@ -69,6 +72,27 @@ def _distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.T
     return soft_weight * temperature**2 * soft + (1.0 - soft_weight) * hard
 
 
+def _task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None,
+               temperature: float, soft_weight: float) -> torch.Tensor:
+    logits = model(x)
+    if teacher is None:
+        return F.cross_entropy(logits, y)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    return _distill_loss(logits, t_logits, y, temperature, soft_weight)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _set_blend(polys: list[PolyAct], value: float) -> None:
     for m in polys:
         m.blend = value
@@ -90,8 +114,8 @@ def fit(model: nn.Module, x: Any, y: Any, *, epochs: int = DEFAULTS["epochs"],
         soft_weight: float = DEFAULTS["soft_weight"], gradual: bool = False,
         gradual_fraction: float = DEFAULTS["gradual_fraction"],
         range_weight: float = DEFAULTS["range_weight"],
-        weight_decay: float = DEFAULTS["weight_decay"], progress: bool = False,
-        desc: str = "train") -> list[dict[str, float]]:
+        weight_decay: float = DEFAULTS["weight_decay"], threads: int | None = 1,
+        progress: bool = False, desc: str = "train") -> list[dict[str, float]]:
     """Train ``model`` in place with Adam and a cosine learning-rate decay.
 
     Args:
@@ -107,6 +131,9 @@ def fit(model: nn.Module, x: Any, y: Any, *, epochs: int = DEFAULTS["epochs"],
             polynomial is left for the rest, and at the end.
         range_weight: weight of the ``RangeRegularizer`` penalty (0 turns range control off).
         weight_decay: Adam's L2 weight decay.
+        threads: torch threads while training (restored after). Networks this small train
+            several times faster on one thread than on several busy cores; ``None`` keeps
+            torch's setting.
         progress: show a tqdm bar (stderr).
         desc: the bar's label.
 
@@ -132,35 +159,30 @@ def fit(model: nn.Module, x: Any, y: Any, *, epochs: int = DEFAULTS["epochs"],
     history: list[dict[str, float]] = []
     step = 0
     model.train()
-    with RangeRegularizer(model, range_weight) as reg, \
-            tqdm(range(epochs), desc=desc, disable=not progress, leave=False) as bar:
-        for epoch in bar:
+    with _torch_threads(threads), RangeRegularizer(model, range_weight) as reg, \
+            tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        for epoch in range(1, epochs + 1):
             order = torch.randperm(len(x), generator=gen)
             sums = np.zeros(3)
             for start in range(0, len(x), batch_size):
                 idx = order[start:start + batch_size]
                 if gradual:
                     _set_blend(polys, min(1.0, step / ramp))
-                logits = model(x[idx])
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(x[idx])
-                    task = _distill_loss(logits, t_logits, y[idx], temperature, soft_weight)
-                else:
-                    task = F.cross_entropy(logits, y[idx])
+                task = _task_loss(model, x[idx], y[idx], teacher, temperature, soft_weight)
                 penalty = reg.penalty()
                 loss = task + penalty if range_weight > 0 else task
                 if not torch.isfinite(loss):
-                    raise _diverged(epoch + 1, float(loss), reg)
+                    raise _diverged(epoch, loss.item(), reg)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
-                sums += (float(task), float(penalty), max(reg.peaks.values(), default=0.0))
-            n = math.ceil(len(x) / batch_size)
-            history.append({"loss": sums[0] / n, "penalty": sums[1] / n, "peak": sums[2] / n})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+                bar.update(1)
+                sums += (task.item(), penalty.item(), max(reg.peaks.values(), default=0.0))
+            history.append({k: float(v) for k, v in
+                            zip(("loss", "penalty", "peak"), sums / steps_per_epoch)})
+            bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}", refresh=False)
     if gradual:
         _set_blend(polys, 1.0)
     model.eval()
@@ -184,41 +206,28 @@ class TrainResult:
 
 
 def _teacher(spec: str | nn.Module, data: Dataset, arch: str, hidden: tuple[int, ...],
-             seed: int, epochs: int, lr: float, progress: bool) -> nn.Module:
+             norm: bool, seed: int, epochs: int, lr: float, progress: bool) -> nn.Module:
+    """The ReLU teacher: trained here (``"relu"``), read from a model file, or given."""
     if isinstance(spec, nn.Module):
         return spec.eval()
     if spec == "relu":
         torch.manual_seed(seed)
-        teacher = build(arch, data.input_shape, data.num_classes, "relu", hidden=hidden)
+        teacher = build(arch, data.input_shape, data.num_classes, "relu", hidden=hidden,
+                        norm=norm)
         fit(teacher, data.x_train, data.y_train, epochs=epochs, lr=lr, seed=seed,
             progress=progress, desc="teacher relu")
         return teacher
     from .modelfile import load
 
-    return load(spec).eval()
+    teacher = load(spec)
+    if tuple(teacher.secureinfer_input_shape) != data.input_shape:
+        raise ConfigError(f"teacher {spec} takes inputs of shape "
+                          f"{tuple(teacher.secureinfer_input_shape)}, dataset {data.name} has "
+                          f"{data.input_shape}")
+    return teacher
 
 
-def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str = "poly", *,
-          distill_from: str | nn.Module | None = None, gradual: bool = False,
-          epochs: int | None = None, seed: int = 0, hidden: Sequence[int] | None = None,
-          degree: int = 2, lr: float = DEFAULTS["lr"],
-          range_weight: float = DEFAULTS["range_weight"],
-          quant_bits: Sequence[int] = (4, 6, 8, 10, 12), progress: bool = False) -> TrainResult:
-    """Train an ``arch`` network with ``activation`` on ``dataset``: the whole recipe.
-
-    Without ``distill_from`` the network is trained from scratch. With it, the ReLU teacher
-    (``"relu"``: trained here with the same arch, seed and epochs; or a model file path, or
-    a module) is converted by ``make_he_friendly`` (ranges observed on the training set) and
-    fine-tuned by distillation, gradually if ``gradual``. Polynomial models are then
-    calibrated on the training set and their quantized accuracy is reported.
-
-    Raises:
-        ValueError: an invalid combination (e.g. ``gradual`` without a teacher).
-        ConfigError: an unknown dataset or unreadable model file.
-        TrainingDiverged: the loss became NaN or infinite.
-    """
-    from .quantization import quantization_meta
-
+def _check_combination(activation: str, distill_from: object, gradual: bool) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     if distill_from is not None and activation == "relu":
@@ -227,27 +236,75 @@ def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str 
     if gradual and (distill_from is None or activation != "poly"):
         raise ValueError("the gradual schedule blends a ReLU teacher's activations into "
                          "PolyAct: it needs activation poly and distill_from")
+
+
+def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str = "poly", *,
+          distill_from: str | nn.Module | None = None, gradual: bool = False,
+          epochs: int | None = None, seed: int = 0, hidden: Sequence[int] | None = None,
+          degree: int = 2, lr: float = DEFAULTS["lr"],
+          range_weight: float = DEFAULTS["range_weight"], norm: bool | None = None,
+          quant_bits: Sequence[int] = (4, 6, 8, 10, 12), progress: bool = False) -> TrainResult:
+    """Train an HE-friendly network on ``dataset``: the whole recipe.
+
+    Without ``distill_from`` the network is trained from scratch. With it, the ReLU teacher
+    is converted by ``make_he_friendly`` (each polynomial fitted where its input lies on the
+    training set) and fine-tuned by distillation at half the learning rate, gradually if
+    ``gradual``. Polynomial models are then calibrated on the training set (input range
+    ``[0, 1]``) and their quantized accuracy is reported in ``meta["quantization"]``.
+
+    Args:
+        dataset: a ``secureinfer.data`` name or a loaded ``Dataset``.
+        arch: ``mlp`` or ``cnn`` (see ``secureinfer.nn.arch``).
+        activation: ``relu``, ``square`` or ``poly``.
+        distill_from: ``"relu"`` (a ReLU teacher of the same arch, trained here with the
+            same seed and epochs), a model file path, or a teacher module.
+        gradual: blend each ReLU into its polynomial over training (``fit``).
+        epochs: training epochs (of the teacher too); ``DEFAULTS["epochs"]`` if ``None``.
+        seed: seeds the initialisation and the batch order; a run is reproducible.
+        hidden: hidden Linear widths (``secureinfer.nn.arch.default_hidden``).
+        degree: ``poly`` degree.
+        lr: Adam learning rate.
+        range_weight: weight of the range regulariser (0 turns it off).
+        norm: a BatchNorm before every activation, the other half of range control
+            (folded into the layer before it at compile time, so free under encryption);
+            ``None`` turns it on for more than two activation layers, which without it
+            tend to diverge.
+        quant_bits: bit widths of the quantization report.
+        progress: tqdm progress bars on stderr.
+
+    Raises:
+        ValueError: an invalid combination (e.g. ``gradual`` without a teacher).
+        ConfigError: an unknown dataset, or an unreadable or mismatched teacher file.
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    from .quantization import quantization_meta
+
+    _check_combination(activation, distill_from, gradual)
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     hidden = tuple(hidden) if hidden is not None else default_hidden(arch)
+    norm = len(hidden) + (arch == "cnn") > 2 if norm is None else norm
     epochs = DEFAULTS["epochs"] if epochs is None else int(epochs)
+    degree = 2 if activation == "square" else degree
     started = time.perf_counter()
     teacher = None
     if distill_from is None:
         torch.manual_seed(seed)
         model = build(arch, data.input_shape, data.num_classes, activation, hidden=hidden,
-                      degree=degree)
+                      degree=degree, norm=norm)
         fit(model, data.x_train, data.y_train, epochs=epochs, lr=lr, seed=seed,
             range_weight=range_weight, progress=progress, desc=f"{arch} {activation}")
     else:
-        teacher = _teacher(distill_from, data, arch, hidden, seed, epochs, lr, progress)
+        teacher = _teacher(distill_from, data, arch, hidden, norm, seed, epochs, lr, progress)
         model = make_he_friendly(teacher, activation, degree=degree,
                                  data=_tensor(data.x_train), blend=0.0 if gradual else 1.0)
         fit(model, data.x_train, data.y_train, epochs=epochs, lr=lr / 2, seed=seed,
             teacher=teacher, gradual=gradual, range_weight=range_weight, progress=progress,
             desc=f"{arch} {activation} distill")
+    recorded = getattr(teacher, "secureinfer_meta", None) or {}
     meta: dict[str, Any] = {
-        "dataset": data.name, "arch": arch, "activation": activation, "degree": degree,
-        "hidden": list(hidden), "epochs": epochs, "seed": seed, "lr": lr,
+        "dataset": data.name, "arch": recorded.get("arch", arch), "activation": activation,
+        "degree": degree, "hidden": recorded.get("hidden", list(hidden)),
+        "norm": recorded.get("norm", norm), "epochs": epochs, "seed": seed, "lr": lr,
         "range_weight": range_weight,
         "distill_from": None if distill_from is None else (
             distill_from if isinstance(distill_from, str) else type(distill_from).__name__),
@@ -256,6 +313,7 @@ def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str 
         "teacher_accuracy": (accuracy(teacher, data.x_test, data.y_test)
                              if teacher is not None else None),
     }
+    model.secureinfer_input_shape = data.input_shape
     if activation != "relu":
         calibrate(model, data.x_train, data.input_shape, input_range=INPUT_RANGE)
         meta["quantization"] = quantization_meta(model, data, quant_bits)

@@ -1,0 +1,103 @@
+"""SecureModel roles and run-time checks that every scheme shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import secureinfer
+from secureinfer.testing import NETWORKS, inputs
+
+
+@pytest.fixture
+def net():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    return layers, inputs(layers, 64, seed=2)
+
+
+def test_range_warning_names_layer(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client, server, _ = sm.setup()
+    with pytest.warns(secureinfer.RangeWarning, match="layer fc1"):
+        client.encrypt(calib[:2] * 5)
+
+
+def test_range_error_mode_refuses(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib, range_check="error")
+    client, _, _ = sm.setup()
+    with pytest.raises(secureinfer.RangeError, match="calibrated"):
+        client.encrypt(calib[:1] * 5)
+    client.encrypt(calib[:1])  # in range: no error
+
+
+def test_range_check_off_and_bad_value(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib, range_check="off")
+    client, _, _ = sm.setup()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client.encrypt(calib[:1] * 5)
+    with pytest.raises(ValueError, match="range_check"):
+        secureinfer.compile_layers(layers, "clear", range_check="maybe")
+
+
+def test_nan_input_rejected(net):
+    layers, calib = net
+    client, _, _ = secureinfer.compile_layers(layers, "clear", calibration=calib).setup()
+    x = calib[:1].copy()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(secureinfer.RangeError, match="NaN"):
+        client.encrypt(x)
+
+
+def test_wrong_shape_named(net):
+    layers, calib = net
+    client, _, _ = secureinfer.compile_layers(layers, "clear", calibration=calib).setup()
+    with pytest.raises(ValueError, match=r"\(1, 4, 4\)"):
+        client.encrypt(np.zeros((2, 3, 3)))
+
+
+def test_timings_and_sizes_recorded_per_sample(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client, server, _ = sm.setup()
+    client.decrypt(server.evaluate(client.encrypt(calib[:8])))
+    assert sm.meter.samples("encrypt") == sm.meter.samples("evaluate") == 8
+    assert sm.meter.samples("decrypt") == 8 and len(sm.meter.times["keygen"]) == 1
+    assert sm.meter.per_sample_bytes("input") * 8 <= sm.meter.sizes["input"][0][0]
+
+
+def test_server_in_another_process_counts_samples(net):
+    """A server built from bytes alone (a fresh SecureModel) still times per sample."""
+    layers, calib = net
+    sm_client = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    sm_server = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client = sm_client.client()
+    server = sm_server.server(client.public_keys())
+    server.evaluate(client.encrypt(calib[:5]))
+    assert sm_server.meter.samples("evaluate") == 5
+
+
+def test_messages_from_other_model_rejected(net):
+    layers, calib = net
+    a = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    other = NETWORKS["mlp_square"](np.random.default_rng(9))
+    b = secureinfer.compile_layers(other, "clear?bits=8", calibration=calib)
+    client = b.client()
+    with pytest.raises(secureinfer.EnvelopeError):
+        a.server(client.public_keys())
+
+
+def test_fe_client_needs_public_keys(net):
+    layers, calib = net
+    from secureinfer.registry import get_registry
+
+    if get_registry().get("fe-ip").availability():
+        pytest.skip("fe-ip not installed: pip install secureinfer[fe]")
+    sm = secureinfer.compile_layers(layers, "fe-ip", calibration=calib)
+    with pytest.raises(ValueError, match="authority"):
+        sm.client()
