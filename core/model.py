@@ -23,6 +23,10 @@ from .partition import Partition, partition
 from .registry import resolve
 from .scheme import Calibration, Scheme
 
+#: Accepted excess past a calibrated range, as a fraction of its width, before
+#: ``SecureModel.check_ranges`` reports it (layer ranges already carry a 25% margin).
+RANGE_TOLERANCE = 0.02
+
 __all__ = ["Authority", "Client", "Parties", "SecureModel", "Server", "compile",
            "compile_layers"]
 
@@ -115,20 +119,23 @@ class SecureModel:
         The schemes planned their parameters (CKKS scale, BFV modulus, FE discrete-log
         bounds) for those ranges. Per ``range_check``: ``"warn"`` (default) issues a
         ``RangeWarning`` naming each layer out of range, ``"error"`` raises ``RangeError``
-        at the first, ``"off"`` checks nothing. Returns the problems found.
+        at the first, ``"off"`` checks nothing. A value within ``RANGE_TOLERANCE`` of a
+        range's width past its end passes. Returns the problems found.
         """
         cal = self.calibration
         if self.range_check == "off" or cal is None \
                 or len(cal.layer_ranges) != len(self.layers):
             return []
-        problems = cal.check(self.layers, self._batch(x))
+        problems = cal.check(self.layers, self._batch(x), tolerance=RANGE_TOLERANCE)
         if problems:
             fix = ("scale inputs like the training data, or recalibrate "
                    "(secureinfer.nn.calibrate) on data that covers them")
             if self.range_check == "error":
                 raise RangeError(f"{problems[0]}; the scheme was planned for the calibrated "
                                  f"range and could return a wrong result: {fix}")
-            warnings.warn("; ".join(problems) + f": {fix}", RangeWarning, stacklevel=3)
+            later = [p.split(" (", 1)[0].replace("output of ", "") for p in problems[1:]]
+            more = f"; also out of range: output of {', '.join(later)}" if later else ""
+            warnings.warn(f"{problems[0]}{more}: {fix}", RangeWarning, stacklevel=3)
         return problems
 
     def _batch(self, x: np.ndarray) -> np.ndarray:

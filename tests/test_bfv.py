@@ -1,0 +1,238 @@
+"""The ``bfv`` scheme: exact equality with the quantized clear run, the planner, the roles."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("Pyfhel", reason="the bfv scheme needs Pyfhel: pip install secureinfer[bfv]")
+
+import secureinfer  # noqa: E402
+from secureinfer import codec  # noqa: E402
+from secureinfer.errors import CompileError, EnvelopeError, RangeError  # noqa: E402
+from secureinfer.plugins.bfv.primes import (  # noqa: E402
+    batching_primes, choose_plain_moduli, crt_combine, is_prime)
+from secureinfer.testing import NETWORKS, SchemeConformance, inputs  # noqa: E402
+
+
+class TestBfvConformance(SchemeConformance):
+    config = "bfv"
+
+
+class TestBfvBatchConformance(SchemeConformance):
+    config = "bfv?packing=batch"
+
+
+def _compiled(net: str = "mlp_square", config: str = "bfv"):
+    layers = NETWORKS[net](np.random.default_rng(0))
+    return layers, secureinfer.compile_layers(layers, config,
+                                              calibration=inputs(layers, 64, seed=2))
+
+
+@pytest.fixture(scope="module")
+def cnn_single():
+    layers, sm = _compiled("cnn")
+    return layers, sm, sm.setup()
+
+
+# ----- arithmetic ---------------------------------------------------------------------
+
+
+def test_primes_and_crt_recover_big_integers():
+    assert [p for p in range(2, 60) if is_prime(p)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29,
+                                                        31, 37, 41, 43, 47, 53, 59]
+    assert not is_prime(2**61 + 1) and is_prime(2**61 - 1)
+    bound = 3**80  # ~127 bits: several primes
+    moduli = choose_plain_moduli(8192, bound, max_bits=30, max_primes=8)
+    assert moduli is not None and len(moduli) == 5
+    assert all(is_prime(t) and t % (2 * 8192) == 1 and t.bit_length() <= 30 for t in moduli)
+    assert math.prod(moduli) > 2 * bound
+    values = np.array([bound, -bound, 0, 12345, -(3**70)], dtype=object)
+    residues = [np.array([int(v) % t for v in values]) for t in moduli]
+    assert list(crt_combine(residues, moduli)) == list(values)
+    assert choose_plain_moduli(8192, bound, max_bits=30, max_primes=4) is None
+
+
+def test_batching_primes_ascend_and_fit_the_ring():
+    it = batching_primes(4096, 20)
+    first = [next(it) for _ in range(3)]
+    assert first == sorted(first) and all(t % 8192 == 1 and t >= 2**19 for t in first)
+
+
+# ----- exactness ------------------------------------------------------------------------
+
+
+def test_exact_on_digits_test_set(square_mlp, digits):
+    """The whole digits test set, one batch: equal to clear?bits=8 integer for integer."""
+    sm = secureinfer.compile(square_mlp, "bfv?packing=batch", input_shape=(1, 8, 8),
+                             calibration=digits.x_train)
+    clear = secureinfer.compile(square_mlp, "clear?bits=8", input_shape=(1, 8, 8),
+                                calibration=digits.x_train)
+    client, server, _ = sm.setup()
+    got = client.decrypt(server.evaluate(client.encrypt(digits.x_test)))
+    c_client, c_server, _ = clear.setup()
+    want = c_client.decrypt(c_server.evaluate(c_client.encrypt(digits.x_test)))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, sm.reference(digits.x_test))
+    assert np.mean(got.argmax(1) == digits.y_test) > 0.9
+
+
+def test_single_packing_equals_batch_packing(square_mlp, digits):
+    x = digits.x_test[:9]
+    outs = []
+    for packing in ("single", "batch"):
+        sm = secureinfer.compile(square_mlp, f"bfv?packing={packing}", input_shape=(1, 8, 8),
+                                 calibration=digits.x_train)
+        assert sm.plan["packing"] == packing
+        client, server, _ = sm.setup()
+        outs.append(client.decrypt(server.evaluate(client.encrypt(x))))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_crt_needed_and_exact():
+    """A network whose output needs more than one plaintext prime still decrypts exactly."""
+    layers, sm = _compiled("mlp_poly")
+    assert len(sm.plan["plain_moduli"]) >= 2
+    assert sm.plan["crt_bits"] > sm.plan["output_bound_bits"] + 1
+    client, server, _ = sm.setup()
+    x = inputs(layers, 3, seed=7)
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
+                                  sm.reference(x))
+
+
+# ----- planner --------------------------------------------------------------------------
+
+
+def test_planner_refuses_a_network_that_would_wrap():
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    calib = inputs(layers, 64, seed=2)
+    bound = secureinfer.compile_layers(layers, "bfv", calibration=calib).plan["output_bound"]
+    with pytest.raises(CompileError) as info:
+        secureinfer.compile_layers(layers, "bfv?max_primes=1", calibration=calib)
+    msg = str(info.value)
+    assert str(bound) in msg and "worst-case" in msg and "fc3" in msg
+    assert "max_primes" in msg
+
+
+def test_planner_refuses_insufficient_noise_budget():
+    layers = NETWORKS["cnn"](np.random.default_rng(0))
+    with pytest.raises(CompileError, match="noise budget"):
+        secureinfer.compile_layers(layers, "bfv?poly_modulus_degree=4096&plain_modulus_bits=40",
+                                   calibration=inputs(layers, 64, seed=2))
+
+
+def test_plan_follows_options_and_keeps_security():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    calib = inputs(layers, 64, seed=2)
+    plan = secureinfer.compile_layers(
+        layers, "bfv?poly_modulus_degree=16384&plain_modulus_bits=30", calibration=calib).plan
+    assert plan["poly_modulus_degree"] == 16384
+    assert set(plan["plain_modulus_bits"]) == {30}
+    assert plan["security_bits"] == 128 and sum(plan["coeff_modulus_bits"]) <= 438
+    fewer = secureinfer.compile_layers(layers, "bfv?bits=4", calibration=calib).plan
+    more = secureinfer.compile_layers(layers, "bfv?bits=8", calibration=calib).plan
+    assert fewer["output_bound"] < more["output_bound"]
+
+
+def test_galois_keys_only_for_the_rotations_used(cnn_single):
+    _, sm, _ = cnn_single
+    steps = {s for layer in sm.scheme._plan.steps if hasattr(layer, "layout")
+             for s in layer.layout.steps}
+    assert sorted(steps) == sm.plan["rotation_steps"] and sm.plan["galois_keys"] == len(steps)
+    _, batch = _compiled("cnn", "bfv?packing=batch")
+    assert batch.plan["galois_keys"] == 0
+    fields = codec.unpack_fields(codec.open_envelope(batch.setup().client.public_keys()).payload)
+    assert fields["rotate_key"] == []
+
+
+# ----- roles and messages ---------------------------------------------------------------
+
+
+def test_server_holds_no_secret_key(cnn_single):
+    _, _, (client, server, authority) = cnn_single
+    assert all(p.he.is_secret_key_empty() for p in server.ctx.primes)
+    assert not any(p.he.is_secret_key_empty() for p in authority.secret.primes)
+    public = authority.public_keys()
+    for p in authority.secret.primes:
+        secret = p.he.to_bytes_secret_key("none")
+        chunk = secret[len(secret) // 2: len(secret) // 2 + 64]
+        assert chunk not in public
+
+
+def test_bytes_round_trip_between_separate_compilations(cnn_single):
+    """Client and server compiled apart (as in two processes) agree through bytes only."""
+    layers, sm, (client, _, _) = cnn_single
+    other = secureinfer.compile_layers(layers, "bfv", calibration=inputs(layers, 64, seed=2))
+    assert other.digest == sm.digest
+    server = other.server(client.public_keys())
+    x = inputs(layers, 3, seed=5)
+    out = server.evaluate(client.encrypt(x))
+    assert isinstance(out, bytes)
+    np.testing.assert_array_equal(client.decrypt(out), sm.reference(x))
+
+
+def _with_payload(sm, message: bytes, payload: bytes) -> bytes:
+    env = codec.open_envelope(message)
+    return codec.seal(env.kind, env.scheme, env.digest, payload)
+
+
+def test_malformed_ciphertexts_are_envelope_errors(cnn_single):
+    layers, sm, (client, server, _) = cnn_single
+    msg = client.encrypt(inputs(layers, 1))
+    outer = codec.unpack_fields(codec.open_envelope(msg).payload)
+    inner = codec.unpack_fields(outer["ct"])
+    blob = inner["ct"][0]
+    bad_blobs = [blob[:-10], blob[:64] + bytes(len(blob) - 64), b"", b"\x00" * len(blob)]
+    for bad in bad_blobs:
+        cts = [bad] + inner["ct"][1:]
+        payload = codec.pack_fields({"n": 1, "ct": codec.pack_fields(
+            {"samples": 1, "ct": cts})})
+        with pytest.raises(EnvelopeError):
+            server.evaluate(_with_payload(sm, msg, payload))
+    wrong_count = codec.pack_fields({"n": 1, "ct": codec.pack_fields(
+        {"samples": 5, "ct": inner["ct"]})})
+    with pytest.raises(EnvelopeError):
+        server.evaluate(_with_payload(sm, msg, wrong_count))
+
+
+def test_malformed_public_keys_are_envelope_errors(cnn_single):
+    _, sm, (client, _, _) = cnn_single
+    public = client.public_keys()
+    fields = codec.unpack_fields(codec.open_envelope(public).payload)
+    fields["public_key"] = [b"\x01" * 100] + fields["public_key"][1:]
+    with pytest.raises(EnvelopeError):
+        sm.server(_with_payload(sm, public, codec.pack_fields(fields)))
+
+
+def test_out_of_range_input_rejected_at_encrypt(cnn_single):
+    layers, _, (client, _, _) = cnn_single
+    x = inputs(layers, 1)
+    x[0, 0, 0, 0] = 1.5
+    with pytest.raises(RangeError, match="quantized for"):
+        client.encrypt(x)
+
+
+def test_exhausted_noise_budget_raises_instead_of_a_wrong_result(cnn_single):
+    layers, sm, (client, server, _) = cnn_single
+    scheme = sm.scheme
+    fields = codec.unpack_fields(codec.open_envelope(client.encrypt(inputs(layers, 1))).payload)
+    value = scheme.load_input(server.ctx, fields["ct"])
+    for layer in server.layers:
+        value = layer.forward(value)
+    for prime, ct in zip(server.ctx.primes, value.items[0]):
+        for _ in range(6):  # squares until the budget is gone
+            prime.he.square(ct)
+            prime.he.relinearize(ct)
+    out = codec.seal(codec.Kind.OUTPUT, scheme.name, sm.digest, scheme.dump_output(
+        server.ctx, value))
+    with pytest.raises(RangeError, match="noise budget"):
+        client.decrypt(out)
+
+
+def test_batch_size_follows_packing(cnn_single):
+    _, sm, _ = cnn_single
+    assert sm.scheme.batch_size() == 2
+    _, batch = _compiled("cnn", "bfv?packing=batch")
+    assert batch.scheme.batch_size() == batch.plan["poly_modulus_degree"]
