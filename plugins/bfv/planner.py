@@ -1,0 +1,385 @@
+"""Choose BFV parameters for a quantized network: ring degree, plaintext primes, modulus chain.
+
+1. **Bound.** The worst-case ``|integer|`` of the last layer, ``B``, over every input inside
+   the calibrated range (``bounds.output_bound``, interval arithmetic on the quantized
+   network, never above ``quantize``'s per-layer bound). The client rejects inputs outside
+   the range at encrypt time, so no input can pass ``B``. Intermediate values may exceed
+   ``t``: BFV computes modulo ``t`` and the network is a polynomial with integer
+   coefficients, so only the output has to fit.
+2. **Plaintext moduli.** For each ring degree ``N`` (smallest first), the noise model
+   (``noise``) gives the largest prime ``t`` the budget carries through the network's
+   depth; batching-friendly primes ``t_i = 1 (mod 2N)`` whose product exceeds ``2B`` are
+   taken (CRT: one BFV context each, ``max_primes`` at most). The smallest ``N`` that works
+   is chosen; when none does, the error names the bound and what failed at each ``N``.
+3. **Coefficient modulus.** For the fewest primes and up to two more (smaller primes need
+   shorter chains), the fewest equal coefficient primes (at most 60 bits, total within the
+   128-bit bound of the HE standard) that keep the budget, with modulus switching after
+   each phase as far as the rest of the network allows; the cheapest by the cost model
+   (``program.Ops``) wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from secureinfer.errors import CompileError
+from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
+from secureinfer.quant import QuantizedNetwork
+
+from .backend import MAX_COEFF_BITS
+from .bounds import output_bound
+from .layout import Diagonals, LinearLayout, plan_windows
+from .linear import Im2col, im2col_linear, integer_linear, pow2
+from .noise import MARGIN, NoiseModel
+from .primes import MAX_PLAIN_BITS, batching_primes, plain_moduli
+from .program import BatchLinearStep, FlattenStep, PolyStep, SingleLinearStep, Step
+
+__all__ = ["DEGREES", "BfvPlan", "make_plan"]
+
+DEGREES = (4096, 8192, 16384, 32768)
+_MAX_PRIME_BITS = 60
+_MIN_PRIME_BITS = 30
+
+
+class _Infeasible(Exception):
+    """This ring degree cannot run the network; the message says why."""
+
+
+@dataclass
+class BfvPlan:
+    """Everything client and server derive identically from the network and the options.
+
+    Attributes:
+        packing: ``single`` (one input per ciphertext row) or ``batch`` (one input per slot).
+        poly_degree: ``N``.
+        plain_moduli: the CRT primes ``t_i``.
+        coeff_bits: bit sizes of the coefficient primes (data primes, then the special one).
+        steps: one per layer.
+        input_slots: ``single``: slot of every (possibly unfolded) input feature.
+        input_period: ``single``: the input's period.
+        im2col: ``single`` with a first Conv2d: how the client unfolds the input.
+        rotations: Galois keys to generate (rotation steps).
+        relinearize: whether relinearization keys are needed.
+        bound: worst-case ``|integer|`` of the output.
+        budget: the noise model's estimate of the budget left at the end, in bits.
+        seconds: the cost model's estimate of one evaluation (all primes, one core).
+        qnet: the integer reference.
+    """
+
+    packing: str
+    poly_degree: int
+    plain_moduli: list[int]
+    coeff_bits: list[int]
+    steps: list[Step]
+    input_slots: np.ndarray | None
+    input_period: int
+    im2col: Im2col | None
+    rotations: list[int]
+    relinearize: bool
+    bound: int
+    budget: float
+    seconds: float
+    qnet: QuantizedNetwork
+
+    @property
+    def row(self) -> int:
+        """Slots per ciphertext row (``N / 2``)."""
+        return self.poly_degree // 2
+
+    @property
+    def inputs_per_item(self) -> int:
+        """Inputs per ciphertext (``single``: one per row) or per ciphertext set (``batch``)."""
+        return 2 if self.packing == "single" else self.poly_degree
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one output."""
+        return tuple(self.qnet.layers[-1].spec.out_shape)
+
+    @property
+    def input_width(self) -> int:
+        """Ciphertexts per item and prime in an input message."""
+        return 1 if self.packing == "single" else int(np.prod(self.qnet.layers[0].spec.in_shape))
+
+    @property
+    def output_width(self) -> int:
+        """Ciphertexts per item and prime in an output message."""
+        return 1 if self.packing == "single" else int(np.prod(self.output_shape))
+
+    @property
+    def output_slots(self) -> np.ndarray:
+        """``single``: slot of every output feature within its row."""
+        for step in reversed(self.steps):
+            if isinstance(step, SingleLinearStep):
+                return step.layout.output_slots
+        return self.input_slots if self.input_slots is not None else np.zeros(0, np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary, recorded in reports and hashed into every message."""
+        product = math.prod(self.plain_moduli)
+        layers = []
+        for step in self.steps:
+            entry: dict[str, Any] = {"layer": step.name, "switch_down": step.drops}
+            if isinstance(step, SingleLinearStep) and step.layout.bsgs is not None:
+                products, rotations = step.layout.bsgs.counts(step.layout.diagonals)
+                entry.update(products=products, rotations=rotations,
+                             baby_steps=step.layout.bsgs.baby,
+                             packed_giant_steps=step.layout.bsgs.packed)
+            layers.append(entry)
+        return {
+            "security_bits": 128, "packing": self.packing, "poly_modulus_degree": self.poly_degree,
+            "plain_moduli": [int(t) for t in self.plain_moduli],
+            "plain_modulus_bits": [int(t).bit_length() for t in self.plain_moduli],
+            "crt_bits": round(math.log2(product), 2), "output_bound": int(self.bound),
+            "output_bound_bits": round(math.log2(max(self.bound, 1)), 2),
+            "coeff_modulus_bits": list(self.coeff_bits),
+            "noise_budget_left_bits": round(self.budget, 1),
+            "estimated_evaluate_s": round(self.seconds, 3),
+            "galois_keys": len(self.rotations), "rotation_steps": list(self.rotations),
+            "input_im2col": self.im2col is not None, "layers": layers,
+            "quantization": self.qnet.to_dict(),
+        }
+
+
+# ----- steps ------------------------------------------------------------------------------
+
+
+def _poly_step(q: Any) -> PolyStep:
+    coeffs = tuple(int(c) for c in q.coeffs)
+    if not any(coeffs[1:]):
+        raise CompileError(f"layer {q.spec.name}: the quantized activation {coeffs} is "
+                           "constant; retrain it or use more bits")
+    return PolyStep(q.spec.name, coeffs=coeffs)
+
+
+def _batch_steps(qnet: QuantizedNetwork) -> list[Step]:
+    steps: list[Step] = []
+    for q in qnet.layers:
+        if isinstance(q.spec, Flatten):
+            steps.append(FlattenStep(q.spec.name))
+        elif isinstance(q.spec, Poly):
+            step = _poly_step(q)
+            step.width = int(np.prod(q.spec.in_shape))
+            steps.append(step)
+        else:
+            steps.append(BatchLinearStep(q.spec.name, layer=integer_linear(q)))
+    return steps
+
+
+def _single_steps(qnet: QuantizedNetwork, row: int) -> tuple[list[Step], np.ndarray, int,
+                                                             Im2col | None]:
+    steps: list[Step] = []
+    first = qnet.layers[0].spec if qnet.layers else None
+    unfold = None
+    if isinstance(first, Conv2d):
+        lin = im2col_linear(qnet.layers[0])
+        if pow2(int(lin.input_slots.max()) + 1) <= row:
+            unfold = lin
+    n_in = int(np.prod(qnet.layers[0].spec.in_shape)) if qnet.layers else 0
+    slots = unfold.input_slots if unfold is not None else np.arange(n_in)
+    period = pow2(int(slots.max()) + 1 if len(slots) else 1)
+    in_slots, in_period = slots, period
+    for i, q in enumerate(qnet.layers):
+        spec = q.spec
+        if isinstance(spec, Flatten):
+            steps.append(FlattenStep(spec.name))
+            continue
+        if isinstance(spec, Poly):
+            steps.append(_poly_step(q))
+            continue
+        if not isinstance(spec, (Linear, Conv2d, AvgPool2d)):
+            raise CompileError(f"layer {spec.name}: bfv cannot run {spec.kind} layers")
+        lin = unfold if (i == 0 and unfold is not None) else integer_linear(q)
+        dg = Diagonals.of(lin, slots, period)
+        if dg.period > row:
+            raise _Infeasible(f"layer {spec.name} needs {dg.period} slots per row, "
+                              f"N={2 * row} has {row}")
+        steps.append(SingleLinearStep(spec.name, layout=LinearLayout(lin, dg)))
+        slots, period = lin.output_slots, dg.t_out
+    if period > row:
+        raise _Infeasible(f"the input needs {period} slots per row, N={2 * row} has {row}")
+    layouts = [s.layout for s in steps if isinstance(s, SingleLinearStep)]
+    if layouts:
+        plan_windows(layouts, row)
+    return steps, in_slots, in_period, unfold.im2col if unfold is not None else None
+
+
+# ----- noise ------------------------------------------------------------------------------
+
+
+def _simulate(steps: Sequence[Step], model: NoiseModel, data_bits: Sequence[int],
+              drops: Sequence[Sequence[int]] | None = None) -> float:
+    chain = list(data_bits)
+    q = float(sum(chain))
+    budget = model.fresh(q)
+    for i, step in enumerate(steps):
+        for j, phase in enumerate(step.phases()):
+            budget = phase(model, budget, q)
+            for _ in range(drops[i][j] if drops else 0):
+                q -= chain.pop()
+                budget = model.switch(budget, q)
+    return budget
+
+
+def _chains(poly_degree: int) -> list[list[int]]:
+    """Candidate coefficient chains (equal data primes + special prime), fewest first."""
+    out = []
+    for n_data in range(1, 20):
+        size = min(_MAX_PRIME_BITS, MAX_COEFF_BITS[poly_degree] // (n_data + 1))
+        if size < _MIN_PRIME_BITS:
+            break
+        out.append([size] * (n_data + 1))
+    return out
+
+
+def _schedule(steps: Sequence[Step], model: NoiseModel,
+              data_bits: Sequence[int]) -> list[list[int]]:
+    """Switch down after each phase as far as the rest of the network allows."""
+    drops = [[0] * len(step.phases()) for step in steps]
+    for i, step in enumerate(steps):
+        for j in range(len(step.phases())):
+            while sum(map(sum, drops)) < len(data_bits) - 1:
+                drops[i][j] += 1
+                if _simulate(steps, model, data_bits, drops) < MARGIN:
+                    drops[i][j] -= 1
+                    break
+    return drops
+
+
+def _max_t_bits(steps: Sequence[Step], poly_degree: int) -> int:
+    """The largest plaintext prime (bits) the noise budget allows; 0 if none."""
+    smallest = next(batching_primes(poly_degree, 2)).bit_length()
+    for bits in range(MAX_PLAIN_BITS, smallest - 1, -1):
+        model = NoiseModel(poly_degree, float(bits))
+        if any(_simulate(steps, model, c[:-1]) >= MARGIN for c in _chains(poly_degree)):
+            return bits
+    return 0
+
+
+# ----- search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    packing: str
+    poly_degree: int | None
+    plain_bits: int | None
+    max_primes: int
+
+
+def _cost(steps: Sequence[Step], poly_degree: int, chain: Sequence[int],
+          drops: Sequence[Sequence[int]]) -> float:
+    """Estimated evaluation seconds for one plaintext prime (see ``Ops``)."""
+    primes = len(chain) - 1
+    total = 0.0
+    for step, step_drops in zip(steps, drops):
+        for ops, drop in zip(step.ops(), step_drops):
+            total += ops.seconds(poly_degree, primes)
+            primes -= drop
+    return total
+
+
+@dataclass(frozen=True)
+class _Choice:
+    moduli: list[int]
+    chain: list[int]
+    drops: list[list[int]]
+    budget: float
+    seconds: float
+
+
+def _choose(steps: Sequence[Step], poly_degree: int, moduli: list[int]) -> _Choice | None:
+    """The fewest coefficient primes that keep the budget for ``moduli``, then switching."""
+    model = NoiseModel(poly_degree, math.log2(max(moduli)))
+    for chain in _chains(poly_degree):
+        if _simulate(steps, model, chain[:-1]) >= MARGIN:
+            drops = _schedule(steps, model, chain[:-1])
+            return _Choice(moduli, chain, drops, _simulate(steps, model, chain[:-1], drops),
+                           len(moduli) * _cost(steps, poly_degree, chain, drops))
+    return None
+
+
+def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int) -> BfvPlan:
+    row = poly_degree // 2
+    if req.packing == "single":
+        steps, in_slots, in_period, unfold = _single_steps(qnet, row)
+    else:
+        steps, in_slots, in_period, unfold = _batch_steps(qnet), None, 1, None
+    t_max = _max_t_bits(steps, poly_degree)
+    if req.plain_bits is not None:
+        if req.plain_bits > t_max:
+            raise _Infeasible(f"plain_modulus_bits={req.plain_bits}: the noise budget holds "
+                              f"primes of at most {t_max} bits through the network's depth")
+        t_max = req.plain_bits
+    if not t_max:
+        raise _Infeasible("the noise budget cannot hold even the smallest batching prime "
+                          "through the network's depth")
+    fewest = next((k for k in range(1, req.max_primes + 1)
+                   if plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)), None)
+    if fewest is None:
+        raise _Infeasible(f"max_primes={req.max_primes} primes of at most {t_max} bits "
+                          f"(what the noise budget allows) hold only "
+                          f"{req.max_primes * (t_max - 1)} bits")
+    choices = []
+    for k in range(fewest, min(fewest + 2, req.max_primes) + 1):
+        moduli = plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)
+        choice = _choose(steps, poly_degree, moduli) if moduli else None
+        if choice is not None:
+            choices.append(choice)
+    if not choices:
+        raise _Infeasible("no coefficient modulus keeps the noise budget")
+    best = min(choices, key=lambda c: c.seconds)
+    for step, drop in zip(steps, best.drops):
+        step.drops = drop
+    rotations = sorted({s for st in steps if isinstance(st, SingleLinearStep)
+                        for s in st.layout.steps})
+    return BfvPlan(req.packing, poly_degree, best.moduli, best.chain, steps, in_slots,
+                   in_period, unfold, rotations, any(isinstance(s, PolyStep) for s in steps),
+                   bound, best.budget, best.seconds, qnet)
+
+
+def _search(qnet: QuantizedNetwork, req: _Request) -> BfvPlan:
+    bound = min(output_bound(qnet), int(qnet.bounds[-1]))
+    reasons = []
+    for n in ([req.poly_degree] if req.poly_degree else DEGREES):
+        try:
+            return _plan_at(qnet, req, n, bound)
+        except _Infeasible as exc:
+            reasons.append(f"N={n}: {exc}")
+    need = math.log2(2 * bound + 1)
+    raise CompileError(
+        f"bfv ({req.packing} packing) cannot hold layer {qnet.layers[-1].spec.name}: its "
+        f"worst-case |output| is {bound} (2^{math.log2(max(bound, 1)):.1f}, for inputs in "
+        f"{list(qnet.input_range)} at bits={qnet.bits}), so the plaintext moduli must "
+        f"multiply to more than 2^{need:.1f}; " + "; ".join(reasons)
+        + ". Lower bits, raise max_primes, or pick a larger poly_modulus_degree.")
+
+
+def make_plan(qnet: QuantizedNetwork, packing: str = "auto", poly_degree: int | None = None,
+              plain_bits: int | None = None, max_primes: int = 8) -> BfvPlan:
+    """Plan BFV for ``qnet`` (see the module docstring).
+
+    Args:
+        qnet: the quantized prefix.
+        packing: ``auto`` (``single`` when it fits, else ``batch``), ``single`` or ``batch``.
+        poly_degree: force the ring degree ``N``.
+        plain_bits: force the size of every plaintext prime.
+        max_primes: the most CRT primes (BFV contexts); 1 disables the CRT.
+
+    Raises:
+        CompileError: no parameters hold the network; the message names the output bound
+            and, for each ring degree, what failed.
+    """
+    if packing != "auto":
+        return _search(qnet, _Request(packing, poly_degree, plain_bits, max_primes))
+    try:
+        return _search(qnet, _Request("single", poly_degree, plain_bits, max_primes))
+    except CompileError as single:
+        try:
+            return _search(qnet, _Request("batch", poly_degree, plain_bits, max_primes))
+        except CompileError as batch:
+            raise CompileError(f"{single}\n{batch}") from None

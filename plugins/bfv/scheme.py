@@ -1,0 +1,282 @@
+"""The ``bfv`` scheme: the quantized network on exact encrypted integers (Pyfhel / SEAL).
+
+The client quantizes its input (``secureinfer.quant``), encrypts it under one BFV context
+per plaintext prime, the server runs the integer network on every context with public and
+evaluation keys only, and the client decrypts, checks every ciphertext's noise budget,
+recombines the residues with the CRT, checks the result against the worst-case bound and
+dequantizes. The result equals the quantized network run in the clear
+(``clear?bits=N``, ``Scheme.reference``) integer for integer, or the client raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from secureinfer import codec
+from secureinfer.errors import CompileError, EnvelopeError, RangeError
+from secureinfer.layers import LayerSpec
+from secureinfer.quant import QuantizedNetwork, quantize
+from secureinfer.scheme import Calibration, Capabilities, Option, Scheme
+
+from .backend import PrimeContext, backend, load_ciphertexts, new_contexts
+from .layers import BfvLayer, ServerContext, Value
+from .planner import DEGREES, BfvPlan, make_plan
+from .primes import crt_combine
+from .program import Step
+
+__all__ = ["BfvScheme", "ClientKeys"]
+
+_KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
+_RAW = "none"  # serialization compression (the cached Pyfhel wheel has no zlib/zstd)
+_KEY_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OverflowError)
+
+
+class ClientKeys:
+    """The client's live keys: one BFV context with its secret key per plaintext prime."""
+
+    def __init__(self, primes: list[PrimeContext]) -> None:
+        self.primes = primes
+
+
+class BfvScheme(Scheme):
+    """BFV with exact integer arithmetic, CRT over plaintext primes, two packings.
+
+    Options (``bfv?bits=6&packing=batch``):
+
+    * ``bits``: quantization width of inputs and weights (the ``clear?bits=N`` reference).
+    * ``packing``: ``single`` (one input per ciphertext row, two per ciphertext; linear
+      layers by rotated diagonals; lowest latency), ``batch`` (CryptoNets: input ``j`` in
+      slot ``j`` of one ciphertext per feature; no rotations; ``N`` inputs per message) or
+      ``auto`` (``single`` when the network fits a row, else ``batch``).
+    * ``poly_modulus_degree``, ``plain_modulus_bits``, ``max_primes``: planner overrides
+      (``secureinfer.plugins.bfv.planner``); ``max_primes=1`` disables the CRT.
+    """
+
+    name = "bfv"
+    backend = "pyfhel"
+    extra = "bfv"
+    description = "BFV exact integer HE on SEAL (Pyfhel), CRT over plaintext primes; encrypted output"
+    capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=True, batch=True)
+    options = (
+        Option("bits", int, 8, "quantization width of inputs and weights (2..16)"),
+        Option("packing", str, "auto", "single (latency), batch (throughput) or auto",
+               choices=("auto", "single", "batch")),
+        Option("poly_modulus_degree", int, None, "ring degree N (default: the smallest that "
+               "holds the network)", choices=DEGREES),
+        Option("plain_modulus_bits", int, None, "bits of each plaintext prime (default: the "
+               "most the noise budget allows)"),
+        Option("max_primes", int, 8, "most CRT plaintext primes (BFV contexts); 1: no CRT"),
+    )
+    layer_types = {kind: BfvLayer for kind in _KINDS}
+
+    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(options, **kw)
+        self._plan: BfvPlan | None = None
+        self._index: dict[int, int] = {}
+        self._levels: list[int] = []
+
+    # ----- description -------------------------------------------------------------
+
+    @classmethod
+    def availability(cls) -> str | None:
+        try:
+            backend()
+        except ImportError as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def backend_version(cls) -> str | None:
+        try:
+            return str(backend().__version__)
+        except ImportError:
+            return None
+
+    def batch_size(self) -> int:
+        """``single``: 2 (one input per ciphertext row); ``batch``: ``N`` (one per slot)."""
+        plan = self._planned()
+        return 2 if plan.packing == "single" else plan.poly_degree
+
+    # ----- compile time ------------------------------------------------------------
+
+    def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
+        if calibration is None:
+            raise CompileError("bfv quantizes the network and needs calibration data (the "
+                               "input range): pass calibration= to compile()")
+        qnet = quantize(prefix, calibration.input_range, self.opts["bits"])
+        max_primes = self.opts["max_primes"]
+        if max_primes < 1:
+            raise CompileError(f"bfv: max_primes={max_primes} must be at least 1")
+        self._plan = make_plan(qnet, self.opts["packing"], self.opts["poly_modulus_degree"],
+                               self.opts["plain_modulus_bits"], max_primes)
+        self._index = {id(spec): i for i, spec in enumerate(prefix)}
+        self._levels = np.cumsum([0] + [s.drop for s in self._plan.steps]).tolist()
+        self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict()}
+        return self.plan_
+
+    def _planned(self) -> BfvPlan:
+        if self._plan is None:
+            raise CompileError("bfv: compile the model first (Scheme.plan was not called)")
+        return self._plan
+
+    @property
+    def qnet(self) -> QuantizedNetwork:
+        """The integer reference of the planned prefix."""
+        return self._planned().qnet
+
+    def step_of(self, spec: LayerSpec) -> Step:
+        """The planned step of ``spec``."""
+        return self._planned().steps[self._index[id(spec)]]
+
+    def level_before(self, spec: LayerSpec) -> int:
+        """Coefficient primes already dropped when ``spec`` runs."""
+        return int(self._levels[self._index[id(spec)]])
+
+    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
+        return self.qnet.forward(x)
+
+    def check_input(self, x: np.ndarray) -> None:
+        self.qnet.quantize_input(x)
+
+    # ----- client --------------------------------------------------------------------
+
+    def keygen(self) -> tuple[Any, bytes]:
+        plan = self._planned()
+        primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
+        public, relin, rotate = [], [], []
+        for p in primes:
+            p.he.keyGen()
+            public.append(p.he.to_bytes_public_key(_RAW))
+            if plan.relinearize:
+                p.he.relinKeyGen()
+                relin.append(p.he.to_bytes_relin_key(_RAW))
+            if plan.rotations:
+                p.he.rotateKeyGen(list(plan.rotations))
+                rotate.append(p.he.to_bytes_rotate_key(_RAW))
+        payload = codec.pack_fields({"public_key": public, "relin_key": relin,
+                                     "rotate_key": rotate})
+        return ClientKeys(primes), payload
+
+    def encrypt(self, keys: Any, x: np.ndarray) -> bytes:
+        plan = self._planned()
+        x_q = plan.qnet.quantize_input(x)
+        if plan.im2col is not None:
+            features = plan.im2col.unfold(x_q)
+        else:
+            features = x_q.reshape(len(x_q), -1)
+        rows = _slot_rows(plan, features)
+        blobs = [p.encrypt(vec).to_bytes(_RAW) for vec in rows for p in keys.primes] \
+            if plan.packing == "single" else \
+            [p.encrypt(vec).to_bytes(_RAW) for chunk in rows for p in keys.primes for vec in chunk]
+        return codec.pack_fields({"samples": len(x_q), "ct": blobs})
+
+    def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
+        plan = self._planned()
+        value = _parse(plan, secret.primes, output, plan.output_width)
+        n = value.samples
+        residues = []
+        for i, prime in enumerate(secret.primes):
+            per_item = [_decrypt_item(plan, prime, item[i]) for item in value.items]
+            residues.append(np.concatenate(per_item)[:n])
+        y = crt_combine(residues, plan.plain_moduli)
+        if y.size and int(np.abs(y).max()) > plan.bound:
+            raise RangeError(f"bfv: a decrypted output exceeds the worst-case bound "
+                             f"{plan.bound} of the plan; refusing a possibly wrong result")
+        return plan.qnet.dequantize(y.reshape(n, *plan.output_shape))
+
+    # ----- server --------------------------------------------------------------------
+
+    def open_server(self, public: bytes, functional: bytes) -> Any:
+        plan = self._planned()
+        fields = codec.unpack_fields(public)
+        primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
+        expect = {"public_key": len(primes), "relin_key": len(primes) * plan.relinearize,
+                  "rotate_key": len(primes) * bool(plan.rotations)}
+        for key, count in expect.items():
+            blobs = fields.get(key)
+            if not isinstance(blobs, list) or len(blobs) != count:
+                raise EnvelopeError(f"bfv public keys: expected {count} {key} entries")
+        for i, p in enumerate(primes):
+            try:
+                p.he.from_bytes_public_key(fields["public_key"][i])
+                if plan.relinearize:
+                    p.he.from_bytes_relin_key(fields["relin_key"][i])
+                if plan.rotations:
+                    p.he.from_bytes_rotate_key(fields["rotate_key"][i])
+            except _KEY_ERRORS as exc:
+                raise EnvelopeError(f"bfv public keys: malformed key for prime {p.t} "
+                                    f"({exc})") from None
+        zero = primes[0].encrypt(np.zeros(primes[0].slots, np.int64))
+        return ServerContext(primes, len(zero.to_bytes(_RAW)))
+
+    def load_input(self, ctx: Any, payload: bytes) -> Value:
+        plan = self._planned()
+        return _parse(plan, ctx.primes, payload, plan.input_width, ctx.input_size)
+
+    def dump_output(self, ctx: Any, value: Value) -> bytes:
+        blobs = [ct.to_bytes(_RAW) for item in value.items for per_prime in item
+                 for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
+        return codec.pack_fields({"samples": value.samples, "ct": blobs})
+
+
+def _slot_rows(plan: BfvPlan, features: np.ndarray) -> list[Any]:
+    """The slot vectors to encrypt: ``single``: one per two inputs; ``batch``: per chunk
+    of ``N`` inputs, one per feature."""
+    n_slots = plan.poly_degree
+    if plan.packing == "batch":
+        return [[_column(features[c:c + n_slots, f], n_slots) for f in range(features.shape[1])]
+                for c in range(0, len(features), n_slots)]
+    row = plan.row
+    copies = row // plan.input_period
+    offsets = (np.arange(copies)[:, None] * plan.input_period + plan.input_slots).reshape(-1)
+    out = []
+    for start in range(0, len(features), 2):
+        vec = np.zeros(n_slots, np.int64)
+        for r, sample in enumerate(features[start:start + 2]):
+            vec[r * row + offsets] = np.tile(sample, copies)
+        out.append(vec)
+    return out
+
+
+def _column(values: np.ndarray, n_slots: int) -> np.ndarray:
+    vec = np.zeros(n_slots, np.int64)
+    vec[:len(values)] = values
+    return vec
+
+
+def _parse(plan: BfvPlan, primes: list[PrimeContext], payload: bytes, width: int,
+           expected_size: int | None = None) -> Value:
+    """A ciphertext message -> its ``Value``; ``width``: ciphertexts per item and prime."""
+    fields = codec.unpack_fields(payload)
+    n, blobs = fields.get("samples"), fields.get("ct")
+    if not isinstance(n, int) or n < 1 or not isinstance(blobs, list):
+        raise EnvelopeError("bfv message lacks its sample count or ciphertexts")
+    items = -(-n // plan.inputs_per_item)
+    step = len(primes) * width
+    if len(blobs) != items * step:
+        raise EnvelopeError(f"bfv message: {len(blobs)} ciphertexts for {n} samples, "
+                            f"expected {items * step}")
+    value = []
+    for i in range(items):
+        loaded = load_ciphertexts(primes, blobs[i * step:(i + 1) * step], width, expected_size)
+        value.append([cts[0] if plan.packing == "single" else cts for cts in loaded])
+    return Value(value, n)
+
+
+def _decrypt_item(plan: BfvPlan, prime: PrimeContext, item: Any) -> np.ndarray:
+    """Residues mod ``prime.t`` of the inputs in one item: ``(inputs, outputs)``."""
+    cts = item if isinstance(item, list) else [item]
+    for ct in cts:
+        if prime.he.noise_level(ct) <= 0:
+            raise RangeError(
+                f"bfv: the noise budget of an output ciphertext (t={prime.t}) is exhausted, "
+                f"so it would decrypt wrongly (the plan expected {plan.budget:.0f} bits "
+                "left); recompile with a larger poly_modulus_degree or smaller "
+                "plain_modulus_bits")
+    if plan.packing == "batch":
+        return np.stack([prime.he.decryptInt(ct) for ct in cts], axis=1)
+    vec = prime.he.decryptInt(cts[0])
+    slots = plan.output_slots
+    return np.stack([vec[slots], vec[plan.row + slots]])
