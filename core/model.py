@@ -133,8 +133,8 @@ class SecureModel:
             if self.range_check == "error":
                 raise RangeError(f"{problems[0]}; the scheme was planned for the calibrated "
                                  f"range and could return a wrong result: {fix}")
-            later = [p.split(" (", 1)[0].replace("output of ", "") for p in problems[1:]]
-            more = f"; also out of range: output of {', '.join(later)}" if later else ""
+            later = [p.split(" (", 1)[0].replace("output of layer ", "") for p in problems[1:]]
+            more = f"; also out of range: the outputs of {', '.join(later)}" if later else ""
             warnings.warn(f"{problems[0]}{more}: {fix}", RangeWarning, stacklevel=3)
         return problems
 

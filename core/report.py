@@ -37,8 +37,11 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         sec = "none (reference)" if r["security_bits"] is None else \
             f"{r['security_bits']}-bit" + (" INSECURE" if r.get("insecure") else "")
         b = r.get("bytes", {})
+        output, learns = r["output"], r.get("reveals") or "nothing"
+        if r.get("scheme") == "clear":  # the reference encrypts nothing
+            output, learns = "clear", "everything (reference, no encryption)"
         rows.append("| " + " | ".join([
-            f"`{r['config']}`", sec, r["output"], r.get("reveals") or "nothing",
+            f"`{r['config']}`", sec, output, learns,
             f"{r['accuracy']:.4f}", f"{r['clear_accuracy']:.4f}", f"{r['agreement']:.4f}",
             f"{r['max_abs_error']:.2e}", *(_ms(lat.get(p)) for p in PHASES),
             f"{r['throughput_per_s']:.4g}", _size(b.get("input")), _size(b.get("public_keys")),

@@ -92,6 +92,7 @@ def test_bench_writes_three_files(tmp_path):
     assert [r["config"] for r in results] == ["clear", "clear?bits=8"]
     md = (tmp_path / "bench.md").read_text()
     assert "`clear?bits=8`" in md and "evaluate ms/img" in md
+    assert "everything (reference, no encryption)" in md  # clear never claims privacy
     png = (tmp_path / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
