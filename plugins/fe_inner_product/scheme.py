@@ -44,9 +44,8 @@ from secureinfer import codec
 from secureinfer.errors import CompileError, EnvelopeError
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
-from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+from secureinfer.scheme import Calibration, Capabilities, Option, SecureLayer
 
-from ..fe_common import backend
 from ..fe_common.dlog import DlogOutOfRange, DlogTable, max_giant_steps, table_bits_for
 from ..fe_common.groups import (
     fr,
@@ -60,11 +59,12 @@ from ..fe_common.groups import (
 )
 from ..fe_common.integer import affine_map, inner_product_bound
 from ..fe_common.tables import FixedBase, SmallMatVec
+from ..fe_common.scheme import MAX_TABLE_BITS as _MAX_TABLE_BITS
+from ..fe_common.scheme import FeScheme, dlog_table_option
 
 __all__ = ["InnerProductFE", "InnerProductLayer", "MasterSecret", "PublicKey", "ServerKeys"]
 
 _KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten"})
-_MAX_TABLE_BITS = 22
 _MAX_STEPS = 1024
 
 
@@ -103,37 +103,21 @@ class ServerKeys:
     sk: list[int]
 
 
-class InnerProductFE(Scheme):
+class InnerProductFE(FeScheme):
     """Inner-product FE (ABDP 2015, DDH in G1 of BLS12-381): the server learns the outputs
     of the network's first linear layers in plaintext and runs the rest in the clear."""
 
     name = "fe_ip"
     aliases = ("ipfe",)
-    backend = "pymcl"
-    extra = "fe"
     description = ("inner-product functional encryption (ABDP 2015, DDH, BLS12-381 G1): "
                    "server learns the first linear layer's outputs")
     capabilities = Capabilities(layers=_KINDS, max_degree=1, output="plaintext", exact=True)
     options = (
         Option("bits", int, 8, "quantize inputs and weights to N-bit integers"),
-        Option("dlog_table_bits", int, None,
-               f"log2 of the discrete-log table (default: from the bound, at most "
-               f"{_MAX_TABLE_BITS})"),
+        dlog_table_option(),
     )
 
-    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
-        super().__init__(options, **kw)
-        self._program: _Program | None = None
-
     # ----- description -----------------------------------------------------------------
-
-    @classmethod
-    def availability(cls) -> str | None:
-        return backend.availability()
-
-    @classmethod
-    def backend_version(cls) -> str | None:
-        return backend.backend_version()
 
     def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
         n_out = int(np.prod(prefix[-1].out_shape))
@@ -151,9 +135,7 @@ class InnerProductFE(Scheme):
     # ----- compile time ----------------------------------------------------------------
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
-        if calibration is None:
-            raise CompileError(f"{self.name} quantizes inputs and weights and needs the input "
-                               "range: pass calibration= (representative inputs) to compile()")
+        calibration = self._require_calibration(calibration)
         qnet = quantize(prefix, calibration.input_range, self.opts["bits"])
         weights, bias = affine_map(qnet.layers, prefix[0].in_shape)
         nonneg = qnet.input_range[0] >= 0

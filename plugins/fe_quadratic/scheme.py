@@ -23,18 +23,18 @@ from secureinfer import codec
 from secureinfer.errors import CompileError, EnvelopeError
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
-from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+from secureinfer.scheme import Calibration, Capabilities, Option, SecureLayer
 
-from ..fe_common import backend
 from ..fe_common.dlog import DlogOutOfRange, DlogTable, table_bits_for
 from ..fe_common.groups import group, pack_elements, unpack_elements
+from ..fe_common.scheme import MAX_TABLE_BITS as _MAX_TABLE_BITS
+from ..fe_common.scheme import FeScheme, dlog_table_option
 from . import dgp
 from .function import QuadraticFunction, lower
 
 __all__ = ["QuadraticFE", "QuadraticLayer", "ServerKeys"]
 
 _KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
-_MAX_TABLE_BITS = 22
 _MAX_STEPS = 1 << 20
 
 
@@ -57,14 +57,12 @@ class ServerKeys:
     keys: list[Any]
 
 
-class QuadraticFE(Scheme):
+class QuadraticFE(FeScheme):
     """Quadratic FE (Dufour-Sans, Gay, Pointcheval 2018) on BLS12-381: the server learns
     the outputs of a ``Linear -> degree-2 activation -> Linear`` prefix in plaintext."""
 
     name = "fe_quad"
     aliases = ("qfe",)
-    backend = "pymcl"
-    extra = "fe"
     description = ("quadratic functional encryption (DGP 2018, BLS12-381 pairing): server "
                    "learns the outputs of a Linear -> x^2 -> Linear prefix")
     capabilities = Capabilities(layers=_KINDS, max_degree=2, output="plaintext", exact=True)
@@ -76,24 +74,10 @@ class QuadraticFE(Scheme):
                "that keep each within a relative 2**-bits; unused for x**2)"),
         Option("max_hidden", int, 1024, "widest degree-2 activation accepted (decryption "
                                         "pairs twice per unit)"),
-        Option("dlog_table_bits", int, None,
-               f"log2 of the discrete-log table (default: from the bound, at most "
-               f"{_MAX_TABLE_BITS})"),
+        dlog_table_option(),
     )
 
-    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
-        super().__init__(options, **kw)
-        self._program: _Program | None = None
-
     # ----- description -----------------------------------------------------------------
-
-    @classmethod
-    def availability(cls) -> str | None:
-        return backend.availability()
-
-    @classmethod
-    def backend_version(cls) -> str | None:
-        return backend.backend_version()
 
     def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
         last = prefix[-1]
@@ -105,9 +89,7 @@ class QuadraticFE(Scheme):
     # ----- compile time ----------------------------------------------------------------
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
-        if calibration is None:
-            raise CompileError(f"{self.name} quantizes inputs and weights and needs the input "
-                               "range: pass calibration= (representative inputs) to compile()")
+        calibration = self._require_calibration(calibration)
         coeff_bits = self.opts["coeff_bits"]
         if coeff_bits is None:
             coeff_bits = _auto_coeff_bits(quantize(prefix, calibration.input_range,

@@ -1,0 +1,47 @@
+"""What the two FE schemes share as ``Scheme`` subclasses: the pymcl backend, the
+discrete-log table option and the calibration they both need to quantize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from secureinfer.errors import CompileError
+from secureinfer.scheme import Calibration, Option, Scheme
+
+from . import backend
+
+__all__ = ["MAX_TABLE_BITS", "FeScheme", "dlog_table_option"]
+
+#: Largest default discrete-log table: 2**22 entries (about 80 MB on disk for GT).
+MAX_TABLE_BITS = 22
+
+
+def dlog_table_option() -> Option:
+    """The ``dlog_table_bits`` option, the same for every FE scheme."""
+    return Option("dlog_table_bits", int, None, "log2 of the discrete-log table (default: "
+                  f"from the bound, at most {MAX_TABLE_BITS})")
+
+
+class FeScheme(Scheme):
+    """Base of the pymcl FE schemes: availability, version, calibration check."""
+
+    backend = "pymcl"
+    extra = "fe"
+
+    def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(options, **kw)
+        self._program: Any = None
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return backend.availability()
+
+    @classmethod
+    def backend_version(cls) -> str | None:
+        return backend.backend_version()
+
+    def _require_calibration(self, calibration: Calibration | None) -> Calibration:
+        if calibration is None:
+            raise CompileError(f"{self.name} quantizes inputs and weights and needs the input "
+                               "range: pass calibration= (representative inputs) to compile()")
+        return calibration
