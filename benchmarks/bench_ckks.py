@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from _models import fit, train_cnn
 from secureinfer import data
 from secureinfer.compiler import lower
 from secureinfer.layers import Conv2d, Flatten, Linear, Poly
 from secureinfer.model import SecureModel, compile_layers
-from secureinfer.nn.activations import PolyAct, Square
+from secureinfer.nn.activations import PolyAct
 from torch import nn
 
 TARGET_ERROR = 1e-2
@@ -50,32 +51,12 @@ TUTORIAL_BITS = "31,26,26,26,26,26,26,31"
 # ----- models ------------------------------------------------------------------------------
 
 
-def _fit(model: nn.Module, ds: data.Dataset, epochs: int, lr: float, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=1e-4)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def train_mlp(ds: data.Dataset, seed: int = 0) -> nn.Module:
     """Flatten -> Linear 64->32 -> PolyAct(2) -> Linear 32->10 on 8x8 digits."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), PolyAct(2, "relu", (-4.0, 4.0)),
                           nn.Linear(32, 10))
-    return _fit(model, ds, 40, 3e-3, seed)
-
-
-def train_cnn(ds: data.Dataset, seed: int = 0) -> nn.Module:
-    """TenSEAL's tutorial ConvNet on 28x28 digits: conv 1->4 k7 s3, x^2, 256->64, x^2, 64->10."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), Square(), nn.Flatten(),
-                          nn.Linear(256, 64), Square(), nn.Linear(64, 10))
-    return _fit(model, ds, 20, 1e-3, seed)
+    return fit(model, ds, 40, 3e-3, seed)
 
 
 def random_cnn(seed: int = 0) -> list:

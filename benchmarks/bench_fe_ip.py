@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import secureinfer
+from _models import fit
 from secureinfer import data
 from secureinfer.layers import Conv2d, Flatten, Linear, Poly
 from secureinfer.model import SecureModel, compile_layers
@@ -52,14 +53,7 @@ def train_digits(ds: data.Dataset, epochs: int = 60, seed: int = 0) -> nn.Module
     """Flatten -> Linear 64->32 -> x^2 -> Linear 32->10, trained with Adam."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), Square(), nn.Linear(32, 10))
-    x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    opt = torch.optim.Adam(model.parameters(), 3e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(model, ds, epochs, 3e-3)
 
 
 def timed(fn: Any, *args: Any) -> tuple[Any, float]:

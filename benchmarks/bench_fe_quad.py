@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import secureinfer
+from _models import fit
 from secureinfer import data
 from secureinfer.nn.activations import Square
 
@@ -35,15 +36,7 @@ def train(ds: data.Dataset, hidden: int, epochs: int, seed: int = 0) -> nn.Modul
     n_in = int(np.prod(ds.input_shape))
     model = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.BatchNorm1d(hidden),
                           Square(), nn.Linear(hidden, ds.num_classes))
-    x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    opt = torch.optim.Adam(model.parameters(), 3e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit(model, ds, epochs, 3e-3)
 
 
 def run_images(sm: secureinfer.SecureModel, x: np.ndarray) -> tuple[np.ndarray, list[float]]:
