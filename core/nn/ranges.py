@@ -121,17 +121,11 @@ def calibrate(model: nn.Module, x: Any, input_shape: Sequence[int] | None = None
     """
     x = _numpy(x)
     shape = tuple(int(d) for d in (input_shape or x.shape[1:]))
-    layers = _lowered(model, shape)
-    ranges = []
-    y = x
-    for layer in layers:
-        y = layer.forward(y)
-        lo, hi = float(y.min()), float(y.max())
-        pad = (hi - lo) * margin
-        ranges.append((lo - pad, hi + pad))
+    observed = Calibration.from_data(_lowered(model, shape), x, margin=margin)
     if input_range is None:
-        input_range = (float(x.min()), float(x.max()))
-    cal = Calibration((float(input_range[0]), float(input_range[1])), ranges, None)
+        input_range = observed.input_range
+    cal = Calibration((float(input_range[0]), float(input_range[1])), observed.layer_ranges,
+                      None)
     model.secureinfer_calibration = cal
     model.secureinfer_input_shape = shape
     return cal

@@ -3,9 +3,12 @@ discrete-log table option and the calibration they both need to quantize."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from secureinfer.errors import CompileError
+from secureinfer.layers import LayerSpec
 from secureinfer.scheme import Calibration, Option, Scheme
 
 from . import backend
@@ -23,7 +26,9 @@ def dlog_table_option() -> Option:
 
 
 class FeScheme(Scheme):
-    """Base of the pymcl FE schemes: availability, version, calibration check."""
+    """Base of the pymcl FE schemes: availability, version, calibration check, and the
+    quantized reference of the program ``plan`` stores in ``self._program`` (any object
+    with a ``qnet``: ``secureinfer.quant.QuantizedNetwork``)."""
 
     backend = "pymcl"
     extra = "fe"
@@ -45,3 +50,15 @@ class FeScheme(Scheme):
             raise CompileError(f"{self.name} quantizes inputs and weights and needs the input "
                                "range: pass calibration= (representative inputs) to compile()")
         return calibration
+
+    def _planned(self) -> Any:
+        if self._program is None:
+            raise CompileError(f"{self.name}: plan() must run before keys, encryption or "
+                               "evaluation (compile the model first)")
+        return self._program
+
+    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
+        return self._planned().qnet.forward(x)
+
+    def check_input(self, x: np.ndarray) -> None:
+        self._planned().qnet.quantize_input(x)

@@ -130,18 +130,6 @@ class QuadraticFE(FeScheme):
         }
         return self.plan_
 
-    def _planned(self) -> _Program:
-        if self._program is None:
-            raise CompileError(f"{self.name}: plan() must run before keys, encryption or "
-                               "evaluation (compile the model first)")
-        return self._program
-
-    def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
-        return self._planned().qnet.forward(x)
-
-    def check_input(self, x: np.ndarray) -> None:
-        self._planned().qnet.quantize_input(x)
-
     # ----- authority and client --------------------------------------------------------
 
     def _size(self) -> int:
