@@ -11,7 +11,7 @@ pytest.importorskip("Pyfhel", reason="the bfv scheme needs Pyfhel: pip install s
 
 import secureinfer  # noqa: E402
 from secureinfer import codec  # noqa: E402
-from secureinfer.errors import CompileError, EnvelopeError, RangeError  # noqa: E402
+from secureinfer.errors import CompileError, EnvelopeError, RangeError, RangeWarning  # noqa: E402
 from secureinfer.plugins.bfv.primes import (  # noqa: E402
     batching_primes, choose_plain_moduli, crt_combine, is_prime)
 from secureinfer.testing import NETWORKS, SchemeConformance, inputs  # noqa: E402
@@ -210,7 +210,7 @@ def test_out_of_range_input_rejected_at_encrypt(cnn_single):
     layers, _, (client, _, _) = cnn_single
     x = inputs(layers, 1)
     x[0, 0, 0, 0] = 1.5
-    with pytest.raises(RangeError, match="quantized for"):
+    with pytest.warns(RangeWarning, match="calibrated"), pytest.raises(RangeError, match="quantized for"):
         client.encrypt(x)
 
 

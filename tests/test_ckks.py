@@ -15,6 +15,7 @@ from secureinfer.errors import (
     ConfigError,
     EnvelopeError,
     RangeError,
+    RangeWarning,
     UnknownOptionError,
 )
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
@@ -216,7 +217,7 @@ def test_insecure_chain_needs_allow_insecure() -> None:
 
 def test_input_outside_the_planned_range_is_refused(cnn_single) -> None:
     sm, (client, _, _) = cnn_single
-    with pytest.raises(RangeError, match="calibration"):
+    with pytest.warns(RangeWarning, match="calibrated"), pytest.raises(RangeError, match="calibration"):
         client.encrypt(np.full(sm.input_shape, 3.0))
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("pymcl", reason="fe-ip needs pymcl: pip install secureinfer[
 
 from secureinfer import codec  # noqa: E402
 from secureinfer.codec import Kind  # noqa: E402
-from secureinfer.errors import CompileError, EnvelopeError, RangeError  # noqa: E402
+from secureinfer.errors import CompileError, EnvelopeError, RangeError, RangeWarning  # noqa: E402
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly  # noqa: E402
 from secureinfer.model import compile_layers  # noqa: E402
 from secureinfer.plugins.fe_common.dlog import DlogOutOfRange  # noqa: E402
@@ -206,7 +206,7 @@ def test_out_of_range_plaintext_raises_instead_of_hanging(setup):
 
 def test_input_outside_calibrated_range_rejected_by_client(setup):
     _, (client, _, _), x = setup
-    with pytest.raises(RangeError):
+    with pytest.warns(RangeWarning, match="calibrated"), pytest.raises(RangeError):
         client.encrypt(x * 3)
 
 
