@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,16 @@ def test_primes_and_crt_recover_big_integers():
     residues = [np.array([int(v) % t for v in values]) for t in moduli]
     assert list(crt_combine(residues, moduli)) == list(values)
     assert choose_plain_moduli(8192, bound, max_bits=30, max_primes=4) is None
+
+
+def test_largest_batching_primes_come_from_the_top():
+    from secureinfer.plugins.bfv.primes import is_prime, largest_batching_primes
+
+    top = largest_batching_primes(8192, 17, 8)
+    every = [t for t in range(16385, 1 << 17, 16384) if is_prime(t)]
+    assert top == sorted(every, reverse=True)[:8] and len(top) < 8
+    big = largest_batching_primes(4096, 40, 3)
+    assert len(big) == 3 and all(t % 8192 == 1 and t.bit_length() == 40 for t in big)
 
 
 def test_batching_primes_ascend_and_fit_the_ring():
@@ -121,6 +132,23 @@ def test_planner_refuses_insufficient_noise_budget():
     with pytest.raises(CompileError, match="noise budget"):
         secureinfer.compile_layers(layers, "bfv?poly_modulus_degree=4096&plain_modulus_bits=40",
                                    calibration=inputs(layers, 64, seed=2))
+
+
+def test_refusal_says_what_the_usable_primes_hold():
+    # What the largest allowed primes multiply to, not max_primes times their size.
+    layers = NETWORKS["cnn"](np.random.default_rng(0))
+    with pytest.raises(CompileError) as info:
+        secureinfer.compile_layers(
+            layers, "bfv?packing=single&poly_modulus_degree=8192&max_primes=1",
+            calibration=inputs(layers, 64, seed=2))
+    msg = str(info.value)
+    found = re.search(r"at most (\d+) bits, and the largest (\d+) batching primes t = 1 "
+                      r"\(mod 16384\) of that size \(max_primes=1\) hold only ([\d.]+) bits",
+                      msg)
+    assert found, msg
+    t_bits, count, held = int(found.group(1)), int(found.group(2)), float(found.group(3))
+    need = float(re.search(r"multiply to more than 2\^([\d.]+)", msg).group(1))
+    assert count == 1 and t_bits - 2 < held < t_bits < need
 
 
 def test_plan_follows_options_and_keeps_security():

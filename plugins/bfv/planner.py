@@ -35,7 +35,7 @@ from .bounds import output_bound
 from .layout import Diagonals, LinearLayout, plan_windows
 from .linear import Im2col, im2col_linear, integer_linear, pow2
 from .noise import MARGIN, NoiseModel
-from .primes import MAX_PLAIN_BITS, batching_primes, plain_moduli
+from .primes import MAX_PLAIN_BITS, batching_primes, largest_batching_primes, plain_moduli
 from .program import BatchLinearStep, FlattenStep, PolyStep, SingleLinearStep, Step
 
 __all__ = ["DEGREES", "BfvPlan", "make_plan"]
@@ -321,9 +321,11 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
     fewest = next((k for k in range(1, req.max_primes + 1)
                    if plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)), None)
     if fewest is None:
-        raise _Infeasible(f"max_primes={req.max_primes} primes of at most {t_max} bits "
-                          f"(what the noise budget allows) hold only "
-                          f"{req.max_primes * (t_max - 1)} bits")
+        usable = largest_batching_primes(poly_degree, t_max, req.max_primes)
+        raise _Infeasible(f"the noise budget allows primes of at most {t_max} bits, and the "
+                          f"largest {len(usable)} batching primes t = 1 (mod {2 * poly_degree}) "
+                          f"of that size (max_primes={req.max_primes}) hold only "
+                          f"{math.log2(max(math.prod(usable), 2)) - 1:.1f} bits")
     choices = []
     for k in range(fewest, min(fewest + 2, req.max_primes) + 1):
         moduli = plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)

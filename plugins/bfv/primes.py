@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 __all__ = ["batching_primes", "choose_plain_moduli", "crt_combine", "is_prime",
-           "plain_moduli"]
+           "largest_batching_primes", "plain_moduli"]
 
 _WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
 MAX_PLAIN_BITS = 60
@@ -59,6 +59,19 @@ def batching_primes(poly_degree: int, min_bits: int) -> Iterator[int]:
         if is_prime(t):
             yield t
         k += 1
+
+
+def largest_batching_primes(poly_degree: int, max_bits: int, count: int) -> list[int]:
+    """Up to ``count`` of the largest primes ``t = 1 (mod 2 * poly_degree)`` of at most
+    ``max_bits`` bits, descending (fewer when fewer exist)."""
+    step = 2 * poly_degree
+    found: list[int] = []
+    k = (2 ** min(max_bits, MAX_PLAIN_BITS) - 2) // step
+    while k >= 1 and len(found) < count:
+        if is_prime(k * step + 1):
+            found.append(k * step + 1)
+        k -= 1
+    return found
 
 
 def plain_moduli(poly_degree: int, bound: int, count: int, max_bits: int,
