@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -191,13 +192,17 @@ def unpack_fields(data: bytes) -> dict[str, Any]:
                 raise EnvelopeError("malformed payload: impossible list length")
             fields[name] = [r.blob() for _ in range(n)]
         elif tag == _T_ARRAY:
-            dt = np.dtype(r.take(r.take(1)[0]).decode("ascii", "replace"))
+            spec = r.take(r.take(1)[0]).decode("ascii", "replace")
+            try:
+                dt = np.dtype(spec)
+            except (TypeError, ValueError):
+                raise EnvelopeError(f"field {name!r}: unknown dtype {spec!r}") from None
             if dt.kind not in _ARRAY_KINDS:
                 raise EnvelopeError(f"field {name!r}: dtype {dt} is not numeric")
             ndim = r.take(1)[0]
             shape = r.unpack(f"<{ndim}Q")
             raw = r.blob()
-            if int(np.prod(shape, dtype=np.uint64)) * dt.itemsize != len(raw):
+            if math.prod(shape) * dt.itemsize != len(raw):
                 raise EnvelopeError(f"field {name!r}: {len(raw)} bytes do not fill shape {shape}")
             fields[name] = np.frombuffer(raw, dtype=dt).reshape(shape).copy()
         elif tag == _T_BIGINTS:
@@ -208,7 +213,7 @@ def unpack_fields(data: bytes) -> dict[str, Any]:
                 vals = [int(v) for v in text.split(",")] if text else []
             except ValueError:
                 raise EnvelopeError(f"field {name!r}: malformed integers") from None
-            if len(vals) != int(np.prod(shape, dtype=np.uint64)):
+            if len(vals) != math.prod(shape):
                 raise EnvelopeError(f"field {name!r}: {len(vals)} integers do not fill {shape}")
             arr = np.empty(len(vals), dtype=object)
             arr[:] = vals

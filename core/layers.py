@@ -7,7 +7,7 @@ torch. Shapes exclude the batch dimension. ``forward`` is the float64 reference 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
@@ -22,6 +22,7 @@ __all__ = [
     "forward",
     "im2col",
     "network_degree",
+    "nonfinite_parameters",
 ]
 
 
@@ -224,6 +225,21 @@ def forward(layers: list[LayerSpec], x: np.ndarray) -> np.ndarray:
     for layer in layers:
         y = layer.forward(y)
     return y
+
+
+def nonfinite_parameters(layers: list[LayerSpec]) -> list[str]:
+    """``"layer.field"`` for every weight, bias or coefficient that is NaN or infinite."""
+    found = []
+    for layer in layers:
+        for f in fields(layer):
+            value = getattr(layer, f.name)
+            if isinstance(value, (np.ndarray, tuple)) and f.name != "in_shape" \
+                    and f.name != "out_shape":
+                arr = np.asarray(value, dtype=np.float64) if not isinstance(value, np.ndarray) \
+                    else value
+                if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                    found.append(f"{layer.name}.{f.name}")
+    return found
 
 
 def network_degree(layers: list[LayerSpec]) -> int:

@@ -17,7 +17,7 @@ from . import codec
 from .codec import Kind
 from .config import SchemeConfig
 from .errors import CompileError, EnvelopeError, RangeError, RangeWarning
-from .layers import LayerSpec, forward
+from .layers import LayerSpec, forward, nonfinite_parameters
 from .metrics import Meter
 from .partition import Partition, partition
 from .registry import resolve
@@ -48,6 +48,16 @@ class SecureModel:
         if range_check not in ("warn", "error", "off"):
             raise ValueError(f"range_check={range_check!r}: use 'warn', 'error' or 'off'")
         self.layers = list(layers)
+        bad = nonfinite_parameters(self.layers)
+        if bad:
+            raise CompileError(f"{', '.join(bad)} contain NaN or infinity: the model diverged "
+                               "or was corrupted; retrain it or load a good checkpoint")
+        if calibration is not None and len(calibration.layer_ranges) != len(self.layers):
+            raise CompileError(
+                f"the calibration has {len(calibration.layer_ranges)} layer ranges for a "
+                f"network of {len(self.layers)} layers ({self.layers[-1].name} last): it "
+                "belongs to another model; recalibrate (secureinfer.nn.calibrate, or "
+                "calibration=<representative inputs>)")
         self.scheme = scheme
         self.calibration = calibration
         self.range_check = range_check
@@ -123,8 +133,7 @@ class SecureModel:
         range's width past its end passes. Returns the problems found.
         """
         cal = self.calibration
-        if self.range_check == "off" or cal is None \
-                or len(cal.layer_ranges) != len(self.layers):
+        if self.range_check == "off" or cal is None:
             return []
         problems = cal.check(self.layers, self._batch(x), tolerance=RANGE_TOLERANCE)
         if problems:

@@ -206,6 +206,34 @@ def test_options_override_the_planner() -> None:
         compile_layers(layers, "ckks?poly_modulus_degree=5000")
 
 
+def test_scale_far_from_the_rescaling_primes_is_refused() -> None:
+    # Rescaling divides by the middle primes: scale 2^20 against 40-bit primes would
+    # drift by 2^20 per level (measured: errors of 6e7 before this check).
+    layers = small_cnn()
+    with pytest.raises(ConfigError, match="within 1 bit of the scale"):
+        compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=20",
+                       calibration=_calib(layers))
+    sm = compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=40",
+                        calibration=_calib(layers))
+    assert sm.plan["scale_bits"] == 40
+
+
+@pytest.mark.parametrize("a", [1e-5, 1e-8])
+def test_tiny_square_coefficient_stays_accurate(a: float) -> None:
+    # a x^2 + x: folding would compute on sqrt(a) x and multiply the noise by 1/sqrt(a).
+    rng = np.random.default_rng(3)
+    layers = [_linear(rng, "fc1", 6, 8), Poly("act", (8,), coeffs=(0.0, 1.0, a)),
+              _linear(rng, "fc2", 8, 3)]
+    calib = _calib(layers, 64)
+    sm = compile_layers(layers, "ckks?packing=single", calibration=calib)
+    client, server, _ = sm.setup()
+    x = calib[:4]
+    got = client.decrypt(server.evaluate(client.encrypt(x)))
+    err = float(np.max(np.abs(got - sm.predict_clear(x))))
+    assert err < 1e-2, (err, sm.plan.get("estimated_max_error"))
+    assert err <= 10 * sm.plan["estimated_max_error"]
+
+
 def test_insecure_chain_needs_allow_insecure() -> None:
     layers = small_cnn()
     config = "ckks?poly_modulus_degree=4096&coeff_mod_bits=40,30,30,30,30,30,30,30,40"

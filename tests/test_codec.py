@@ -85,3 +85,19 @@ def test_fields_huge_length_is_error_not_allocation():
     data[8:16] = (2**60).to_bytes(8, "little")
     with pytest.raises(EnvelopeError):
         codec.unpack_fields(bytes(data))
+
+
+def test_fields_unknown_dtype_is_envelope_error():
+    data = bytearray(codec.pack_fields({"a": np.zeros(2)}))
+    i = data.index(b"<f8")
+    data[i: i + 3] = b"<q9"  # not a numpy dtype
+    with pytest.raises(EnvelopeError, match="unknown dtype"):
+        codec.unpack_fields(bytes(data))
+
+
+def test_fields_overflowing_shape_is_envelope_error():
+    data = bytearray(codec.pack_fields({"a": np.zeros(2)}))
+    i = data.index(b"<f8") + 3 + 1  # dtype text, then ndim, then the shape
+    data[i: i + 8] = (2**63 + 2).to_bytes(8, "little")
+    with pytest.raises(EnvelopeError, match="do not fill"):
+        codec.unpack_fields(bytes(data))

@@ -101,3 +101,18 @@ def test_fe_client_needs_public_keys(net):
     sm = secureinfer.compile_layers(layers, "fe-ip", calibration=calib)
     with pytest.raises(ValueError, match="authority"):
         sm.client()
+
+
+def test_nonfinite_weights_are_a_compile_error_naming_the_layer(net):
+    layers, calib = net
+    first = next(layer for layer in layers if layer.kind == "linear")
+    first.weight[0, 0] = np.nan
+    with pytest.raises(secureinfer.CompileError, match=rf"{first.name}\.weight.*NaN"):
+        secureinfer.compile_layers(layers, "clear")
+
+
+def test_calibration_of_another_network_is_refused(net):
+    layers, calib = net
+    cal = secureinfer.Calibration.from_data(layers[:-1], calib)
+    with pytest.raises(secureinfer.CompileError, match="recalibrate"):
+        secureinfer.compile_layers(layers, "clear", calibration=cal)

@@ -220,7 +220,10 @@ def amplification(program: Program, calibration: Calibration | None) -> list[flo
         if isinstance(stage, Affine):
             amps.append(float(np.max(np.linalg.norm(stage.matrix, axis=1), initial=0.0)))
         else:
-            amps.append(slopes.get(k, _poly_slope(stage.coeffs, prev)))
+            amp = slopes.get(k, _poly_slope(stage.coeffs, prev))
+            if stage.folded:  # noise lands on sqrt(|a|) x (program.build_program)
+                amp /= min(1.0, math.sqrt(abs(stage.coeffs[2])))
+            amps.append(amp)
         prev = bound
     return amps
 
@@ -313,6 +316,14 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
                             f"coeff_mod_bits={bits_opt} gives {len(bits) - 2} rescaling "
                             f"primes: add {depth - len(bits) + 2} more")
         scale = scale_opt or Counter(bits[1:-1] or bits[:1]).most_common(1)[0][0]
+        off = [b for b in bits[1:-1] if abs(b - scale) > 1]
+        if off:
+            # Rescaling divides by each middle prime: a scale far from them drifts by the
+            # ratio at every level (x^k ends at s^k / q^(k-1)) and the result is garbage.
+            raise ConfigError(f"ckks: scale_bits={scale} but coeff_mod_bits={bits_opt} has "
+                              f"rescaling primes of {sorted(set(off))} bits; the middle primes "
+                              "must be within 1 bit of the scale: give them the scale's size, "
+                              "or leave scale_bits out")
         _check_headroom(program, calibration, bits[0] - scale, bits_opt)
         for degree in degrees:
             if fits(degree) and (sum(bits) <= MAX_BITS_128[degree] or

@@ -231,6 +231,11 @@ def _fuse(specs: list[LayerSpec]) -> Affine:
     return Affine(list(specs), matrix, bias, identity=identity)
 
 
+#: Smallest ``|a|`` of ``a x^2 + b x + c`` folded into the affine stage before it (the
+#: fold multiplies the rescaling noise by ``1/sqrt(|a|)``, at most 10 here).
+FOLD_MIN_SQUARE_COEFF = 1e-2
+
+
 def build_program(specs: Sequence[LayerSpec]) -> Program:
     """Group ``specs`` into stages and fold degree-2 polynomials into their affine stage."""
     specs = list(specs)
@@ -248,7 +253,10 @@ def build_program(specs: Sequence[LayerSpec]) -> Program:
     if run:
         stages.append(_fuse(run))
     for prev, stage in itertools.pairwise(stages):
-        if isinstance(stage, Polynomial) and stage.degree == 2 and isinstance(prev, Affine):
+        # Folding computes on x' = sqrt(|a|) x: noise on x' reaches the output multiplied by
+        # 1/sqrt(|a|) more than unfolded, so a tiny x^2 coefficient is evaluated generically.
+        if isinstance(stage, Polynomial) and stage.degree == 2 and isinstance(prev, Affine) \
+                and abs(stage.coeffs[2]) >= FOLD_MIN_SQUARE_COEFF:
             prev.scale = math.sqrt(abs(stage.coeffs[2]))
             stage.folded = True
     return Program(stages, specs[0].in_shape, specs[-1].out_shape, specs)
