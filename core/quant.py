@@ -131,17 +131,22 @@ class QuantizedNetwork:
         return max([self.input_bound, *self.bounds])
 
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Map float inputs to integers; values outside ``input_range`` raise ``RangeError``."""
+        """Map float inputs to integers; NaN, infinity or values outside ``input_range``
+        raise ``RangeError``."""
         x = np.asarray(x, dtype=np.float64)
         lo, hi = self.input_range
         tol = 1e-9 * max(1.0, hi - lo)
+        if not np.all(np.isfinite(x)):
+            raise RangeError("input contains NaN or infinity: clean or impute it before "
+                             "encrypting")
         if x.size and (x.min() < lo - tol or x.max() > hi + tol):
             raise RangeError(
                 f"input values span [{x.min():.4g}, {x.max():.4g}] but the model was "
                 f"quantized for [{lo:.4g}, {hi:.4g}]: scale the input like the training "
                 "data, or recompile with calibration data that covers it")
         q = np.rint(x / self.input_scale)
-        return np.clip(q, -self.input_bound, self.input_bound).astype(np.int64)
+        low = 0 if lo >= 0 else -self.input_bound  # the bounds assume x_q >= 0 then
+        return np.clip(q, low, self.input_bound).astype(np.int64)
 
     def forward_int(self, x_q: np.ndarray) -> np.ndarray:
         """Run every quantized layer on integer inputs."""

@@ -61,6 +61,23 @@ def test_input_out_of_range_is_named_error():
         q.quantize_input(np.full((1, 1, 4, 4), 1.5))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_input_is_range_error_not_int64_min(bad):
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    q = quantize(layers, (0.0, 1.0), bits=8)
+    x = np.full((1, 1, 4, 4), 0.5)
+    x[0, 0, 0, 0] = bad
+    with pytest.raises(RangeError, match="NaN or infinity"):
+        q.quantize_input(x)
+
+
+def test_nonnegative_range_never_quantizes_below_zero():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    q = quantize(layers, (0.0, 1e-7), bits=8)
+    x = np.full((1, 1, 4, 4), -1e-9)  # inside the 1e-9 tolerance, so accepted
+    assert q.quantize_input(x).min() == 0
+
+
 def test_signed_range_and_bad_bits():
     layers = NETWORKS["mlp_square"](np.random.default_rng(0))
     q = quantize(layers, (-1.0, 1.0), bits=8)

@@ -66,7 +66,7 @@ class BfvScheme(Scheme):
         Option("poly_modulus_degree", int, None, "ring degree N (default: the smallest that "
                "holds the network)", choices=DEGREES),
         Option("plain_modulus_bits", int, None, "bits of each plaintext prime (default: the "
-               "most the noise budget allows)"),
+               "smallest that hold the output in the cheapest number of primes)"),
         Option("max_primes", int, 8, "most CRT plaintext primes (BFV contexts); 1: no CRT"),
     )
     layer_types = {kind: BfvLayer for kind in _KINDS}
