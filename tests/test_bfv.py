@@ -234,6 +234,16 @@ def test_malformed_public_keys_are_envelope_errors(cnn_single):
         sm.server(_with_payload(sm, public, codec.pack_fields(fields)))
 
 
+def test_oversized_key_blob_is_refused_before_seal_reads_it(cnn_single):
+    _, sm, (client, _, _) = cnn_single
+    public = client.public_keys()
+    fields = codec.unpack_fields(codec.open_envelope(public).payload)
+    fields["relin_key"] = [fields["relin_key"][0] * 200] + fields["relin_key"][1:]
+    with pytest.raises(EnvelopeError, match="exceeds"):
+        sm.server(_with_payload(sm, public, codec.pack_fields(fields)))
+    sm.server(public)  # the real keys still load
+
+
 def test_out_of_range_input_rejected_at_encrypt(cnn_single):
     layers, _, (client, _, _) = cnn_single
     x = inputs(layers, 1)

@@ -331,3 +331,16 @@ def test_malformed_ciphertexts_are_envelope_errors(cnn_single) -> None:
         sm.scheme.open_server(codec.pack_fields({**public, "galois": public["relin"]}), b"")
     with pytest.raises(EnvelopeError, match="public context"):
         sm.scheme.open_server(codec.pack_fields({**public, "parms": b"other"}), b"")
+
+
+def test_scratch_files_avoid_a_small_dev_shm(monkeypatch) -> None:
+    # A container's /dev/shm is often 64 MB; a Galois key set does not fit there.
+    import shutil
+    import tempfile
+
+    from secureinfer.plugins.ckks import backend
+
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(backend.shutil, "disk_usage",
+                        lambda path: usage._replace(free=64 << 20))
+    assert backend._scratch_dir(10 << 20) == tempfile.gettempdir()

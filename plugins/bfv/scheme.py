@@ -30,7 +30,6 @@ __all__ = ["BfvScheme", "ClientKeys"]
 
 _KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
 _RAW = "none"  # serialization compression (the cached Pyfhel wheel has no zlib/zstd)
-_KEY_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OverflowError)
 
 
 class ClientKeys:
@@ -198,6 +197,16 @@ class BfvScheme(Scheme):
             blobs = fields.get(key)
             if not isinstance(blobs, list) or len(blobs) != count:
                 raise EnvelopeError(f"bfv public keys: expected {count} {key} entries")
+        # No SEAL key here exceeds (keys) x 2 x N x k^2 words for k coefficient primes; a
+        # longer blob is refused before SEAL tries to allocate what its header claims.
+        k = len(plan.coeff_bits)
+        limit = (len(plan.rotations) + 2) * 2 * plan.poly_degree * k * k * 8 + (1 << 20)
+        for key in expect:
+            for blob in fields[key]:
+                if not isinstance(blob, bytes) or len(blob) > limit:
+                    raise EnvelopeError(f"bfv public keys: a {key} entry of "
+                                        f"{len(blob) if isinstance(blob, bytes) else '?'} "
+                                        f"bytes exceeds the {limit} these parameters allow")
         for i, p in enumerate(primes):
             try:
                 p.he.from_bytes_public_key(fields["public_key"][i])
@@ -205,7 +214,7 @@ class BfvScheme(Scheme):
                     p.he.from_bytes_relin_key(fields["relin_key"][i])
                 if plan.rotations:
                     p.he.from_bytes_rotate_key(fields["rotate_key"][i])
-            except _KEY_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - Cython maps SEAL's errors to many types
                 raise EnvelopeError(f"bfv public keys: malformed key for prime {p.t} "
                                     f"({exc})") from None
         zero = primes[0].encrypt(np.zeros(primes[0].slots, np.int64))

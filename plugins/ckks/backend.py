@@ -9,10 +9,10 @@ any failure becomes an ``EnvelopeError``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,23 @@ def sealapi() -> Any:
     return seal
 
 
-@lru_cache(maxsize=1)
-def _scratch_dir() -> str:
+def _scratch_dir(size: int) -> str:
+    """``/dev/shm`` when it has room for ``size`` bytes with a wide margin (it is often a
+    64 MB tmpfs in containers, and a Galois key can be tens of MB), else the temp dir."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return str(shm)
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK) \
+                and shutil.disk_usage(shm).free > 4 * size + (64 << 20):
+            return str(shm)
+    except OSError:
+        pass
     return tempfile.gettempdir()
 
 
 def to_bytes(obj: Any) -> bytes:
     """Serialize a SEAL object (ciphertext, keys) with SEAL's compression."""
-    fd, path = tempfile.mkstemp(prefix="secureinfer-ckks-", dir=_scratch_dir())
+    # sealapi has no save_size: assume the largest object we write (a Galois key set).
+    fd, path = tempfile.mkstemp(prefix="secureinfer-ckks-", dir=_scratch_dir(256 << 20))
     os.close(fd)
     try:
         obj.save(path)
@@ -55,20 +61,24 @@ def to_bytes(obj: Any) -> bytes:
 
 
 def from_bytes(obj: Any, context: Any, data: bytes, what: str, max_bytes: int) -> Any:
-    """Load ``data`` into the empty SEAL object ``obj``; ``EnvelopeError`` if invalid."""
+    """Load ``data`` into the empty SEAL object ``obj``; ``EnvelopeError`` if invalid.
+
+    A failure to write the scratch file (disk full) is an ``OSError``, not blamed on data.
+    """
     if not isinstance(data, (bytes, bytearray)):
         raise EnvelopeError(f"ckks: {what} is {type(data).__name__}, not bytes")
     if not 16 <= len(data) <= max_bytes:
         raise EnvelopeError(f"ckks: {what} of {len(data)} bytes is not a valid SEAL object "
                             f"(expected 16..{max_bytes} bytes)")
-    fd, path = tempfile.mkstemp(prefix="secureinfer-ckks-", dir=_scratch_dir())
+    fd, path = tempfile.mkstemp(prefix="secureinfer-ckks-", dir=_scratch_dir(len(data)))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(bytes(data))
-        obj.load(context, path)
-    except Exception as exc:  # noqa: BLE001 - SEAL's C++ exceptions map to several types
-        raise EnvelopeError(f"ckks: {what} is malformed or belongs to other parameters "
-                            f"({type(exc).__name__}: {exc})") from None
+        try:
+            obj.load(context, path)
+        except Exception as exc:  # noqa: BLE001 - SEAL's C++ exceptions map to several types
+            raise EnvelopeError(f"ckks: {what} is malformed or belongs to other parameters "
+                                f"({type(exc).__name__}: {exc})") from None
     finally:
         os.unlink(path)
     return obj
