@@ -42,6 +42,7 @@ __all__ = [
     "Option",
     "Scheme",
     "SecureLayer",
+    "import_problem",
 ]
 
 
@@ -111,6 +112,17 @@ class Option:
                 f"{', '.join(map(str, self.choices))}"
             )
         return value
+
+
+def import_problem(load: Callable[[], Any]) -> str | None:
+    """``None`` when ``load()`` imports a scheme's backend, else the ``ImportError``'s
+    message (which should name the extra to install): ``Scheme.availability`` in one line.
+    """
+    try:
+        load()
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass

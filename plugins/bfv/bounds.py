@@ -15,15 +15,9 @@ import numpy as np
 from secureinfer.layers import Flatten, Poly
 from secureinfer.quant import QuantizedNetwork
 
-from .linear import integer_linear
+from .linear import big_ints, integer_linear
 
 __all__ = ["output_bound"]
-
-
-def _ints(values: np.ndarray) -> np.ndarray:
-    out = np.empty(np.shape(values), dtype=object)
-    out[...] = values
-    return out
 
 
 def _mul(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray,
@@ -38,8 +32,8 @@ def _poly(coeffs: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[np.n
         sq_lo, sq_hi = lo * lo, hi * hi
         top = np.maximum(sq_lo, sq_hi)
         bottom = np.where((lo <= 0) & (hi >= 0), 0, np.minimum(sq_lo, sq_hi))
-        return _ints(bottom), _ints(top)
-    y_lo = _ints(np.full(lo.shape, coeffs[-1]))
+        return big_ints(bottom), big_ints(top)
+    y_lo = big_ints(np.full(lo.shape, coeffs[-1]))
     y_hi = y_lo.copy()
     for c in reversed(coeffs[:-1]):  # Horner: y = y * x + c
         y_lo, y_hi = _mul(y_lo, y_hi, lo, hi)
@@ -50,8 +44,8 @@ def _poly(coeffs: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[np.n
 def output_bound(qnet: QuantizedNetwork) -> int:
     """The largest ``|integer|`` the last layer can output for in-range inputs."""
     n_in = int(np.prod(qnet.layers[0].spec.in_shape))
-    lo = _ints(np.full(n_in, -qnet.input_bound if qnet.input_range[0] < 0 else 0))
-    hi = _ints(np.full(n_in, qnet.input_bound))
+    lo = big_ints(np.full(n_in, -qnet.input_bound if qnet.input_range[0] < 0 else 0))
+    hi = big_ints(np.full(n_in, qnet.input_bound))
     for q in qnet.layers:
         if isinstance(q.spec, Flatten):
             continue
@@ -59,7 +53,7 @@ def output_bound(qnet: QuantizedNetwork) -> int:
             lo, hi = _poly(q.coeffs, lo, hi)
             continue
         lin = integer_linear(q)
-        pos = _ints(np.maximum(lin.matrix, 0))
-        neg = _ints(np.minimum(lin.matrix, 0))
+        pos = big_ints(np.maximum(lin.matrix, 0))
+        neg = big_ints(np.minimum(lin.matrix, 0))
         lo, hi = pos @ lo + neg @ hi + lin.bias, pos @ hi + neg @ lo + lin.bias
     return int(max(max(abs(int(v)) for v in lo), max(abs(int(v)) for v in hi)))

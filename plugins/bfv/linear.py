@@ -19,7 +19,7 @@ import numpy as np
 from secureinfer.layers import Conv2d, Linear, im2col
 from secureinfer.quant import QuantLayer
 
-__all__ = ["IntegerLinear", "Im2col", "im2col_linear", "integer_linear", "pow2"]
+__all__ = ["Im2col", "IntegerLinear", "big_ints", "im2col_linear", "integer_linear", "pow2"]
 
 
 def pow2(n: int) -> int:
@@ -87,12 +87,17 @@ def integer_linear(q: QuantLayer) -> IntegerLinear:
         unit = probe.forward_int(np.eye(n_in, dtype=np.int64).reshape(n_in, *spec.in_shape))
         matrix = (unit.reshape(n_in, -1) - zero).T.astype(np.int64)
         bias = zero
-    return IntegerLinear(spec.name, matrix, _big(bias), np.arange(len(bias)))
+    return IntegerLinear(spec.name, matrix, big_ints(bias), np.arange(len(bias)))
 
 
-def _big(values: np.ndarray) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = [int(v) for v in values]
+def big_ints(values: np.ndarray) -> np.ndarray:
+    """``values`` (any shape, int, float or object) as Python integers in an object array."""
+    arr = np.asarray(values)
+    out = np.empty(arr.shape, dtype=object)
+    if arr.dtype.kind in "iub":
+        out[...] = arr  # numpy integers become Python ints on assignment
+    elif arr.size:
+        out[...] = np.vectorize(int, otypes=[object])(arr)
     return out
 
 
@@ -110,7 +115,7 @@ def im2col_linear(q: QuantLayer) -> IntegerLinear:
     w = np.asarray(q.weight, np.int64).reshape(oc, -1)
     taps = w.shape[1]
     matrix = np.kron(w, np.eye(patches, dtype=np.int64))
-    bias = _big(np.repeat(q.bias, patches))
+    bias = big_ints(np.repeat(q.bias, patches))
     spaced = pow2(patches)
     slots_in = (np.arange(taps)[:, None] * spaced + np.arange(patches)).reshape(-1)
     slots_out = (np.arange(oc)[:, None] * spaced + np.arange(patches)).reshape(-1)

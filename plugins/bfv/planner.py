@@ -35,7 +35,13 @@ from .bounds import output_bound
 from .layout import Diagonals, LinearLayout, plan_windows
 from .linear import Im2col, im2col_linear, integer_linear, pow2
 from .noise import MARGIN, NoiseModel
-from .primes import MAX_PLAIN_BITS, batching_primes, largest_batching_primes, plain_moduli
+from .primes import (
+    MAX_PLAIN_BITS,
+    batching_primes,
+    choose_plain_moduli,
+    largest_batching_primes,
+    plain_moduli,
+)
 from .program import BatchLinearStep, FlattenStep, PolyStep, SingleLinearStep, Step
 
 __all__ = ["DEGREES", "BfvPlan", "make_plan"]
@@ -318,15 +324,15 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
     if not t_max:
         raise _Infeasible("the noise budget cannot hold even the smallest batching prime "
                           "through the network's depth")
-    fewest = next((k for k in range(1, req.max_primes + 1)
-                   if plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)), None)
-    if fewest is None:
+    least = choose_plain_moduli(poly_degree, bound, t_max, req.max_primes, req.plain_bits)
+    if least is None:
         usable = largest_batching_primes(poly_degree, t_max, req.max_primes)
         raise _Infeasible(f"the noise budget allows primes of at most {t_max} bits, and the "
                           f"largest {len(usable)} batching primes t = 1 (mod {2 * poly_degree}) "
                           f"of that size (max_primes={req.max_primes}) hold only "
                           f"{math.log2(max(math.prod(usable), 2)) - 1:.1f} bits")
     choices = []
+    fewest = len(least)
     for k in range(fewest, min(fewest + 2, req.max_primes) + 1):
         moduli = plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)
         choice = _choose(steps, poly_degree, moduli) if moduli else None

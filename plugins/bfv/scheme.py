@@ -18,7 +18,7 @@ from secureinfer import codec
 from secureinfer.errors import CompileError, EnvelopeError, RangeError
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
-from secureinfer.scheme import Calibration, Capabilities, Option, Scheme
+from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
 from .backend import PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, ServerContext, Value
@@ -80,11 +80,7 @@ class BfvScheme(Scheme):
 
     @classmethod
     def availability(cls) -> str | None:
-        try:
-            backend()
-        except ImportError as exc:
-            return str(exc)
-        return None
+        return import_problem(backend)
 
     @classmethod
     def backend_version(cls) -> str | None:

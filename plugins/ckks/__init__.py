@@ -26,7 +26,14 @@ from secureinfer import codec
 from secureinfer.errors import CompileError, ConfigError, EnvelopeError, RangeError
 from secureinfer.hookspecs import hookimpl
 from secureinfer.layers import LayerSpec
-from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
+from secureinfer.scheme import (
+    Calibration,
+    Capabilities,
+    Option,
+    Scheme,
+    SecureLayer,
+    import_problem,
+)
 
 from . import params as _params
 from . import program as _program
@@ -76,11 +83,7 @@ class CKKSScheme(Scheme):
 
     @classmethod
     def availability(cls) -> str | None:
-        try:
-            sealapi()
-        except ImportError as exc:
-            return str(exc)
-        return None
+        return import_problem(sealapi)
 
     @classmethod
     def backend_version(cls) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from secureinfer.errors import BackendNotInstalledError
+from secureinfer.scheme import import_problem
 
 __all__ = ["EXTRA_HINT", "availability", "backend_version", "pymcl"]
 
@@ -28,11 +29,7 @@ def pymcl() -> ModuleType:
 
 def availability() -> str | None:
     """``None`` when pymcl imports, else why not and what to install."""
-    try:
-        pymcl()
-    except BackendNotInstalledError as exc:
-        return str(exc)
-    return None
+    return import_problem(pymcl)
 
 
 def backend_version() -> str | None:
