@@ -14,6 +14,7 @@ from .errors import (
     CompileError,
     ConfigError,
     EnvelopeError,
+    EvaluationError,
     PluginError,
     RangeError,
     RangeWarning,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration", "Capabilities",
-    "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "Flatten",
+    "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "EvaluationError", "Flatten",
     "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "RangeWarning", "Scheme",
     "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
     "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",

@@ -10,6 +10,7 @@ __all__ = [
     "CompileError",
     "ConfigError",
     "EnvelopeError",
+    "EvaluationError",
     "PluginError",
     "RangeError",
     "RangeWarning",
@@ -70,6 +71,18 @@ class UnsupportedLayerError(CompileError):
 
 class EnvelopeError(SecureInferError, ValueError):
     """A message is not a valid secureinfer envelope, or belongs to another setup."""
+
+
+class EvaluationError(SecureInferError, RuntimeError):
+    """A scheme's backend failed while the server ran a layer (the message names it)."""
+
+    def __init__(self, scheme: str, layer: str, kind: str, cause: BaseException) -> None:
+        self.scheme, self.layer, self.kind = scheme, layer, kind
+        super().__init__(
+            f"layer {layer} ({kind}): the {scheme} backend failed: "
+            f"{type(cause).__name__}: {cause}. The input passed the envelope checks, so this "
+            "is a plugin or backend fault: report it with the scheme's plan "
+            "(`SecureModel.plan`)")
 
 
 class RangeError(SecureInferError, ValueError):

@@ -16,7 +16,8 @@ import numpy as np
 from . import codec
 from .codec import Kind
 from .config import SchemeConfig
-from .errors import CompileError, EnvelopeError, RangeError, RangeWarning
+from .errors import (CompileError, EnvelopeError, EvaluationError, RangeError,
+                     RangeWarning, SecureInferError)
 from .layers import LayerSpec, forward, nonfinite_parameters
 from .metrics import Meter
 from .partition import Partition, partition
@@ -311,7 +312,7 @@ class Server:
         with model.meter.phase("evaluate", n):
             value = scheme.load_input(self.ctx, payload)
             for layer in self.layers:
-                value = layer.forward(value)
+                value = _run_layer(scheme.name, layer, value)
             out = scheme.dump_output(self.ctx, value)
             if isinstance(out, np.ndarray):
                 y = forward(model.clear_layers, out)
@@ -328,6 +329,17 @@ class Server:
                              "only the client can decrypt it")
         env = codec.open_envelope(self.evaluate(ciphertext))
         return codec.unpack_fields(env.payload)["y"].astype(np.float64)
+
+
+def _run_layer(scheme: str, layer: Any, value: Any) -> Any:
+    """``layer.forward(value)``; a backend's own exception becomes an ``EvaluationError``
+    naming the layer (secureinfer's errors pass through: they already say where)."""
+    try:
+        return layer.forward(value)
+    except (SecureInferError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - backends raise RuntimeError, ValueError, ...
+        raise EvaluationError(scheme, layer.spec.name, layer.spec.kind, exc) from exc
 
 
 def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Scheme = "clear",

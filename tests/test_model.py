@@ -116,3 +116,36 @@ def test_calibration_of_another_network_is_refused(net):
     cal = secureinfer.Calibration.from_data(layers[:-1], calib)
     with pytest.raises(secureinfer.CompileError, match="recalibrate"):
         secureinfer.compile_layers(layers, "clear", calibration=cal)
+
+
+def test_backend_failure_names_the_layer(net, monkeypatch):
+    """A backend's own exception inside a layer is an EvaluationError naming that layer."""
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client, server, _ = sm.setup()
+    msg = client.encrypt(calib[:1])
+    victim = server.layers[1]
+
+    def broken(value):
+        raise RuntimeError("ciphertext is not valid for encryption parameters")
+
+    monkeypatch.setattr(victim, "forward", broken)
+    with pytest.raises(secureinfer.EvaluationError) as info:
+        server.evaluate(msg)
+    assert info.value.layer == victim.spec.name
+    assert f"layer {victim.spec.name} ({victim.spec.kind})" in str(info.value)
+    assert "not valid for encryption parameters" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_secureinfer_errors_inside_a_layer_pass_through(net, monkeypatch):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client, server, _ = sm.setup()
+
+    def refuse(value):
+        raise secureinfer.EnvelopeError("wrong key set")
+
+    monkeypatch.setattr(server.layers[0], "forward", refuse)
+    with pytest.raises(secureinfer.EnvelopeError, match="wrong key set"):
+        server.evaluate(client.encrypt(calib[:1]))
