@@ -95,8 +95,11 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     sh, sw = stride
     ph, pw = padding
     if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        h, w = h + 2 * ph, w + 2 * pw
+        # Not np.pad: on object arrays (Python integers past 64 bits) it pads with
+        # numpy.int64 zeros, whose products with big integers overflow.
+        padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+        padded[:, :, ph:ph + h, pw:pw + w] = x
+        x, h, w = padded, h + 2 * ph, w + 2 * pw
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
     win = win[:, :, ::sh, ::sw][:, :, :oh, :ow]  # (n, c, oh, ow, kh, kw)

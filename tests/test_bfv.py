@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -111,6 +112,71 @@ def test_crt_needed_and_exact():
     x = inputs(layers, 3, seed=7)
     np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
                                   sm.reference(x))
+
+
+def _wide_net(channels: int) -> list:
+    """Conv 1->c k5 (28x28, stride 1, padding 2) -> x^2 -> AvgPool 2 -> Flatten -> Linear."""
+    from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
+
+    rng = np.random.default_rng(3)
+    conv = Conv2d("conv1", (1, 28, 28), weight=rng.normal(0, 0.2, (channels, 1, 5, 5)),
+                  bias=rng.normal(0, 0.1, channels), padding=(2, 2))
+    act = Poly("act1", conv.out_shape, coeffs=(0.0, 0.0, 1.0))
+    pool = AvgPool2d("pool1", act.out_shape, kernel=2, stride=2)
+    flat = Flatten("flat", pool.out_shape)
+    n = int(np.prod(flat.out_shape))
+    fc = Linear("fc", flat.out_shape, weight=rng.normal(0, 0.05, (10, n)),
+                bias=np.zeros(10))
+    return [conv, act, pool, flat, fc]
+
+
+def test_integer_matrices_equal_the_quantized_layers():
+    """The sparse matrices the server runs compute what the integer reference computes,
+    for a padded multi-channel convolution (also on the client's im2col input), a pool and
+    a dense layer, on large signed inputs (Python integers past 64 bits)."""
+    from secureinfer.plugins.bfv.linear import im2col_linear, integer_linear
+    from secureinfer.quant import quantize
+
+    qnet = quantize(_wide_net(3), (0.0, 1.0), bits=8)
+    rng = np.random.default_rng(5)
+    for q in qnet.layers:
+        if q.spec.kind not in ("conv2d", "avgpool2d", "linear"):
+            continue
+        lin = integer_linear(q)
+        x = rng.integers(-2**40, 2**40, size=(2, *q.spec.in_shape)).astype(object) * 2**30
+        big = dataclasses.replace(q, bound=2**80)  # the reference on Python integers
+        want = big.forward_int(x).reshape(2, -1)
+        for xi, wi in zip(x.reshape(2, -1), want):
+            np.testing.assert_array_equal(lin.apply(xi), wi)
+        assert lin.nnz == np.count_nonzero(lin.dense())
+    conv = qnet.layers[0]
+    unfold = im2col_linear(conv)
+    x = rng.integers(0, 256, size=(2, *conv.spec.in_shape))
+    want = conv.forward_int(x).reshape(2, -1)
+    for xi, ui, wi in zip(x, unfold.im2col.unfold(x), want):
+        np.testing.assert_array_equal(unfold.apply(ui), wi)
+
+
+def test_a_network_too_wide_for_any_row_is_refused_before_its_diagonals_are_built(
+        monkeypatch):
+    """32 channels of 28x28 need 32768 slots per row: single packing refuses at every ring
+    degree from the layer's period alone (building its diagonals took gigabytes)."""
+    from secureinfer.plugins.bfv.layout import Diagonals
+
+    built = []
+    original = Diagonals.of.__func__
+
+    def spy(cls, layer, in_slots, t_in):
+        dg = original(cls, layer, in_slots, t_in)
+        built.append(dg.period)
+        return dg
+
+    monkeypatch.setattr(Diagonals, "of", classmethod(spy))
+    layers = _wide_net(32)
+    with pytest.raises(CompileError, match=r"conv1 needs 32768 slots per row, N=32768 has 16384"):
+        secureinfer.compile_layers(layers, "bfv?packing=single",
+                                   calibration=inputs(layers, 16, seed=2))
+    assert all(period <= 16384 for period in built)
 
 
 # ----- planner --------------------------------------------------------------------------

@@ -344,3 +344,26 @@ def test_scratch_files_avoid_a_small_dev_shm(monkeypatch) -> None:
     monkeypatch.setattr(backend.shutil, "disk_usage",
                         lambda path: usage._replace(free=64 << 20))
     assert backend._scratch_dir(10 << 20) == tempfile.gettempdir()
+
+
+def test_fused_affine_run_equals_the_product_of_its_layers(monkeypatch) -> None:
+    """A pool -> flatten -> linear run is fused by pushing blocks of basis vectors through
+    it (no layer's own matrix is built); it must equal the product of the layers' matrices."""
+    from secureinfer.plugins.ckks import program
+
+    monkeypatch.setattr(program, "_FUSE_CHUNK_BYTES", 8 * 135 * 7)  # blocks of 7 vectors
+    rng = np.random.default_rng(4)
+    pool = AvgPool2d("pool", (3, 6, 6), kernel=2, stride=2)
+    flat = Flatten("flat", pool.out_shape)
+    fc = Linear("fc", flat.out_shape, weight=rng.normal(size=(5, 27)), bias=rng.normal(size=5))
+    specs = [pool, flat, fc]
+    fused = program._fuse(specs)
+    want, bias = program.affine_matrix(specs[0])
+    for spec in specs[1:]:
+        m2, b2 = program.affine_matrix(spec)
+        want, bias = m2 @ want, m2 @ bias + b2
+    np.testing.assert_allclose(fused.matrix, want, atol=1e-12)
+    np.testing.assert_allclose(fused.bias, bias, atol=1e-12)
+    x = rng.normal(size=(2, 3, 6, 6))
+    np.testing.assert_allclose(x.reshape(2, -1) @ fused.matrix.T + fused.bias,
+                               fc.forward(flat.forward(pool.forward(x))), atol=1e-12)

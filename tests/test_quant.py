@@ -86,3 +86,26 @@ def test_signed_range_and_bad_bits():
         quantize(layers, (0, 1), bits=1)
     with pytest.raises(CompileError, match="range"):
         quantize(layers, (1, 1), bits=8)
+
+
+def test_padded_convolution_on_integers_past_64_bits():
+    """A padded convolution deep in a network sees integers past 64 bits; padding must not
+    bring in fixed-width zeros (their products with big integers overflowed)."""
+    import dataclasses
+
+    from secureinfer.layers import Conv2d
+
+    rng = np.random.default_rng(0)
+    conv = Conv2d("conv", (1, 4, 4), weight=rng.normal(size=(2, 1, 3, 3)), bias=np.zeros(2),
+                  padding=(1, 1))
+    q = dataclasses.replace(quantize([conv], (0.0, 1.0), bits=8).layers[0], bound=2**90)
+    x = rng.integers(-9, 9, size=(1, 1, 4, 4)).astype(object) * 2**70
+    got = q.forward_int(x)
+    w, b = q.weight, q.bias
+    for o in range(2):
+        for i in range(4):
+            for j in range(4):
+                want = int(b[o]) + sum(int(w[o, 0, di, dj]) * x[0, 0, i + di - 1, j + dj - 1]
+                                       for di in range(3) for dj in range(3)
+                                       if 0 <= i + di - 1 < 4 and 0 <= j + dj - 1 < 4)
+                assert got[0, o, i, j] == want

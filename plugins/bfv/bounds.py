@@ -10,12 +10,14 @@ smaller plaintext primes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from secureinfer.layers import Flatten, Poly
 from secureinfer.quant import QuantizedNetwork
 
-from .linear import big_ints, integer_linear
+from .linear import IntegerLinear, big_ints, integer_linear
 
 __all__ = ["output_bound"]
 
@@ -41,19 +43,27 @@ def _poly(coeffs: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[np.n
     return y_lo, y_hi
 
 
-def output_bound(qnet: QuantizedNetwork) -> int:
-    """The largest ``|integer|`` the last layer can output for in-range inputs."""
+def output_bound(qnet: QuantizedNetwork,
+                 linear: Callable[[int], IntegerLinear] | None = None) -> int:
+    """The largest ``|integer|`` the last layer can output for in-range inputs.
+
+    ``linear(i)``: layer ``i``'s integer matrix (default: built here; the planner passes
+    its cache).
+    """
     n_in = int(np.prod(qnet.layers[0].spec.in_shape))
     lo = big_ints(np.full(n_in, -qnet.input_bound if qnet.input_range[0] < 0 else 0))
     hi = big_ints(np.full(n_in, qnet.input_bound))
-    for q in qnet.layers:
+    for i, q in enumerate(qnet.layers):
         if isinstance(q.spec, Flatten):
             continue
         if isinstance(q.spec, Poly):
             lo, hi = _poly(q.coeffs, lo, hi)
             continue
-        lin = integer_linear(q)
-        pos = big_ints(np.maximum(lin.matrix, 0))
-        neg = big_ints(np.minimum(lin.matrix, 0))
-        lo, hi = pos @ lo + neg @ hi + lin.bias, pos @ hi + neg @ lo + lin.bias
+        lin = linear(i) if linear is not None else integer_linear(q)
+        up = lin.vals > 0  # a positive weight takes the low end to the low end
+        lo_terms = np.where(up, lo[lin.cols], hi[lin.cols]) * big_ints(lin.vals)
+        hi_terms = np.where(up, hi[lin.cols], lo[lin.cols]) * big_ints(lin.vals)
+        lo, hi = lin.bias.copy(), lin.bias.copy()
+        np.add.at(lo, lin.rows, lo_terms)
+        np.add.at(hi, lin.rows, hi_terms)
     return int(max(max(abs(int(v)) for v in lo), max(abs(int(v)) for v in hi)))

@@ -112,13 +112,13 @@ class _BatchLinear:
 
     def __init__(self, step: BatchLinearStep, ctx: PrimeContext, level: int) -> None:
         self.ctx, self.level = ctx, level
-        matrix = step.layer.matrix
+        lin = step.layer
         self.rows: list[list[tuple[int, list[int], list[int]]]] = []
-        for row in matrix:
+        for sl in lin.row_slices():
+            cols, vals = lin.cols[sl], lin.vals[sl]
             groups = []
-            for v in np.unique(np.abs(row[row != 0])):
-                groups.append((int(v), np.flatnonzero(row == v).tolist(),
-                               np.flatnonzero(row == -v).tolist()))
+            for v in np.unique(np.abs(vals)):
+                groups.append((int(v), cols[vals == v].tolist(), cols[vals == -v].tolist()))
             self.rows.append(groups)
         self.bias = [ctx.signed(b) for b in step.layer.bias]
         self.bias_plain = [ctx.encode_constant(b) for b in self.bias]

@@ -55,21 +55,29 @@ class Diagonals:
     sigma: int
     diags: dict[int, np.ndarray]
 
+    @staticmethod
+    def period_of(layer: IntegerLinear, t_in: int) -> int:
+        """``T`` of ``layer`` on an input of period ``t_in`` (before building anything)."""
+        return max(t_in, pow2(int(layer.output_slots.max()) + 1))
+
     @classmethod
     def of(cls, layer: IntegerLinear, in_slots: np.ndarray, t_in: int) -> "Diagonals":
         """Diagonals of ``layer`` reading features at ``in_slots`` with period ``t_in``."""
         t_out = pow2(int(layer.output_slots.max()) + 1)
         period = max(t_in, t_out)
-        rows, cols = np.nonzero(layer.matrix)
-        vals = layer.matrix[rows, cols]
+        rows, cols, vals = layer.rows, layer.cols, layer.vals
         r = layer.output_slots[rows].astype(np.int64)
         c = in_slots[cols].astype(np.int64)
         d = (c - r) % t_out
         i = r + ((c - r - d) % period)  # the unique i = r (mod t_out) with i + d = c (mod T)
         sigma = math.gcd(t_out, *map(int, np.unique(d))) if len(d) else t_out
+        e_all = d // sigma
+        order = np.argsort(e_all, kind="stable")
+        keys, starts = np.unique(e_all[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
         diags: dict[int, np.ndarray] = {}
-        for e in np.unique(d // sigma):
-            sel = d == e * sigma
+        for e, a, b in zip(keys, starts, ends):
+            sel = order[a:b]
             vec = np.zeros(period, np.int64)
             vec[i[sel]] = vals[sel]
             diags[int(e)] = vec

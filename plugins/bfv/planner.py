@@ -33,7 +33,7 @@ from secureinfer.quant import QuantizedNetwork
 from .backend import MAX_COEFF_BITS
 from .bounds import output_bound
 from .layout import Diagonals, LinearLayout, plan_windows
-from .linear import Im2col, im2col_linear, integer_linear, pow2
+from .linear import Im2col, IntegerLinear, im2col_linear, integer_linear, pow2
 from .noise import MARGIN, NoiseModel
 from .primes import (
     MAX_PLAIN_BITS,
@@ -162,9 +162,9 @@ def _poly_step(q: Any) -> PolyStep:
     return PolyStep(q.spec.name, coeffs=coeffs)
 
 
-def _batch_steps(qnet: QuantizedNetwork) -> list[Step]:
+def _batch_steps(qnet: QuantizedNetwork, cache: _Linears) -> list[Step]:
     steps: list[Step] = []
-    for q in qnet.layers:
+    for i, q in enumerate(qnet.layers):
         if isinstance(q.spec, Flatten):
             steps.append(FlattenStep(q.spec.name))
         elif isinstance(q.spec, Poly):
@@ -172,17 +172,39 @@ def _batch_steps(qnet: QuantizedNetwork) -> list[Step]:
             step.width = int(np.prod(q.spec.in_shape))
             steps.append(step)
         else:
-            steps.append(BatchLinearStep(q.spec.name, layer=integer_linear(q)))
+            steps.append(BatchLinearStep(q.spec.name, layer=cache.linear(i)))
     return steps
 
 
-def _single_steps(qnet: QuantizedNetwork, row: int) -> tuple[list[Step], np.ndarray, int,
-                                                             Im2col | None]:
+class _Linears:
+    """Each linear layer's integer matrix and diagonals, built once for every ring degree."""
+
+    def __init__(self, qnet: QuantizedNetwork) -> None:
+        self.qnet = qnet
+        self._lin: dict[Any, IntegerLinear] = {}
+        self._diags: dict[tuple[Any, int], Diagonals] = {}
+
+    def linear(self, i: int, unfolded: bool = False) -> IntegerLinear:
+        key = ("im2col", i) if unfolded else i
+        if key not in self._lin:
+            q = self.qnet.layers[i]
+            self._lin[key] = im2col_linear(q) if unfolded else integer_linear(q)
+        return self._lin[key]
+
+    def diagonals(self, key: Any, lin: IntegerLinear, slots: np.ndarray,
+                  period: int) -> Diagonals:
+        if (key, period) not in self._diags:
+            self._diags[(key, period)] = Diagonals.of(lin, slots, period)
+        return self._diags[(key, period)]
+
+
+def _single_steps(qnet: QuantizedNetwork, row: int,
+                  cache: _Linears) -> tuple[list[Step], np.ndarray, int, Im2col | None]:
     steps: list[Step] = []
     first = qnet.layers[0].spec if qnet.layers else None
     unfold = None
     if isinstance(first, Conv2d):
-        lin = im2col_linear(qnet.layers[0])
+        lin = cache.linear(0, unfolded=True)
         if pow2(int(lin.input_slots.max()) + 1) <= row:
             unfold = lin
     n_in = int(np.prod(qnet.layers[0].spec.in_shape)) if qnet.layers else 0
@@ -199,11 +221,13 @@ def _single_steps(qnet: QuantizedNetwork, row: int) -> tuple[list[Step], np.ndar
             continue
         if not isinstance(spec, (Linear, Conv2d, AvgPool2d)):
             raise CompileError(f"layer {spec.name}: bfv cannot run {spec.kind} layers")
-        lin = unfold if (i == 0 and unfold is not None) else integer_linear(q)
-        dg = Diagonals.of(lin, slots, period)
-        if dg.period > row:
-            raise _Infeasible(f"layer {spec.name} needs {dg.period} slots per row, "
+        unfolded = i == 0 and unfold is not None
+        lin = unfold if unfolded else cache.linear(i)
+        need = Diagonals.period_of(lin, period)
+        if need > row:
+            raise _Infeasible(f"layer {spec.name} needs {need} slots per row, "
                               f"N={2 * row} has {row}")
+        dg = cache.diagonals(("im2col", i) if unfolded else i, lin, slots, period)
         steps.append(SingleLinearStep(spec.name, layout=LinearLayout(lin, dg)))
         slots, period = lin.output_slots, dg.t_out
     if period > row:
@@ -309,12 +333,13 @@ def _choose(steps: Sequence[Step], poly_degree: int, moduli: list[int]) -> _Choi
     return None
 
 
-def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int) -> BfvPlan:
+def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int,
+             cache: _Linears) -> BfvPlan:
     row = poly_degree // 2
     if req.packing == "single":
-        steps, in_slots, in_period, unfold = _single_steps(qnet, row)
+        steps, in_slots, in_period, unfold = _single_steps(qnet, row, cache)
     else:
-        steps, in_slots, in_period, unfold = _batch_steps(qnet), None, 1, None
+        steps, in_slots, in_period, unfold = _batch_steps(qnet, cache), None, 1, None
     t_max = _max_t_bits(steps, poly_degree)
     if req.plain_bits is not None:
         if req.plain_bits > t_max:
@@ -351,11 +376,12 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
 
 
 def _search(qnet: QuantizedNetwork, req: _Request) -> BfvPlan:
-    bound = min(output_bound(qnet), int(qnet.bounds[-1]))
+    cache = _Linears(qnet)
+    bound = min(output_bound(qnet, cache.linear), int(qnet.bounds[-1]))
     reasons = []
     for n in ([req.poly_degree] if req.poly_degree else DEGREES):
         try:
-            return _plan_at(qnet, req, n, bound)
+            return _plan_at(qnet, req, n, bound, cache)
         except _Infeasible as exc:
             reasons.append(f"N={n}: {exc}")
     need = math.log2(2 * bound + 1)

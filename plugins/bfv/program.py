@@ -124,9 +124,9 @@ class BatchLinearStep(Step):
         return min(model.constant_products(budget, self.layer.max_row_l1), model.fresh(q_bits))
 
     def ops(self) -> list[Ops]:
-        m = self.layer.matrix
-        distinct = sum(len(np.unique(np.abs(row[row != 0]))) for row in m)
-        return [Ops(constants=distinct, adds=int(np.count_nonzero(m)))]
+        lin = self.layer
+        distinct = len(np.unique(np.stack([lin.rows, np.abs(lin.vals)]), axis=1).T)
+        return [Ops(constants=distinct, adds=lin.nnz)]
 
 
 @dataclass(kw_only=True)
