@@ -217,6 +217,18 @@ def test_refusal_says_what_the_usable_primes_hold():
     assert count == 1 and t_bits - 2 < held < t_bits < need
 
 
+@pytest.mark.parametrize("bits, says", [
+    (70, r"plain_modulus_bits=70 is outside 2\.\.60"),
+    (12, r"N=8192: plain_modulus_bits=12: the smallest batching prime t = 1 \(mod 16384\) "
+         r"has 17 bits"),
+])
+def test_plain_modulus_bits_out_of_reach_are_named(bits, says):
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    with pytest.raises(CompileError, match=says):
+        secureinfer.compile_layers(layers, f"bfv?plain_modulus_bits={bits}",
+                                   calibration=inputs(layers, 64, seed=2))
+
+
 def test_plan_follows_options_and_keeps_security():
     layers = NETWORKS["mlp_square"](np.random.default_rng(0))
     calib = inputs(layers, 64, seed=2)

@@ -341,6 +341,10 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
     else:
         steps, in_slots, in_period, unfold = _batch_steps(qnet, cache), None, 1, None
     t_max = _max_t_bits(steps, poly_degree)
+    smallest = next(batching_primes(poly_degree, 2)).bit_length()
+    if req.plain_bits is not None and req.plain_bits < smallest:
+        raise _Infeasible(f"plain_modulus_bits={req.plain_bits}: the smallest batching prime "
+                          f"t = 1 (mod {2 * poly_degree}) has {smallest} bits")
     if req.plain_bits is not None:
         if req.plain_bits > t_max:
             raise _Infeasible(f"plain_modulus_bits={req.plain_bits}: the noise budget holds "

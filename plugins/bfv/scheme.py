@@ -23,7 +23,7 @@ from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import
 from .backend import PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, ServerContext, Value
 from .planner import DEGREES, BfvPlan, make_plan
-from .primes import crt_combine
+from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
 
 __all__ = ["BfvScheme", "ClientKeys"]
@@ -104,6 +104,12 @@ class BfvScheme(Scheme):
         max_primes = self.opts["max_primes"]
         if max_primes < 1:
             raise CompileError(f"bfv: max_primes={max_primes} must be at least 1")
+        plain_bits = self.opts["plain_modulus_bits"]
+        if plain_bits is not None and not 2 <= plain_bits <= MAX_PLAIN_BITS:
+            raise CompileError(f"bfv: plain_modulus_bits={plain_bits} is outside 2.."
+                               f"{MAX_PLAIN_BITS} (SEAL's plaintext primes have at most "
+                               f"{MAX_PLAIN_BITS} bits); leave it unset to let the planner "
+                               "choose")
         self._plan = make_plan(qnet, self.opts["packing"], self.opts["poly_modulus_degree"],
                                self.opts["plain_modulus_bits"], max_primes)
         self._index = {id(spec): i for i, spec in enumerate(prefix)}
