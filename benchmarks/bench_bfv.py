@@ -12,7 +12,9 @@ Checks of issue 5, printed and optionally written as JSON (``--out``):
    at ``bits=8`` (the default) and ``--bits-low`` (fewer CRT primes), each with the test
    accuracy of its quantized network and the seconds spent in every SEAL operation of one
    evaluation: ``without_rotations_s`` (products, squarings, relinearization, additions,
-   modulus switching) is a floor that no rotation layout can go below.
+   modulus switching) is a floor that no rotation layout can go below. With ``--workers``
+   (default 2) both are also timed with the CRT contexts in that many processes, reported
+   beside the target, which compares one process with one (CKKS runs on one core).
 3. ``bfv?packing=batch`` on the ``cnn``: the digits28 test set in one message, evaluation
    throughput (images per second) and the slot capacity (``N`` images per message).
 
@@ -195,30 +197,39 @@ def _latency_pair(layers: list, calib: np.ndarray, x: np.ndarray, y: np.ndarray,
             setups[config][3].update(input_bytes=len(msg), output_bytes=len(out))
     for config in configs:
         sm, client, server, info = setups[config]
-        if sm.scheme.name == "bfv":
+        if sm.scheme.name == "bfv" and server.ctx.pool is None:
             info["operations"] = op_breakdown(server, client.encrypt(x[:1]))
+        if sm.scheme.name == "bfv" and server.ctx.pool is not None:
+            info["worker_processes"] = server.ctx.pool.size
         info["quantized_accuracy"] = quantized_accuracy(sm, x, y)
     return {c: {"evaluate_s": round(statistics.median(times[c]), 4),
                 "evaluate_s_runs": [round(t, 4) for t in times[c]],
                 "max_abs_error_vs_reference": errors[c], **setups[c][3]} for c in configs}
 
 
-def cnn_latency(model: nn.Module, ds: data.Dataset, runs: int, bits_low: int) -> dict[str, Any]:
+def cnn_latency(model: nn.Module, ds: data.Dataset, runs: int, bits_low: int,
+                workers: int) -> dict[str, Any]:
     layers = lower(model, ds.input_shape)
     calib = ds.x_train.astype(np.float64)
     configs = ["bfv?packing=single", f"bfv?packing=single&bits={bits_low}"]
+    if workers > 1:  # reported, not the target: CKKS runs on one core
+        configs += [f"bfv?packing=single&workers={workers}",
+                    f"bfv?packing=single&bits={bits_low}&workers={workers}"]
     ckks = get_registry().get("ckks").availability() is None
     if ckks:
         configs.append("ckks?packing=single")
     res = _latency_pair(layers, calib, ds.x_test.astype(np.float64), ds.y_test, configs, runs)
     if ckks:
         base = res["ckks?packing=single"]["evaluate_s"]
-        for config in configs[:2]:
+        for config in configs:
+            if config.startswith("ckks"):
+                continue
             ratio = res[config]["evaluate_s"] / base
             res[config]["ratio_to_ckks"] = round(ratio, 2)
-            res[config]["within_target"] = bool(ratio <= TARGET_RATIO)
-            floor = res[config]["operations"]["without_rotations_s"] / base
-            res[config]["ratio_to_ckks_without_rotations"] = round(floor, 2)
+            if "operations" in res[config]:  # one process, like CKKS: the target applies
+                res[config]["within_target"] = bool(ratio <= TARGET_RATIO)
+                floor = res[config]["operations"]["without_rotations_s"] / base
+                res[config]["ratio_to_ckks_without_rotations"] = round(floor, 2)
     else:
         res["ckks"] = "not installed: pip install secureinfer[ckks]"
     return res
@@ -252,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=5, help="timed single-image evaluations")
     parser.add_argument("--bits-low", type=int, default=4,
                         help="second quantization width for the cnn latency")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also time the cnn with the CRT contexts in this many processes "
+                             "(reported beside the one-process target; 1: skip)")
     parser.add_argument("--skip-batch", action="store_true",
                         help="skip the cnn batch throughput (its input message is large)")
     parser.add_argument("--out", help="write the results as JSON")
@@ -263,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cnn = train_cnn(ds28)
     results["cnn_clear_accuracy"] = float(
         (cnn(torch.tensor(ds28.x_test)).argmax(1).numpy() == ds28.y_test).mean())
-    results["cnn_single_latency"] = cnn_latency(cnn, ds28, args.runs, args.bits_low)
+    results["cnn_single_latency"] = cnn_latency(cnn, ds28, args.runs, args.bits_low,
+                                                  args.workers)
     print(json.dumps({"cnn_single_latency": results["cnn_single_latency"]}, indent=1))
     if not args.skip_batch:
         results["cnn_batch"] = cnn_throughput(cnn, ds28)

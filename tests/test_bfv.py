@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import numpy as np
@@ -352,3 +353,72 @@ def test_batch_size_follows_packing(cnn_single):
     assert sm.scheme.batch_size() == 2
     _, batch = _compiled("cnn", "bfv?packing=batch")
     assert batch.scheme.batch_size() == batch.plan["poly_modulus_degree"]
+
+
+# ----- parallel CRT contexts (workers) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crt_workers():
+    """A two-prime network, its server running each prime in its own process."""
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    calib = inputs(layers, 64, seed=2)
+    sm = secureinfer.compile_layers(layers, "bfv?workers=4", calibration=calib)
+    client, server, _ = sm.setup()
+    yield layers, sm, client, server
+    server.ctx.pool.close()
+
+
+def test_workers_run_each_prime_in_its_own_process_exactly(crt_workers):
+    layers, sm, client, server = crt_workers
+    primes = len(sm.plan["plain_moduli"])
+    assert primes >= 2 and server.ctx.pool.size == primes  # capped at one per prime
+    assert server.ctx.primes == []  # the server process itself loads no keys
+    pids = {p.pid for p in server.ctx.pool._procs}
+    assert len(pids) == primes and os.getpid() not in pids
+    x = inputs(layers, 5, seed=11)
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
+                                  sm.reference(x))
+    # workers is the server's own affair: a server compiled without it takes the same
+    # keys and messages, and its output decrypts the same.
+    plain = secureinfer.compile_layers(layers, "bfv", calibration=inputs(layers, 64, seed=2))
+    in_process = plain.server(client.public_keys())
+    assert in_process.ctx.pool is None and len(in_process.ctx.primes) == primes
+    msg = client.encrypt(x)
+    np.testing.assert_array_equal(client.decrypt(in_process.evaluate(msg)),
+                                  client.decrypt(server.evaluate(msg)))
+
+
+def test_workers_parse_client_bytes_like_the_server(crt_workers):
+    layers, sm, client, server = crt_workers
+    msg = client.encrypt(inputs(layers, 1, seed=3))
+    outer = codec.unpack_fields(codec.open_envelope(msg).payload)
+    inner = codec.unpack_fields(outer["ct"])
+    blob = inner["ct"][-1]  # the last prime's: parsed by the last worker
+    for bad in (blob[:-10], b"\x00" * len(blob)):
+        payload = codec.pack_fields({"n": 1, "ct": codec.pack_fields(
+            {"samples": 1, "ct": inner["ct"][:-1] + [bad]})})
+        with pytest.raises(EnvelopeError, match="BFV ciphertext"):
+            server.evaluate(_with_payload(sm, msg, payload))
+    # The pool is still usable after refusing a message.
+    x = inputs(layers, 2, seed=8)
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
+                                  sm.reference(x))
+
+
+def test_a_dead_worker_is_an_error_naming_where_not_a_hang(crt_workers):
+    # Last user of the module's pool: it kills one of its workers.
+    layers, _, client, server = crt_workers
+    msg = client.encrypt(inputs(layers, 1, seed=4))
+    server.ctx.pool._procs[1].kill()
+    server.ctx.pool._procs[1].wait()
+    with pytest.raises(secureinfer.EvaluationError, match=r"worker for primes \[1\]"):
+        server.evaluate(msg)
+    with pytest.raises(secureinfer.EvaluationError, match="failed earlier"):
+        server.evaluate(msg)  # the pool stays refused, not out of step
+
+
+def test_workers_must_be_positive():
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    with pytest.raises(CompileError, match="workers=0 must be at least 1"):
+        secureinfer.compile_layers(layers, "bfv?workers=0", calibration=inputs(layers, 8, 2))

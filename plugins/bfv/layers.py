@@ -20,7 +20,7 @@ from secureinfer.scheme import SecureLayer
 from .backend import PrimeContext
 from .program import BatchLinearStep, PolyStep, SingleLinearStep, Step
 
-__all__ = ["BfvLayer", "ServerContext", "Value"]
+__all__ = ["BfvLayer", "RemoteValue", "ServerContext", "Value"]
 
 @dataclass
 class Value:
@@ -37,16 +37,31 @@ class Value:
 
 
 @dataclass
+class RemoteValue:
+    """A value held by the worker processes (``workers > 1``), each its primes' share.
+
+    Attributes:
+        samples: how many inputs the items carry.
+        items: how many items.
+    """
+
+    samples: int
+    items: int
+
+
+@dataclass
 class ServerContext:
     """What the server holds: one context per prime, with public and evaluation keys only.
 
     Attributes:
-        primes: the contexts.
+        primes: the contexts (empty when ``pool`` holds them).
         input_size: bytes of one serialized input ciphertext.
+        pool: worker processes running the contexts in parallel, or ``None``.
     """
 
     primes: list[PrimeContext]
     input_size: int = 0
+    pool: Any = None
 
 
 def _row(vec: np.ndarray) -> np.ndarray:
@@ -196,11 +211,13 @@ class BfvLayer(SecureLayer):
     def __init__(self, spec: LayerSpec, ctx: ServerContext, scheme: Any) -> None:
         super().__init__(spec, ctx, scheme)
         self.step: Step = scheme.step_of(spec)
+        self.index = scheme.index_of(spec)
         level = scheme.level_before(spec)
-        self.ops = [self._op(self.step, prime, level) for prime in ctx.primes]
+        self.ops = [self.build_op(self.step, prime, level) for prime in ctx.primes]
 
     @staticmethod
-    def _op(step: Step, prime: PrimeContext, level: int) -> Any:
+    def build_op(step: Step, prime: PrimeContext, level: int) -> Any:
+        """The callable that runs ``step`` on one prime's ciphertexts (``None``: nothing)."""
         if isinstance(step, SingleLinearStep):
             return _SingleLinear(step, prime, level)
         if isinstance(step, BatchLinearStep):
@@ -214,7 +231,10 @@ class BfvLayer(SecureLayer):
             prime.switch_down(ct, self.step.drops[-1])
         return value
 
-    def forward(self, value: Value) -> Value:
+    def forward(self, value: Value | RemoteValue) -> Value | RemoteValue:
+        if isinstance(value, RemoteValue):
+            self.ctx.pool.run_layer(self.index, self.spec.name)
+            return value
         out = []
         for item in value.items:
             res = [op(v) if op is not None else v for op, v in zip(self.ops, item)]

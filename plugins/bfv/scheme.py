@@ -15,16 +15,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from secureinfer import codec
-from secureinfer.errors import CompileError, EnvelopeError, RangeError
+from secureinfer.errors import CompileError, EnvelopeError, EvaluationError, RangeError
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
 from .backend import PrimeContext, backend, load_ciphertexts, new_contexts
-from .layers import BfvLayer, ServerContext, Value
+from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
+from .workers import WorkerPool
 
 __all__ = ["BfvScheme", "ClientKeys"]
 
@@ -51,6 +52,9 @@ class BfvScheme(Scheme):
       ``auto`` (``single`` when the network fits a row, else ``batch``).
     * ``poly_modulus_degree``, ``plain_modulus_bits``, ``max_primes``: planner overrides
       (``secureinfer.plugins.bfv.planner``); ``max_primes=1`` disables the CRT.
+    * ``workers``: the server runs the CRT contexts in that many processes (``workers.py``):
+      the contexts never exchange data, so latency falls with the cores given; the
+      evaluation keys are loaded once per process.
     """
 
     name = "bfv"
@@ -67,6 +71,8 @@ class BfvScheme(Scheme):
         Option("plain_modulus_bits", int, None, "bits of each plaintext prime (default: the "
                "smallest that hold the output in the cheapest number of primes)"),
         Option("max_primes", int, 8, "most CRT plaintext primes (BFV contexts); 1: no CRT"),
+        Option("workers", int, 1, "server processes running the CRT contexts in parallel "
+               "(at most one per prime); 1: in the server's process"),
     )
     layer_types = {kind: BfvLayer for kind in _KINDS}
 
@@ -104,6 +110,8 @@ class BfvScheme(Scheme):
         max_primes = self.opts["max_primes"]
         if max_primes < 1:
             raise CompileError(f"bfv: max_primes={max_primes} must be at least 1")
+        if self.opts["workers"] < 1:
+            raise CompileError(f"bfv: workers={self.opts['workers']} must be at least 1")
         plain_bits = self.opts["plain_modulus_bits"]
         if plain_bits is not None and not 2 <= plain_bits <= MAX_PLAIN_BITS:
             raise CompileError(f"bfv: plain_modulus_bits={plain_bits} is outside 2.."
@@ -130,6 +138,10 @@ class BfvScheme(Scheme):
     def step_of(self, spec: LayerSpec) -> Step:
         """The planned step of ``spec``."""
         return self._planned().steps[self._index[id(spec)]]
+
+    def index_of(self, spec: LayerSpec) -> int:
+        """Position of ``spec``'s step in the plan."""
+        return self._index[id(spec)]
 
     def level_before(self, spec: LayerSpec) -> int:
         """Coefficient primes already dropped when ``spec`` runs."""
@@ -209,6 +221,10 @@ class BfvScheme(Scheme):
                     raise EnvelopeError(f"bfv public keys: a {key} entry of "
                                         f"{len(blob) if isinstance(blob, bytes) else '?'} "
                                         f"bytes exceeds the {limit} these parameters allow")
+        if self.opts["workers"] > 1 and len(plan.plain_moduli) > 1:
+            pool = WorkerPool(plan, {key: fields[key] for key in expect}, self._levels[:-1],
+                              self.opts["workers"])
+            return ServerContext([], pool.input_size, pool)
         for i, p in enumerate(primes):
             try:
                 p.he.from_bytes_public_key(fields["public_key"][i])
@@ -222,13 +238,27 @@ class BfvScheme(Scheme):
         zero = primes[0].encrypt(np.zeros(primes[0].slots, np.int64))
         return ServerContext(primes, len(zero.to_bytes(_RAW)))
 
-    def load_input(self, ctx: Any, payload: bytes) -> Value:
+    def load_input(self, ctx: Any, payload: bytes) -> Value | RemoteValue:
         plan = self._planned()
+        if ctx.pool is not None:
+            n, items = _split(plan, len(plan.plain_moduli), payload, plan.input_width)
+            try:
+                ctx.pool.load(items, plan.input_width, ctx.input_size)
+            except RuntimeError as exc:
+                raise EvaluationError(self.name, "(input)", "load", exc) from exc
+            return RemoteValue(n, len(items))
         return _parse(plan, ctx.primes, payload, plan.input_width, ctx.input_size)
 
-    def dump_output(self, ctx: Any, value: Value) -> bytes:
-        blobs = [ct.to_bytes(_RAW) for item in value.items for per_prime in item
-                 for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
+    def dump_output(self, ctx: Any, value: Value | RemoteValue) -> bytes:
+        if isinstance(value, RemoteValue):
+            try:
+                parts = ctx.pool.dump()
+            except RuntimeError as exc:
+                raise EvaluationError(self.name, "(output)", "dump", exc) from exc
+            blobs = [b for item in parts for per_prime in item for b in per_prime]
+        else:
+            blobs = [ct.to_bytes(_RAW) for item in value.items for per_prime in item
+                     for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
 
 
@@ -257,21 +287,30 @@ def _column(values: np.ndarray, n_slots: int) -> np.ndarray:
     return vec
 
 
-def _parse(plan: BfvPlan, primes: list[PrimeContext], payload: bytes, width: int,
-           expected_size: int | None = None) -> Value:
-    """A ciphertext message -> its ``Value``; ``width``: ciphertexts per item and prime."""
+def _split(plan: BfvPlan, n_primes: int, payload: bytes,
+           width: int) -> tuple[int, list[list[list[bytes]]]]:
+    """A ciphertext message -> ``(samples, blobs[item][prime])`` (``width`` blobs each)."""
     fields = codec.unpack_fields(payload)
     n, blobs = fields.get("samples"), fields.get("ct")
     if not isinstance(n, int) or n < 1 or not isinstance(blobs, list):
         raise EnvelopeError("bfv message lacks its sample count or ciphertexts")
     items = -(-n // plan.inputs_per_item)
-    step = len(primes) * width
+    step = n_primes * width
     if len(blobs) != items * step:
         raise EnvelopeError(f"bfv message: {len(blobs)} ciphertexts for {n} samples, "
                             f"expected {items * step}")
+    return n, [[blobs[i * step + k * width:i * step + (k + 1) * width]
+                for k in range(n_primes)] for i in range(items)]
+
+
+def _parse(plan: BfvPlan, primes: list[PrimeContext], payload: bytes, width: int,
+           expected_size: int | None = None) -> Value:
+    """A ciphertext message -> its ``Value``; ``width``: ciphertexts per item and prime."""
+    n, items = _split(plan, len(primes), payload, width)
     value = []
-    for i in range(items):
-        loaded = load_ciphertexts(primes, blobs[i * step:(i + 1) * step], width, expected_size)
+    for item in items:
+        flat = [b for per_prime in item for b in per_prime]
+        loaded = load_ciphertexts(primes, flat, width, expected_size)
         value.append([cts[0] if plan.packing == "single" else cts for cts in loaded])
     return Value(value, n)
 
