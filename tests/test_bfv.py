@@ -28,6 +28,10 @@ class TestBfvBatchConformance(SchemeConformance):
     config = "bfv?packing=batch"
 
 
+class TestBfvWorkersConformance(SchemeConformance):
+    config = "bfv?workers=2"
+
+
 def _compiled(net: str = "mlp_square", config: str = "bfv"):
     layers = NETWORKS[net](np.random.default_rng(0))
     return layers, secureinfer.compile_layers(layers, config,
