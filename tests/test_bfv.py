@@ -422,6 +422,16 @@ def test_a_dead_worker_is_an_error_naming_where_not_a_hang(crt_workers):
         server.evaluate(msg)  # the pool stays refused, not out of step
 
 
+def test_workers_refuse_malformed_keys_as_envelope_errors():
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    sm = secureinfer.compile_layers(layers, "bfv?workers=2", calibration=inputs(layers, 64, 2))
+    public = sm.client().public_keys()
+    fields = codec.unpack_fields(codec.open_envelope(public).payload)
+    fields["relin_key"] = fields["relin_key"][:-1] + [b"\x01" * 100]  # parsed by a worker
+    with pytest.raises(EnvelopeError, match="malformed key for prime"):
+        sm.server(_with_payload(sm, public, codec.pack_fields(fields)))
+
+
 def test_workers_must_be_positive():
     layers = NETWORKS["mlp_square"](np.random.default_rng(0))
     with pytest.raises(CompileError, match="workers=0 must be at least 1"):

@@ -10,16 +10,18 @@ built without zlib and zstd).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from secureinfer.errors import BackendNotInstalledError, CompileError, EnvelopeError
 
-__all__ = ["MAX_COEFF_BITS", "PrimeContext", "backend", "centered", "load_ciphertexts",
+__all__ = ["MAX_COEFF_BITS", "RAW", "PrimeContext", "backend", "centered", "load_ciphertexts",
            "new_contexts"]
 
 EXTRA = "pip install secureinfer[bfv]"
+RAW = "none"
+"""Serialization compression: none (the cached Pyfhel wheel is built without zlib/zstd)."""
 
 MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit security (HomomorphicEncryption.org
@@ -115,6 +117,24 @@ class PrimeContext:
                 self.he.mod_switch_to_next_ctxt(ct)
             finally:
                 ct.scheme = "bfv"
+
+    def load_keys(self, keys: Mapping[str, Sequence[bytes]], i: int) -> None:
+        """Load entry ``i`` of the ``public_key``, ``relin_key`` and ``rotate_key`` lists
+        (those not empty); ``EnvelopeError`` when SEAL rejects one."""
+        loaders = (("public_key", self.he.from_bytes_public_key),
+                   ("relin_key", self.he.from_bytes_relin_key),
+                   ("rotate_key", self.he.from_bytes_rotate_key))
+        try:
+            for field_name, load in loaders:
+                if keys.get(field_name):
+                    load(keys[field_name][i])
+        except Exception as exc:  # noqa: BLE001 - Cython maps SEAL's errors to many types
+            raise EnvelopeError(f"bfv public keys: malformed key for prime {self.t} "
+                                f"({exc})") from None
+
+    def ciphertext_size(self) -> int:
+        """Bytes of a serialized fresh ciphertext: the size of every input ciphertext."""
+        return len(self.encrypt(np.zeros(self.slots, np.int64)).to_bytes(RAW))
 
     def load(self, data: bytes) -> Any:
         """Parse one ciphertext; ``EnvelopeError`` when it is not one of this context."""

@@ -20,7 +20,7 @@ from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
-from .backend import PrimeContext, backend, load_ciphertexts, new_contexts
+from .backend import RAW, PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
@@ -30,7 +30,6 @@ from .workers import WorkerPool
 __all__ = ["BfvScheme", "ClientKeys"]
 
 _KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
-_RAW = "none"  # serialization compression (the cached Pyfhel wheel has no zlib/zstd)
 
 
 class ClientKeys:
@@ -161,13 +160,13 @@ class BfvScheme(Scheme):
         public, relin, rotate = [], [], []
         for p in primes:
             p.he.keyGen()
-            public.append(p.he.to_bytes_public_key(_RAW))
+            public.append(p.he.to_bytes_public_key(RAW))
             if plan.relinearize:
                 p.he.relinKeyGen()
-                relin.append(p.he.to_bytes_relin_key(_RAW))
+                relin.append(p.he.to_bytes_relin_key(RAW))
             if plan.rotations:
                 p.he.rotateKeyGen(list(plan.rotations))
-                rotate.append(p.he.to_bytes_rotate_key(_RAW))
+                rotate.append(p.he.to_bytes_rotate_key(RAW))
         payload = codec.pack_fields({"public_key": public, "relin_key": relin,
                                      "rotate_key": rotate})
         return ClientKeys(primes), payload
@@ -180,9 +179,9 @@ class BfvScheme(Scheme):
         else:
             features = x_q.reshape(len(x_q), -1)
         rows = _slot_rows(plan, features)
-        blobs = [p.encrypt(vec).to_bytes(_RAW) for vec in rows for p in keys.primes] \
+        blobs = [p.encrypt(vec).to_bytes(RAW) for vec in rows for p in keys.primes] \
             if plan.packing == "single" else \
-            [p.encrypt(vec).to_bytes(_RAW) for chunk in rows for p in keys.primes for vec in chunk]
+            [p.encrypt(vec).to_bytes(RAW) for chunk in rows for p in keys.primes for vec in chunk]
         return codec.pack_fields({"samples": len(x_q), "ct": blobs})
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
@@ -226,17 +225,8 @@ class BfvScheme(Scheme):
                               self.opts["workers"])
             return ServerContext([], pool.input_size, pool)
         for i, p in enumerate(primes):
-            try:
-                p.he.from_bytes_public_key(fields["public_key"][i])
-                if plan.relinearize:
-                    p.he.from_bytes_relin_key(fields["relin_key"][i])
-                if plan.rotations:
-                    p.he.from_bytes_rotate_key(fields["rotate_key"][i])
-            except Exception as exc:  # noqa: BLE001 - Cython maps SEAL's errors to many types
-                raise EnvelopeError(f"bfv public keys: malformed key for prime {p.t} "
-                                    f"({exc})") from None
-        zero = primes[0].encrypt(np.zeros(primes[0].slots, np.int64))
-        return ServerContext(primes, len(zero.to_bytes(_RAW)))
+            p.load_keys(fields, i)
+        return ServerContext(primes, primes[0].ciphertext_size())
 
     def load_input(self, ctx: Any, payload: bytes) -> Value | RemoteValue:
         plan = self._planned()
@@ -257,7 +247,7 @@ class BfvScheme(Scheme):
                 raise EvaluationError(self.name, "(output)", "dump", exc) from exc
             blobs = [b for item in parts for per_prime in item for b in per_prime]
         else:
-            blobs = [ct.to_bytes(_RAW) for item in value.items for per_prime in item
+            blobs = [ct.to_bytes(RAW) for item in value.items for per_prime in item
                      for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
 

@@ -40,9 +40,7 @@ def _assign(n_primes: int, workers: int) -> list[list[int]]:
 
 def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cover - child
     """A worker's loop: build contexts and layers, then serve commands until ``close``."""
-    import numpy as np
-
-    from .backend import load_ciphertexts, new_contexts
+    from .backend import RAW, load_ciphertexts, new_contexts
     from .layers import BfvLayer
 
     try:
@@ -51,21 +49,11 @@ def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cov
         moduli = [plan.plain_moduli[i] for i in indices]
         primes = new_contexts(plan.poly_degree, moduli, plan.coeff_bits)
         for p, i in zip(primes, indices):
-            try:
-                p.he.from_bytes_public_key(keys["public_key"][i])
-                if plan.relinearize:
-                    p.he.from_bytes_relin_key(keys["relin_key"][i])
-                if plan.rotations:
-                    p.he.from_bytes_rotate_key(keys["rotate_key"][i])
-            except Exception as exc:  # noqa: BLE001 - SEAL's errors come as many types
-                conn.send(("error", ("EnvelopeError", f"bfv public keys: malformed key for "
-                                                      f"prime {p.t} ({exc})")))
-                return
+            p.load_keys(keys, i)  # EnvelopeError: reported below, raised by the server
         ops = [[BfvLayer.build_op(step, p, level) for p in primes]
                for step, level in zip(plan.steps, setup["levels"])]
         drops = [step.drops[-1] if step.drops else 0 for step in plan.steps]
-        zero = primes[0].encrypt(np.zeros(primes[0].slots, np.int64))
-        conn.send(("ready", len(zero.to_bytes("none"))))
+        conn.send(("ready", primes[0].ciphertext_size()))
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
@@ -99,7 +87,7 @@ def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cov
                 items = out
                 conn.send(("ok", None))
             elif cmd == "dump":
-                conn.send(("ok", [[[ct.to_bytes("none") for ct in (v if isinstance(v, list)
+                conn.send(("ok", [[[ct.to_bytes(RAW) for ct in (v if isinstance(v, list)
                                                                    else [v])]
                                    for v in item] for item in items]))
             else:
