@@ -336,7 +336,7 @@ def _run_layer(scheme: str, layer: Any, value: Any) -> Any:
     naming the layer (secureinfer's errors pass through: they already say where)."""
     try:
         return layer.forward(value)
-    except (SecureInferError, MemoryError, KeyboardInterrupt):
+    except (SecureInferError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - backends raise RuntimeError, ValueError, ...
         raise EvaluationError(scheme, layer.spec.name, layer.spec.kind, exc) from exc

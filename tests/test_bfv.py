@@ -162,6 +162,40 @@ def test_integer_matrices_equal_the_quantized_layers():
         np.testing.assert_array_equal(unfold.apply(ui), wi)
 
 
+@pytest.mark.parametrize("net", ["cnn", "mlp_poly"])
+def test_interval_bound_holds_for_extreme_inputs(net):
+    """The planner's bound is never passed by in-range inputs, corners included, and is
+    never looser than the per-layer bound of the quantization."""
+    from secureinfer.plugins.bfv.bounds import output_bound
+    from secureinfer.quant import quantize
+
+    layers = NETWORKS[net](np.random.default_rng(0))
+    qnet = quantize(layers, (0.0, 1.0), bits=6)
+    bound = output_bound(qnet)
+    rng = np.random.default_rng(1)
+    shape = (64, *layers[0].in_shape)
+    x = np.concatenate([rng.integers(0, qnet.input_bound + 1, shape),
+                        rng.choice([0, qnet.input_bound], shape)])
+    reached = max(abs(int(v)) for v in qnet.forward_int(x).reshape(-1))
+    assert reached <= bound <= qnet.bounds[-1]
+
+
+def test_interval_bound_is_reached_by_one_affine_layer():
+    """For a single linear layer the interval bound is exact: the sign-chosen corner input
+    reaches it."""
+    from secureinfer.layers import Linear
+    from secureinfer.plugins.bfv.bounds import output_bound
+    from secureinfer.quant import quantize
+
+    rng = np.random.default_rng(2)
+    fc = Linear("fc", (12,), weight=rng.normal(size=(5, 12)), bias=rng.normal(size=5))
+    qnet = quantize([fc], (0.0, 1.0), bits=8)
+    w, b, top = qnet.layers[0].weight, qnet.layers[0].bias, qnet.input_bound
+    corners = np.concatenate([np.where(w > 0, top, 0), np.where(w < 0, top, 0)])
+    reached = np.abs(qnet.forward_int(corners)).max()
+    assert output_bound(qnet) == reached
+
+
 def test_a_network_too_wide_for_any_row_is_refused_before_its_diagonals_are_built(
         monkeypatch):
     """32 channels of 28x28 need 32768 slots per row: single packing refuses at every ring

@@ -61,8 +61,9 @@ def output_bound(qnet: QuantizedNetwork,
             continue
         lin = linear(i) if linear is not None else integer_linear(q)
         up = lin.vals > 0  # a positive weight takes the low end to the low end
-        lo_terms = np.where(up, lo[lin.cols], hi[lin.cols]) * big_ints(lin.vals)
-        hi_terms = np.where(up, hi[lin.cols], lo[lin.cols]) * big_ints(lin.vals)
+        vals = big_ints(lin.vals)
+        lo_terms = np.where(up, lo[lin.cols], hi[lin.cols]) * vals
+        hi_terms = np.where(up, hi[lin.cols], lo[lin.cols]) * vals
         lo, hi = lin.bias.copy(), lin.bias.copy()
         np.add.at(lo, lin.rows, lo_terms)
         np.add.at(hi, lin.rows, hi_terms)
