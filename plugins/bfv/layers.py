@@ -20,7 +20,7 @@ from secureinfer.scheme import SecureLayer
 from .backend import PrimeContext
 from .program import BatchLinearStep, PolyStep, SingleLinearStep, Step
 
-__all__ = ["BfvLayer", "RemoteValue", "ServerContext", "Value"]
+__all__ = ["BfvLayer", "RemoteValue", "ServerContext", "Value", "run_item"]
 
 @dataclass
 class Value:
@@ -226,17 +226,20 @@ class BfvLayer(SecureLayer):
             return _Poly(step, prime, level)
         return None
 
-    def _switch(self, prime: PrimeContext, value: Any) -> Any:
-        for ct in (value if isinstance(value, list) else [value]):
-            prime.switch_down(ct, self.step.drops[-1])
-        return value
-
     def forward(self, value: Value | RemoteValue) -> Value | RemoteValue:
         if isinstance(value, RemoteValue):
             self.ctx.pool.run_layer(self.index, self.spec.name)
             return value
-        out = []
-        for item in value.items:
-            res = [op(v) if op is not None else v for op, v in zip(self.ops, item)]
-            out.append([self._switch(p, v) for p, v in zip(self.ctx.primes, res)])
-        return Value(out, value.samples)
+        return Value([run_item(self.ops, self.ctx.primes, item, self.step.last_drop)
+                      for item in value.items], value.samples)
+
+
+def run_item(ops: Sequence[Any], primes: Sequence[PrimeContext], item: list[Any],
+             drop: int) -> list[Any]:
+    """One step on one item (one op per prime), then ``drop`` coefficient primes dropped
+    (the server process and its workers both run steps this way)."""
+    res = [op(v) if op is not None else v for op, v in zip(ops, item)]
+    for prime, v in zip(primes, res):
+        for ct in (v if isinstance(v, list) else [v]):
+            prime.switch_down(ct, drop)
+    return res

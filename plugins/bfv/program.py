@@ -74,6 +74,11 @@ class Step:
         return budget
 
     @property
+    def last_drop(self) -> int:
+        """Coefficient primes dropped after the layer's last phase."""
+        return self.drops[-1] if self.drops else 0
+
+    @property
     def drop(self) -> int:
         """Coefficient primes dropped during and after this layer."""
         return sum(self.drops)

@@ -203,9 +203,9 @@ class BfvScheme(Scheme):
     def open_server(self, public: bytes, functional: bytes) -> Any:
         plan = self._planned()
         fields = codec.unpack_fields(public)
-        primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
-        expect = {"public_key": len(primes), "relin_key": len(primes) * plan.relinearize,
-                  "rotate_key": len(primes) * bool(plan.rotations)}
+        n = len(plan.plain_moduli)
+        expect = {"public_key": n, "relin_key": n * plan.relinearize,
+                  "rotate_key": n * bool(plan.rotations)}
         for key, count in expect.items():
             blobs = fields.get(key)
             if not isinstance(blobs, list) or len(blobs) != count:
@@ -220,10 +220,11 @@ class BfvScheme(Scheme):
                     raise EnvelopeError(f"bfv public keys: a {key} entry of "
                                         f"{len(blob) if isinstance(blob, bytes) else '?'} "
                                         f"bytes exceeds the {limit} these parameters allow")
-        if self.opts["workers"] > 1 and len(plan.plain_moduli) > 1:
+        if self.opts["workers"] > 1 and n > 1:  # the workers build the contexts
             pool = WorkerPool(plan, {key: fields[key] for key in expect}, self._levels[:-1],
                               self.opts["workers"])
             return ServerContext([], pool.input_size, pool)
+        primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
         for i, p in enumerate(primes):
             p.load_keys(fields, i)
         return ServerContext(primes, primes[0].ciphertext_size())

@@ -41,7 +41,7 @@ def _assign(n_primes: int, workers: int) -> list[list[int]]:
 def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cover - child
     """A worker's loop: build contexts and layers, then serve commands until ``close``."""
     from .backend import RAW, load_ciphertexts, new_contexts
-    from .layers import BfvLayer
+    from .layers import BfvLayer, run_item
 
     try:
         setup = inbox.recv()
@@ -52,7 +52,7 @@ def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cov
             p.load_keys(keys, i)  # EnvelopeError: reported below, raised by the server
         ops = [[BfvLayer.build_op(step, p, level) for p in primes]
                for step, level in zip(plan.steps, setup["levels"])]
-        drops = [step.drops[-1] if step.drops else 0 for step in plan.steps]
+        drops = [step.last_drop for step in plan.steps]
         conn.send(("ready", primes[0].ciphertext_size()))
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises
         conn.send(("error", (type(exc).__name__, str(exc))))
@@ -76,15 +76,7 @@ def _worker_main(inbox: Connection, conn: Connection) -> None:  # pragma: no cov
                                   for cts in loaded])
                 conn.send(("ok", None))
             elif cmd == "layer":
-                step_ops, drop = ops[arg], drops[arg]
-                out = []
-                for item in items:
-                    res = [op(v) if op is not None else v for op, v in zip(step_ops, item)]
-                    for p, v in zip(primes, res):
-                        for ct in (v if isinstance(v, list) else [v]):
-                            p.switch_down(ct, drop)
-                    out.append(res)
-                items = out
+                items = [run_item(ops[arg], primes, item, drops[arg]) for item in items]
                 conn.send(("ok", None))
             elif cmd == "dump":
                 conn.send(("ok", [[[ct.to_bytes(RAW) for ct in (v if isinstance(v, list)
