@@ -2,7 +2,7 @@
 
     >>> import secureinfer
     >>> sm = secureinfer.compile(model, scheme="ckks", input_shape=(1, 28, 28))
-    >>> client, server, _ = sm.setup()
+    >>> client, server, _ = sm.setup()       # the third: the FE authority (None for HE)
     >>> logits = client.decrypt(server.evaluate(client.encrypt(x)))
 """
 
@@ -15,9 +15,13 @@ from .errors import (
     ConfigError,
     EnvelopeError,
     EvaluationError,
+    InputError,
+    InvalidLayerError,
+    ModelFileError,
     PluginError,
     RangeError,
     RangeWarning,
+    RoleError,
     SecureInferError,
     UnknownOptionError,
     UnknownSchemeError,
@@ -34,7 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration", "Capabilities",
     "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "EvaluationError", "Flatten",
-    "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "RangeWarning", "Scheme",
+    "InputError", "InvalidLayerError", "LayerSpec", "Linear", "ModelFileError", "Option",
+    "PluginError", "Poly", "RangeError", "RangeWarning", "RoleError", "Scheme",
     "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
     "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",
     "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes",

@@ -5,15 +5,21 @@ Every error says what was wrong, where (the layer, the key, the value) and what 
 
 from __future__ import annotations
 
+import difflib
+
 __all__ = [
     "BackendNotInstalledError",
     "CompileError",
     "ConfigError",
     "EnvelopeError",
     "EvaluationError",
+    "InputError",
+    "InvalidLayerError",
+    "ModelFileError",
     "PluginError",
     "RangeError",
     "RangeWarning",
+    "RoleError",
     "SecureInferError",
     "UnknownOptionError",
     "UnknownSchemeError",
@@ -29,6 +35,19 @@ class ConfigError(SecureInferError, ValueError):
     """A config string, TOML file or option value is malformed."""
 
 
+def did_you_mean(word: str, valid: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` when ``valid`` holds a near match of ``word``, else ``""``.
+
+    Spelling differences of ``-`` and ``_`` and of case do not count.
+    """
+    norm = {v.lower().replace("-", "_"): v for v in valid}
+    near = difflib.get_close_matches(word.strip().lower().replace("-", "_"), list(norm),
+                                     n=2, cutoff=0.6)
+    if not near:
+        return ""
+    return " (did you mean " + " or ".join(repr(norm[n]) for n in near) + "?)"
+
+
 class UnknownSchemeError(ConfigError):
     """No registered scheme has this name or alias."""
 
@@ -36,7 +55,8 @@ class UnknownSchemeError(ConfigError):
         self.name = name
         self.valid = sorted(valid)
         super().__init__(
-            f"unknown scheme {name!r}; valid schemes: {', '.join(self.valid) or '(none registered)'}"
+            f"unknown scheme {name!r}{did_you_mean(name, self.valid)}; valid schemes: "
+            f"{', '.join(self.valid) or '(none registered)'}"
         )
 
 
@@ -48,9 +68,22 @@ class UnknownOptionError(ConfigError):
         self.key = key
         self.valid = sorted(valid)
         super().__init__(
-            f"scheme {scheme!r} has no option {key!r}; valid options: "
-            f"{', '.join(self.valid) or '(none)'}"
+            f"scheme {scheme!r} has no option {key!r}{did_you_mean(key, self.valid)}; valid "
+            f"options: {', '.join(self.valid) or '(none)'}"
         )
+
+
+class InputError(SecureInferError, ValueError):
+    """An input given to a role call is malformed: wrong shape, NaN, not numbers."""
+
+
+class RoleError(SecureInferError, ValueError):
+    """A role was asked for what it cannot do: it lacks the key, or the scheme's kind of
+    output rules it out (e.g. an FE client without the authority's public keys)."""
+
+
+class ModelFileError(ConfigError):
+    """A file given as a model is not a secureinfer model file (or is damaged)."""
 
 
 class BackendNotInstalledError(SecureInferError, ImportError):
@@ -67,6 +100,10 @@ class CompileError(SecureInferError):
 
 class UnsupportedLayerError(CompileError):
     """A layer of the torch model has no HE-friendly equivalent."""
+
+
+class InvalidLayerError(CompileError, ValueError):
+    """A LayerSpec is inconsistent: its weights do not fit its input shape."""
 
 
 class EnvelopeError(SecureInferError, ValueError):

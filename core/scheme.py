@@ -36,9 +36,13 @@ import numpy as np
 from .errors import ConfigError, UnknownOptionError
 from .layers import LayerSpec
 
+#: What the server learns under a scheme that encrypts nothing (``Scheme.reveals``).
+NOTHING_ENCRYPTED = "everything (reference, no encryption)"
+
 __all__ = [
     "Calibration",
     "Capabilities",
+    "NOTHING_ENCRYPTED",
     "Option",
     "Scheme",
     "SecureLayer",
@@ -61,6 +65,9 @@ class Capabilities:
         tolerance: for inexact schemes, the absolute error on logits the conformance
             suite accepts.
         batch: ``encrypt`` accepts many inputs in one message.
+        encrypts: ``False`` for a reference that encrypts nothing (``clear``): it runs the
+            whole network like an HE scheme, but reports call its output ``clear`` and say
+            the server learns everything.
     """
 
     layers: frozenset[str]
@@ -69,6 +76,7 @@ class Capabilities:
     exact: bool = False
     tolerance: float = 0.0
     batch: bool = True
+    encrypts: bool = True
 
 
 @dataclass(frozen=True)
@@ -166,10 +174,10 @@ class Calibration:
         excess as a fraction of a range's width.
 
         Raises:
-            ValueError: the calibration does not have one range per layer.
+            ConfigError: the calibration does not have one range per layer.
         """
         if len(self.layer_ranges) != len(layers):
-            raise ValueError(f"the calibration has {len(self.layer_ranges)} layer ranges for "
+            raise ConfigError(f"the calibration has {len(self.layer_ranges)} layer ranges for "
                              f"{len(layers)} layers; recalibrate this model")
         y = np.asarray(x, dtype=np.float64)
         problems = []
@@ -278,8 +286,13 @@ class Scheme(abc.ABC):
         return 1
 
     def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
-        """What the server learns in plaintext (plaintext-output schemes); else ``None``."""
-        return None
+        """What the server learns in plaintext.
+
+        Plaintext-output schemes must override it (the prefix outputs the server sees).
+        The default: ``None`` (the server learns nothing) when the scheme encrypts, and
+        ``"everything (no encryption)"`` when ``capabilities.encrypts`` is false.
+        """
+        return None if self.capabilities.encrypts else NOTHING_ENCRYPTED
 
     # ----- compile time ------------------------------------------------------------
 

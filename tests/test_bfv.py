@@ -297,10 +297,11 @@ def test_galois_keys_only_for_the_rotations_used(cnn_single):
 
 def test_server_holds_no_secret_key(cnn_single):
     _, _, (client, server, authority) = cnn_single
+    assert authority is None  # HE: the client owns its keys
     assert all(p.he.is_secret_key_empty() for p in server.ctx.primes)
-    assert not any(p.he.is_secret_key_empty() for p in authority.secret.primes)
-    public = authority.public_keys()
-    for p in authority.secret.primes:
+    assert not any(p.he.is_secret_key_empty() for p in client.keys.secret.primes)
+    public = client.public_keys()
+    for p in client.keys.secret.primes:
         secret = p.he.to_bytes_secret_key("none")
         chunk = secret[len(secret) // 2: len(secret) // 2 + 64]
         assert chunk not in public

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SecureInferError
+from ..errors import ConfigError, ModelFileError, SecureInferError
 from ..scheme import Calibration
 from .activations import PolyAct, Square
 
@@ -257,6 +257,21 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, meta: dict[str, Any]
 
 # ----- load ---------------------------------------------------------------------------
 
+#: How to produce a model file, for error messages.
+HOW_TO_MAKE = ("make one with `secureinfer train --dataset digits --out m.npz`, or "
+               "secureinfer.nn.save(model, 'm.npz') from Python")
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (or an empty one)
+
+
+def _check_magic(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head not in _ZIP_MAGIC:
+        raise ModelFileError(f"{path} is not a secureinfer model file (an .npz archive; this "
+                             f"file starts with bytes {head!r}): {HOW_TO_MAKE}")
+
+
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with np.load(path, allow_pickle=False) as f:
         if _DOC not in f.files:
@@ -321,12 +336,13 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     other argument.
 
     Raises:
-        ConfigError: the file is missing, not a model file, or malformed; the message says
-            which part.
+        ModelFileError: the file is missing, not a model file, or malformed; the message
+            says which part (a ``ConfigError``).
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"model file {path} does not exist")
+        raise ModelFileError(f"model file {path} does not exist: {HOW_TO_MAKE}")
+    _check_magic(path)
     try:
         doc, params = _read(path)
         model = _build(doc.get("architecture"), "(root)")
@@ -342,9 +358,12 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         model.eval()
         cal = _calibration(doc.get("calibration"), model, shape)
     except _Bad as exc:
-        raise ConfigError(f"{path}: malformed model file: {exc}") from None
+        raise ModelFileError(f"{path}: malformed model file: {exc}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a readable secureinfer model file ({exc})") from None
+        if "pickle" in str(exc):  # numpy's hint to unpickle: unsafe, and no fix here
+            exc = "an entry is not a plain array"
+        raise ModelFileError(f"{path} is not a readable secureinfer model file ({exc}): "
+                             f"{HOW_TO_MAKE}") from None
     model.secureinfer_input_shape = shape
     model.secureinfer_calibration = cal
     model.secureinfer_meta = meta

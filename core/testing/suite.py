@@ -110,7 +110,8 @@ class SchemeConformance:
     def test_messages_are_bytes_with_envelope(self, compiled: Any) -> None:
         sm, parties, x = compiled
         client, server, authority = parties
-        for msg, kind in ((authority.public_keys(), codec.Kind.PUBLIC_KEYS),
+        owner = authority if authority is not None else client  # HE: the client owns keys
+        for msg, kind in ((owner.public_keys(), codec.Kind.PUBLIC_KEYS),
                           (client.encrypt(x[:1]), codec.Kind.INPUT)):
             assert isinstance(msg, bytes)
             env = codec.open_envelope(msg, scheme=sm.scheme.name, digest=sm.digest)
@@ -118,8 +119,8 @@ class SchemeConformance:
 
     def test_server_holds_no_secret(self, compiled: Any) -> None:
         sm, parties, _ = compiled
-        _, server, authority = parties
-        secret = authority.secret
+        client, server, authority = parties
+        secret = (authority if authority is not None else client.keys).secret
         if secret is None:
             pytest.skip(f"{sm.scheme.name} has no secret key")
         assert all(v is not secret for v in vars(server).values())
@@ -152,6 +153,24 @@ class SchemeConformance:
         ref = sm.reference(x)
         assert (got.argmax(axis=1) == ref.argmax(axis=1)).all()
 
+    def test_setup_names_the_key_owner(self, compiled: Any) -> None:
+        sm, (client, _, authority), _ = compiled
+        if sm.output == "plaintext":  # FE: the data owner is the authority
+            assert authority is not None and client.keys is authority
+        else:  # HE (and clear): no authority; the client holds its own keys
+            assert authority is None and client.keys is not None
+
+    def test_says_what_the_server_learns(self, compiled: Any) -> None:
+        sm, _, _ = compiled
+        learns = sm.summary().splitlines()[-1]
+        if sm.output == "encrypted":
+            assert sm.reveals is None
+            assert learns == "server learns: nothing (encrypted output)"
+        else:  # plaintext output, or nothing encrypted at all
+            assert sm.reveals and learns == f"server learns: {sm.reveals}"
+        if sm.output == "clear":
+            assert sm.reveals.startswith("everything")
+
     def test_unknown_option_lists_valid(self, scheme_cls: Any) -> None:
         from ..errors import UnknownOptionError
 
@@ -162,7 +181,7 @@ class SchemeConformance:
 
     def test_clear_suffix_only_for_plaintext_output(self, compiled: Any) -> None:
         sm, _, _ = compiled
-        if sm.output == "encrypted":
+        if sm.output != "plaintext":
             assert sm.clear_layers == []
         else:
             assert sm.reveals, "plaintext-output schemes must say what the server learns"

@@ -44,7 +44,7 @@ class ClearScheme(Scheme):
     backend = "numpy"
     description = "reference: no encryption, float64 or quantized integers (?bits=N)"
     capabilities = Capabilities(layers=_ALL_KINDS, output="encrypted", exact=False,
-                                tolerance=1e-9)
+                                tolerance=1e-9, encrypts=False)
     options = (Option("bits", int, None, "quantize inputs and weights to N-bit integers"),
                Option("coeff_bits", int, None,
                       "fractional bits of polynomial coefficients (default: bits)"))
