@@ -336,8 +336,9 @@ class Server:
     def infer(self, ciphertext: bytes) -> np.ndarray:
         """Plaintext-output schemes: evaluate and read the result on the server."""
         if self._model.output != "plaintext":
-            raise RoleError(f"scheme {self._model.scheme.name} has encrypted output: "
-                            "only the client can decrypt it")
+            raise RoleError(f"scheme {self._model.scheme.name} has {self._model.output} "
+                            "output, not plaintext for the server: the client reads the "
+                            "result (client.decrypt)")
         env = codec.open_envelope(self.evaluate(ciphertext))
         return codec.unpack_fields(env.payload)["y"].astype(np.float64)
 
