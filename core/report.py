@@ -36,12 +36,16 @@ def _bits(values: Sequence[Any]) -> str:
 
 
 def _ring(plan: dict[str, Any]) -> str | None:
-    if plan.get("poly_modulus_degree"):
-        slots = plan.get("slots")
-        return f"N = {plan['poly_modulus_degree']}" + (f" ({slots} slots)" if slots else "")
-    if plan.get("curve"):
-        return " ".join(str(plan[k]) for k in ("curve", "group") if plan.get(k))
-    return None
+    if not plan.get("poly_modulus_degree"):
+        return None
+    slots = plan.get("slots")
+    return f"N = {plan['poly_modulus_degree']}" + (f" ({slots} slots)" if slots else "")
+
+
+def _group(plan: dict[str, Any]) -> str | None:
+    if not plan.get("curve"):
+        return None
+    return " ".join(str(plan[k]) for k in ("curve", "group") if plan.get(k))
 
 
 def _chain(plan: dict[str, Any]) -> str | None:
@@ -90,7 +94,7 @@ def _keys(plan: dict[str, Any]) -> str | None:
     return ", ".join(parts) or None
 
 
-_PLAN_ROWS = (("ring", _ring), ("chain", _chain), ("scale", _scale), ("packing", _packing),
+_PLAN_ROWS = (("ring", _ring), ("group", _group), ("chain", _chain), ("scale", _scale), ("packing", _packing),
               ("depth", _depth), ("keys", _keys))
 
 
@@ -98,7 +102,7 @@ def plan_summary(plan: dict[str, Any]) -> list[tuple[str, str]]:
     """A plan's main parameters as ``(label, text)`` rows, for human output.
 
     Rows (each only when the plan has its keys): ``ring`` (``poly_modulus_degree`` and
-    ``slots``, or ``curve`` and ``group``), ``chain`` (``coeff_mod_bits`` or
+    ``slots``), ``group`` (``curve`` and ``group``), ``chain`` (``coeff_mod_bits`` or
     ``coeff_modulus_bits``, ``max_bits_128``, ``plain_modulus_bits``), ``scale``
     (``scale_bits`` or quantization ``bits``), ``packing`` (``packing``, ``batch_size``),
     ``depth`` (``depth_needed`` of ``depth_available``, or ``noise_budget_left_bits``) and

@@ -31,7 +31,7 @@ def test_plan_summary_rows():
     assert bfv["chain"] == ("ciphertext modulus 54+54+54+54 = 216 bits; "
                             "plaintext moduli 26+26 = 52 bits")
     assert bfv["scale"] == "8-bit integers" and "10.7 bits" in bfv["depth"]
-    assert dict(plan_summary(FE_PLAN)) == {"ring": "BLS12-381 G1", "scale": "8-bit integers",
+    assert dict(plan_summary(FE_PLAN)) == {"group": "BLS12-381 G1", "scale": "8-bit integers",
                                            "keys": "32 functional keys"}
 
 
