@@ -195,7 +195,7 @@ def unpack_fields(data: bytes) -> dict[str, Any]:
             spec = r.take(r.take(1)[0]).decode("ascii", "replace")
             try:
                 dt = np.dtype(spec)
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - numpy parses some specs with ast (SyntaxError)
                 raise EnvelopeError(f"field {name!r}: unknown dtype {spec!r}") from None
             if dt.kind not in _ARRAY_KINDS:
                 raise EnvelopeError(f"field {name!r}: dtype {dt} is not numeric")

@@ -186,6 +186,11 @@ class BfvScheme(Scheme):
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
         plan = self._planned()
+        if not isinstance(secret, ClientKeys) or len(secret.primes) != len(plan.plain_moduli) \
+                or any(p.he.is_secret_key_empty() for p in secret.primes):
+            # SEAL dereferences a missing secret key (a crash, not an exception)
+            raise ValueError("bfv: decryption needs the client's secret keys (keygen's first "
+                             f"value, one per plaintext prime), not a {type(secret).__name__}")
         value = _parse(plan, secret.primes, output, plan.output_width)
         n = value.samples
         residues = []
