@@ -20,12 +20,11 @@ Parsers are entries of two tables, so that adding one is one entry:
 
 from __future__ import annotations
 
-import struct
 import tempfile
 import time
 import tracemalloc
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -57,7 +56,7 @@ MAX_CASE_SECONDS = 1.0
 MUTATIONS = ("truncate", "flip", "insert", "huge_length", "wrong_kind")
 # Values written over what looks like a length field.
 HUGE = (2**64 - 1, 2**63, 2**40, 2**32 - 1, 2**31, 2**16 - 1)
-_LENGTHS = (struct.Struct("<Q"), struct.Struct("<I"), struct.Struct("<H"))
+_SHORT_SCAN = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,22 @@ def max_case_bytes(data: bytes) -> int:
     return 16 * 2**20 + 32 * len(data)
 
 
-def _length_offsets(data: bytes) -> list[tuple[int, struct.Struct]]:
-    """Offsets holding a little-endian integer in 1..len(data): likely length fields."""
+@lru_cache(maxsize=64)
+def _length_offsets(data: bytes) -> tuple[tuple[int, int], ...]:
+    """``(offset, width)`` of the little-endian integers in ``1..len(data)`` at any offset:
+    likely length fields. Width 8 over the whole input; widths 4 and 2, which random bytes
+    match often, over its first ``_SHORT_SCAN`` bytes. Vectorized, cached per seed."""
     found = []
-    for fmt in _LENGTHS:
-        for pos in range(0, len(data) - fmt.size + 1):
-            if 0 < fmt.unpack_from(data, pos)[0] <= len(data):
-                found.append((pos, fmt))
-    return found
+    for width, dtype in ((8, "<u8"), (4, "<u4"), (2, "<u2")):
+        end = len(data) if width == 8 else min(len(data), _SHORT_SCAN)
+        for shift in range(width):
+            count = (end - shift) // width
+            if count <= 0:
+                continue
+            values = np.frombuffer(data, dtype=dtype, count=count, offset=shift)
+            hits = np.flatnonzero((values > 0) & (values <= len(data)))
+            found.extend((shift + width * int(i), width) for i in hits)
+    return tuple(sorted(found))
 
 
 def mutate(target: Target, seed: int, how: str, pos: int, value: int) -> bytes:
@@ -125,9 +132,9 @@ def mutate(target: Target, seed: int, how: str, pos: int, value: int) -> bytes:
         offsets = _length_offsets(data)
         if not offsets:
             return data
-        i, fmt = offsets[pos % len(offsets)]
-        big = HUGE[value % len(HUGE)] % (1 << (8 * fmt.size))
-        return data[:i] + fmt.pack(big) + data[i + fmt.size:]
+        i, width = offsets[pos % len(offsets)]
+        big = HUGE[value % len(HUGE)] % (1 << (8 * width))
+        return data[:i] + big.to_bytes(width, "little") + data[i + width:]
     if how == "wrong_kind":
         return target.others[value % len(target.others)] if target.others else data[::-1]
     raise ValueError(f"unknown mutation {how!r}; one of {', '.join(MUTATIONS)}")
