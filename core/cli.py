@@ -46,6 +46,7 @@ def scheme_rows() -> list[dict[str, Any]]:
             "installed": reason is None,
             "why_not": reason,
             "extra": cls.extra,
+            "security_basis": cls.security_basis or None,
             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default,
                          "help": o.help} for o in cls.options],
         })
@@ -66,6 +67,8 @@ def cmd_schemes(args: argparse.Namespace) -> int:
               + f"; layers: {', '.join(r['layers'])}")
         if r["description"]:
             print(f"    {r['description']}")
+        if r["security_basis"]:
+            print(f"    security: {r['security_basis']}")
         for o in r["options"]:
             print(f"    ?{o['name']}=<{o['type']}>  default {o['default']}  {o['help']}")
     return 0
@@ -120,6 +123,8 @@ def _print_human(r: dict[str, Any]) -> None:
         "  ** INSECURE (allow_insecure) **" if r["insecure"] else "")
     print(f"scheme      {r['config']}  ({r['backend']} {r['backend_version'] or ''})")
     print(f"security    {sec}")
+    if r.get("security_source"):
+        print(f"            from: {r['security_source']}")
     print(f"plan        {json.dumps(r['plan'], default=str)[:2000]}")
     print(f"secure      {'; '.join(r['secure_layers'])}")
     if r["clear_layers"]:

@@ -110,6 +110,8 @@ class SecureModel:
             lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
         if self.reveals:
             lines.append(f"server learns: {self.reveals}")
+        if self.scheme.security_source:
+            lines.append(f"security from: {self.scheme.security_source}")
         return "\n".join(lines)
 
     # ----- references ----------------------------------------------------------------

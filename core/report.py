@@ -99,6 +99,9 @@ def write_reports(results: Sequence[dict[str, Any]], out_dir: str | Path,
     paths[0].write_text(json.dumps(list(results), indent=2, default=str) + "\n")
     notes = []
     for r in results:
+        if r.get("security_source"):
+            notes.append(f"- `{r['config']}`: {r['security_bits']}-bit figure from "
+                         f"{r['security_source']}.")
         if r.get("insecure"):
             notes.append(f"- **{r['config']} runs below 128-bit security** "
                          f"({r['security_bits']} bits, allow_insecure).")

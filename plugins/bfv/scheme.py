@@ -20,7 +20,7 @@ from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
-from .backend import RAW, PrimeContext, backend, load_ciphertexts, new_contexts
+from .backend import HE_STANDARD, RAW, PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
@@ -59,6 +59,8 @@ class BfvScheme(Scheme):
     name = "bfv"
     backend = "pyfhel"
     extra = "bfv"
+    security_basis = (f"{HE_STANDARD}: the planner keeps log q within the row of the ring "
+                      "degree N it picks")
     description = "BFV exact integer HE on SEAL (Pyfhel), CRT over plaintext primes; encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=True, batch=True)
     options = (
