@@ -107,7 +107,7 @@ class ClearScheme(Scheme):
 
     def _array(self, payload: bytes, key: str, what: str) -> np.ndarray:
         value = codec.unpack_fields(payload).get(key)
-        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in "iuf":
+        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in "iufO":
             raise EnvelopeError(f"clear {what} message: no numeric array field {key!r}")
         return value
 
