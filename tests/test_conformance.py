@@ -53,15 +53,29 @@ for _config, _networks in _configs().items():
     globals()[_class_name(_config)] = CLASSES[_config]
 
 
+def _without_run(classes: dict[str, type[SchemeConformance]], names) -> list[str]:
+    running = {normalize(parse(config).name) for config, cls in classes.items()
+               if cls.running_networks()}
+    return sorted({normalize(name) for name in names} - running)
+
+
 def test_every_registered_scheme_has_a_run():
     """Each scheme registered now has a class that runs (not only refuses) networks."""
-    running = {normalize(parse(config).name) for config, cls in CLASSES.items()
-               if cls.running_networks()}
-    registered = {normalize(name) for name in get_registry().schemes}
+    registered = list(get_registry().schemes)
     assert registered, "no scheme registered"
-    assert registered <= running, f"registered schemes without a conformance run: " \
-                                  f"{sorted(registered - running)}"
+    missing = _without_run(CLASSES, registered)
+    assert not missing, f"registered schemes without a conformance run: {missing}"
     assert {"lenet", "cnn", "mlp_poly", "mlp_square"} <= set(NETWORKS)
+
+
+def test_the_meta_test_sees_a_missing_or_all_refused_scheme():
+    only_refuses = type("C", (SchemeConformance,), {
+        "config": "bfv?max_primes=1", "networks": ("lenet",),
+        "refusals": {"lenet": BOUND_TOO_BIG}})
+    classes = {c: k for c, k in CLASSES.items() if parse(c).name != "bfv"}
+    assert _without_run(classes, ["bfv", "clear"]) == ["bfv"]
+    assert _without_run({**classes, "bfv?max_primes=1": only_refuses}, ["bfv"]) == ["bfv"]
+    assert _without_run(CLASSES, ["bfv", "clear"]) == []
 
 
 def test_declared_refusals_name_known_networks_and_configs():
