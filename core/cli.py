@@ -47,6 +47,7 @@ def scheme_rows() -> list[dict[str, Any]]:
             "installed": reason is None,
             "why_not": reason,
             "extra": cls.extra,
+            "security_basis": cls.security_basis or None,
             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default,
                          "help": o.help} for o in cls.options],
         })
@@ -67,6 +68,8 @@ def cmd_schemes(args: argparse.Namespace) -> int:
               + f"; layers: {', '.join(r['layers'])}")
         if r["description"]:
             print(f"    {r['description']}")
+        if r["security_basis"]:
+            print(f"    security: {r['security_basis']}")
         for o in r["options"]:
             print(f"    ?{o['name']}=<{o['type']}>  default {o['default']}  {o['help']}")
     return 0

@@ -117,6 +117,8 @@ class SecureModel:
                  "secure: " + "; ".join(l.describe() for l in self.secure_layers)]
         if self.clear_layers:
             lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
+        if self.scheme.security_source:
+            lines.append(f"security from: {self.scheme.security_source}")
         lines.append(f"server learns: {server_learns(self.output, self.reveals)}")
         return "\n".join(lines)
 
@@ -215,6 +217,11 @@ class Parties(NamedTuple):
     client: "Client"
     server: "Server"
     authority: "Authority | None"
+
+    @property
+    def key_owner(self) -> "Authority":
+        """Who holds the secret key: the FE authority, or the HE client's own keys."""
+        return self.authority if self.authority is not None else self.client.keys
 
 
 class Authority:

@@ -130,6 +130,8 @@ def human_report(r: dict[str, Any]) -> str:
         "  ** INSECURE (allow_insecure) **" if r["insecure"] else "")
     lines = [f"scheme      {r['config']}  ({r['backend']} {r['backend_version'] or ''})",
              f"security    {sec}"]
+    if r.get("security_source"):
+        lines.append(f"            from: {r['security_source']}")
     plan = plan_summary(r.get("plan") or {})
     lines += [f"{'plan' if i == 0 else '':<12}{label:<9}{text}"
               for i, (label, text) in enumerate(plan)]
@@ -226,6 +228,9 @@ def write_reports(results: Sequence[dict[str, Any]], out_dir: str | Path,
     paths[0].write_text(json.dumps(list(results), indent=2, default=str) + "\n")
     notes = []
     for r in results:
+        if r.get("security_source"):
+            notes.append(f"- `{r['config']}`: {r['security_bits']}-bit figure from "
+                         f"{r['security_source']}.")
         if r.get("insecure"):
             notes.append(f"- **{r['config']} runs below 128-bit security** "
                          f"({r['security_bits']} bits, allow_insecure).")

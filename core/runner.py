@@ -30,6 +30,8 @@ REPORT_FIELDS = {
     "backend_version": "its version",
     "security_bits": "security level of the planned parameters (null: no encryption)",
     "insecure": "true when the parameters are below 128 bits (allow_insecure)",
+    "security_source": "how security_bits was obtained: the standard's table row or the "
+                       "estimate used (null: no encryption)",
     "output": "encrypted (HE), plaintext (FE) or clear (no encryption: the reference)",
     "dataset": "dataset name",
     "model": "model file, or the default model's name",
@@ -160,6 +162,7 @@ def report(sm: SecureModel, config: str, dataset: str, model_name: str, x: np.nd
         "backend_version": scheme.backend_version(),
         "security_bits": scheme.security_bits,
         "insecure": scheme.security_bits is not None and scheme.security_bits < 128,
+        "security_source": scheme.security_source,
         "output": sm.output,
         "dataset": dataset,
         "model": model_name,

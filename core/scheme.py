@@ -246,6 +246,9 @@ class Scheme(abc.ABC):
     capabilities: ClassVar[Capabilities]
     options: ClassVar[tuple[Option, ...]] = ()
     layer_types: ClassVar[dict[str, type[SecureLayer]]] = {}
+    security_basis: ClassVar[str] = ""
+    """How ``security_bits`` is obtained (which standard's table, which estimate), for
+    ``secureinfer schemes``; a plan refines it as ``plan_["security_source"]``."""
 
     def __init__(self, options: dict[str, Any] | None = None, *,
                  allow_insecure: bool = False) -> None:
@@ -276,6 +279,15 @@ class Scheme(abc.ABC):
         """Security level of the planned parameters (after ``plan``); ``None`` for a
         scheme that encrypts nothing (``clear``)."""
         return int(self.plan_.get("security_bits", 128))
+
+    @property
+    def security_source(self) -> str | None:
+        """How this plan's ``security_bits`` was obtained (after ``plan``): the table row or
+        estimate used; ``None`` for a scheme that encrypts nothing."""
+        if self.security_bits is None:
+            return None
+        return str(self.plan_.get("security_source") or self.security_basis
+                   or "not stated by the scheme")
 
     def batch_size(self) -> int:
         """How many inputs one ``encrypt`` call should carry (after ``plan``).

@@ -17,19 +17,7 @@ from secureinfer import codec  # noqa: E402
 from secureinfer.errors import CompileError, EnvelopeError, RangeError, RangeWarning  # noqa: E402
 from secureinfer.plugins.bfv.primes import (  # noqa: E402
     batching_primes, choose_plain_moduli, crt_combine, is_prime)
-from secureinfer.testing import NETWORKS, SchemeConformance, inputs  # noqa: E402
-
-
-class TestBfvConformance(SchemeConformance):
-    config = "bfv"
-
-
-class TestBfvBatchConformance(SchemeConformance):
-    config = "bfv?packing=batch"
-
-
-class TestBfvWorkersConformance(SchemeConformance):
-    config = "bfv?workers=2"
+from secureinfer.testing import NETWORKS, inputs  # noqa: E402
 
 
 def _compiled(net: str = "mlp_square", config: str = "bfv"):

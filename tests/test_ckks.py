@@ -22,17 +22,8 @@ from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
 from secureinfer.model import compile_layers
 from secureinfer.plugins.ckks.backend import galois_element, sealapi
 from secureinfer.plugins.ckks.layers import AffineSingle
-from secureinfer.testing import SchemeConformance
 
 TOL = 1e-2
-
-
-class TestCKKSConformance(SchemeConformance):
-    config = "ckks"
-
-
-class TestCKKSBatchConformance(SchemeConformance):
-    config = "ckks?packing=batch"
 
 
 # ----- networks --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from secureinfer import codec
+from secureinfer.errors import EnvelopeError
 from secureinfer.hookspecs import hookimpl
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
@@ -95,14 +96,20 @@ class ClearScheme(Scheme):
         return codec.pack_fields({"x": np.asarray(x, dtype=np.float64)})
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
-        y = codec.unpack_fields(output)["y"]
+        y = self._array(output, "y", "output")
         return self.qnet.dequantize(y) if self.qnet is not None else y
 
     def open_server(self, public: bytes, functional: bytes) -> Any:
         return None
 
     def load_input(self, ctx: Any, payload: bytes) -> np.ndarray:
-        return codec.unpack_fields(payload)["x"]
+        return self._array(payload, "x", "input")
+
+    def _array(self, payload: bytes, key: str, what: str) -> np.ndarray:
+        value = codec.unpack_fields(payload).get(key)
+        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in "iufO":
+            raise EnvelopeError(f"clear {what} message: no numeric array field {key!r}")
+        return value
 
     def dump_output(self, ctx: Any, value: np.ndarray) -> bytes:
         return codec.pack_fields({"y": value})
