@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .config import SchemeConfig, parse as parse_config
 from .errors import (
+    ArtifactError,
     BackendNotInstalledError,
     CompileError,
     ConfigError,
@@ -25,20 +26,21 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
-from .model import Authority, Client, SecureModel, Server, compile, compile_layers
+from .model import Authority, Client, ClientModel, SecureModel, Server, compile, compile_layers
+from .artifact import load_client, load_server
 from .registry import get_registry, resolve
 from .scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration", "Capabilities",
-    "Client", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "EvaluationError", "Flatten",
+    "ArtifactError", "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration",
+    "Capabilities", "Client", "ClientModel", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "EvaluationError", "Flatten",
     "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "RangeWarning", "Scheme",
     "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
     "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",
-    "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes",
-    "parse_config", "resolve",
+    "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes", "load_client",
+    "load_server", "parse_config", "resolve",
 ]
 
 

@@ -6,6 +6,7 @@ Every error says what was wrong, where (the layer, the key, the value) and what 
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactError",
     "BackendNotInstalledError",
     "CompileError",
     "ConfigError",
@@ -67,6 +68,11 @@ class CompileError(SecureInferError):
 
 class UnsupportedLayerError(CompileError):
     """A layer of the torch model has no HE-friendly equivalent."""
+
+
+class ArtifactError(SecureInferError, ValueError):
+    """A compiled artifact is missing, corrupt, foreign or of another format version (the
+    message names the file and the field)."""
 
 
 class EnvelopeError(SecureInferError, ValueError):
