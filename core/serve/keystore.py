@@ -23,6 +23,7 @@ from .. import codec
 from ..codec import Kind
 from ..errors import EnvelopeError, SecureInferError
 from ..model import SecureModel, Server
+from ..remote import bundle_keys
 
 __all__ = ["ForeignKeysError", "KeyStore", "UnknownKeyError", "bundle_keys", "key_id_of"]
 
@@ -39,11 +40,6 @@ class UnknownKeyError(SecureInferError, KeyError):
 
 class ForeignKeysError(SecureInferError):
     """Keys (or an input) made for another compiled model or scheme (HTTP 409)."""
-
-
-def bundle_keys(public: bytes, functional: bytes | None) -> bytes:
-    """The upload body for a key owner's public and (FE) functional key envelopes."""
-    return codec.pack_fields({"public": public, "functional": functional or b""})
 
 
 def key_id_of(data: bytes) -> str:
