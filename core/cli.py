@@ -276,8 +276,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+#: Subcommands that never need torch: their parser leaves out the training toolkit's
+#: subcommands, whose import loads torch (seconds of a service's start-up).
+_NO_TORCH = frozenset({"serve"})
+
+
+def build_parser(training: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (``training=False``: without the training
+    toolkit's)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -345,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="results")
     p.set_defaults(func=cmd_compare)
 
+    if not training:
+        return parser
     try:
         from .nn.cli import add_train_parser
     except ImportError:  # the training toolkit needs torch, a core dependency
@@ -356,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(training=not (argv and argv[0] in _NO_TORCH))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,323 @@
+"""`secureinfer serve` as a real uvicorn process on 127.0.0.1, reached over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import secureinfer
+from secureinfer import codec
+from secureinfer.codec import Kind
+from secureinfer.testing import NETWORKS, inputs
+
+httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+
+from secureinfer import remote  # noqa: E402
+
+TOKEN = "test-token-4f2a"
+SCHEMES = {"clear": "mlp_square", "ckks": "mlp_square", "bfv": "mlp_square",
+           "fe-ip": "mlp_square", "fe-quad": "mlp_poly"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """One `secureinfer serve` subprocess."""
+
+    def __init__(self, artifact: Path, keys: Path, token: str | None = TOKEN,
+                 max_mb: float = 64.0) -> None:
+        self.artifact, self.keys, self.token, self.max_mb = artifact, keys, token, max_mb
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        env = dict(os.environ, SECUREINFER_TOKEN=self.token or "")
+        cmd = [sys.executable, "-m", "secureinfer", "serve", str(self.artifact),
+               "--port", str(self.port), "--keys-dir", str(self.keys),
+               "--max-request-mb", str(self.max_mb)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("serve did not come up in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _compile(config: str, net: str, directory: Path):
+    reason = secureinfer.resolve(config).availability()
+    if reason:
+        pytest.skip(f"{config}: {reason}")
+    layers = NETWORKS[net](np.random.default_rng(11))
+    x = inputs(layers, 48, seed=12)
+    sm = secureinfer.compile_layers(layers, config, calibration=x)
+    sm.save(directory)
+    return sm, x
+
+
+@pytest.fixture(scope="module", params=sorted(SCHEMES))
+def deployed(request, tmp_path_factory):
+    config = request.param
+    root = tmp_path_factory.mktemp(config.replace("-", "_"))
+    sm, x = _compile(config, SCHEMES[config], root / "artifact")
+    service = Service(root / "artifact", root / "keys").start()
+    yield sm, x, service
+    service.stop()
+
+
+def test_every_scheme_end_to_end(deployed):
+    sm, x, service = deployed
+    with remote.connect(service.url, token=TOKEN) as session:
+        assert session.model.digest == sm.digest
+        got = session.infer(x[:2])
+        got_one = session.infer(x[2])
+    caps = sm.scheme.capabilities
+    atol = 0.0 if caps.exact else caps.tolerance
+    np.testing.assert_allclose(got, sm.reference(x[:2]), rtol=0, atol=atol)
+    np.testing.assert_allclose(got_one, sm.reference(x[2:3]), rtol=0, atol=atol)
+    assert session.bytes_sent["keys"] > 0 and session.bytes_received["output"] > 0
+    assert len(session.round_trips) == 2
+
+
+# ----- one service for concurrency, restart and bad input -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def bfv_service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bfv_service")
+    sm, x = _compile("bfv", "mlp_square", root / "artifact")
+    service = Service(root / "artifact", root / "keys").start()
+    yield sm, x, service, root
+    service.stop()
+
+
+def test_two_key_owners_at_the_same_time(bfv_service):
+    sm, x, service, _ = bfv_service
+    sessions = [remote.connect(service.url, token=TOKEN) for _ in range(2)]
+    assert sessions[0].key_id != sessions[1].key_id
+    results: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for k in range(3):
+                results[i].append(sessions[i].infer(x[2 * k + i: 2 * k + i + 1]))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for i in range(2):
+        want = np.concatenate([sm.reference(x[2 * k + i: 2 * k + i + 1]) for k in range(3)])
+        np.testing.assert_array_equal(np.concatenate(results[i]), want)
+    # owner 1's ciphertext evaluated under owner 0's keys does not decrypt for owner 1
+    ct = sessions[1].client.encrypt(x[:1])
+    out = httpx.post(service.url + "/v1/infer", content=ct,
+                     headers={"X-Key-Id": sessions[0].key_id,
+                              "Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert out.status_code in (200, 400, 500)
+    if out.status_code == 200:
+        try:
+            got = sessions[1].client.decrypt(out.content)
+        except secureinfer.SecureInferError:
+            pass  # the noise budget or bound check caught it
+        else:
+            assert not np.array_equal(got, sm.reference(x[:1]))
+    for s in sessions:
+        s.close()
+
+
+def test_restart_keeps_keys(bfv_service):
+    sm, x, service, root = bfv_service
+    session = remote.connect(service.url, token=TOKEN)
+    key_id, uploaded = session.key_id, session.bytes_sent["keys"]
+    assert (root / "keys" / f"{key_id}.keys").exists()
+    service.stop()
+    service.start()
+    health = httpx.get(service.url + "/healthz").json()
+    assert health["keys_stored"] >= 1 and health["keys_cached"] == 0
+    session.url = service.url
+    got = session.infer(x[:1])  # the same key id, no new upload
+    np.testing.assert_array_equal(got, sm.reference(x[:1]))
+    assert session.bytes_sent["keys"] == uploaded
+    session.close()
+
+
+def _post(service: Service, path: str, body: bytes, **headers: str) -> httpx.Response:
+    headers.setdefault("Authorization", f"Bearer {TOKEN}")
+    return httpx.post(service.url + path, content=body, headers=headers, timeout=60)
+
+
+def _no_traceback(response: httpx.Response) -> dict:
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return response.json()
+
+
+def test_bad_input_answers(bfv_service, tmp_path):
+    sm, x, service, _ = bfv_service
+    session = remote.connect(service.url, token=TOKEN)
+    good = session.client.encrypt(x[:1])
+
+    # malformed envelope and key bytes: 400 with the EnvelopeError message
+    r = _post(service, "/v1/infer", b"garbage", **{"X-Key-Id": session.key_id})
+    body = _no_traceback(r)
+    assert r.status_code == 400 and body["error"] == "EnvelopeError"
+    assert "not a secureinfer message" in body["detail"]
+    r = _post(service, "/v1/keys", b"\x01\x00\x00\x00junk")
+    assert r.status_code == 400 and _no_traceback(r)["error"] == "EnvelopeError"
+    bad_keys = remote.bundle_keys(codec.seal(Kind.PUBLIC_KEYS, sm.scheme.name, sm.digest,
+                                             b"not keys"), None)
+    r = _post(service, "/v1/keys", bad_keys)
+    assert r.status_code == 400 and _no_traceback(r)["error"] == "EnvelopeError"
+
+    # unknown key id: 404 naming it
+    unknown = "ab" * 32
+    r = _post(service, "/v1/infer", good, **{"X-Key-Id": unknown})
+    assert r.status_code == 404 and unknown in _no_traceback(r)["detail"]
+
+    # keys (and inputs) of another model: 409
+    other, _ = _compile("bfv?bits=6", "mlp_square", tmp_path / "other")
+    owner = other.owner()
+    r = _post(service, "/v1/keys", remote.bundle_keys(owner.keys.public_keys(), None))
+    assert r.status_code == 409 and _no_traceback(r)["error"] == "ForeignKeysError"
+    r = _post(service, "/v1/infer", owner.encrypt(x[:1]), **{"X-Key-Id": session.key_id})
+    assert r.status_code == 409
+
+    # missing or wrong token: 401
+    r = httpx.post(service.url + "/v1/infer", content=good, headers={"X-Key-Id": session.key_id})
+    assert r.status_code == 401 and _no_traceback(r)["error"] == "Unauthorized"
+    r = _post(service, "/v1/keys", b"", Authorization="Bearer wrong")
+    assert r.status_code == 401
+    assert httpx.get(service.url + "/v1/model").status_code == 401
+
+    assert service.alive()
+    np.testing.assert_array_equal(session.infer(x[:1]), sm.reference(x[:1]))
+
+    metrics = httpx.get(service.url + "/metrics").text
+    assert 'secureinfer_errors_total{kind="EnvelopeError"}' in metrics
+    assert 'secureinfer_errors_total{kind="UnknownKeyError"}' in metrics
+    assert "secureinfer_request_seconds_bucket" in metrics and "secureinfer_keys_cached" in metrics
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def clear_service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clear_service")
+    sm, x = _compile("clear", "mlp_square", root / "artifact")
+    service = Service(root / "artifact", root / "keys", token=None, max_mb=1.0).start()
+    yield sm, x, service
+    service.stop()
+
+
+def test_body_above_the_limit_is_refused_before_it_is_read(clear_service):
+    _, _, service = clear_service
+    key_id = "ab" * 32
+    # body above the limit (1 MiB here): 413 before the body is read
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+        s.sendall("POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
+                  f"X-Key-Id: {key_id}\r\n\r\n"
+                  .encode())  # headers only: the server must answer without the body
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and "Traceback" not in head
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+        s.sendall("POST /v1/keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  f"\r\n".encode())
+        chunk = b"x" * (256 << 10)
+        try:
+            for _ in range(5):  # 1.25 MiB streamed with no length given: refused on the way
+                s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        except OSError:
+            pass  # the server answered and closed before the end of the body
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413")
+
+    assert service.alive()
+
+
+def test_backend_failure_names_the_layer_and_serving_goes_on(clear_service):
+    sm, x, service = clear_service
+    session = remote.connect(service.url)  # this service has no token
+    wrong = codec.pack_fields({"x": np.zeros((1, 5))})  # 5 features where fc1 takes 16
+    msg = codec.seal(Kind.INPUT, sm.scheme.name, sm.digest,
+                     codec.pack_fields({"n": 1, "ct": wrong}))
+    r = httpx.post(service.url + "/v1/infer", content=msg,
+                   headers={"X-Key-Id": session.key_id})
+    body = _no_traceback(r)
+    assert r.status_code == 500 and body["error"] == "EvaluationError"
+    assert "layer fc1 (linear)" in body["detail"]
+    assert service.alive()
+    np.testing.assert_allclose(session.infer(x[:2]), sm.reference(x[:2]), atol=1e-9)
+    r = httpx.get(service.url + "/v1/model")
+    manifest = json.loads(r.content)["manifest"]
+    assert manifest["role"] == "client" and manifest["layers"] == []
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def digits_service(tmp_path_factory):
+    """The README's deploy commands: compile the digits default model, serve it."""
+    reason = secureinfer.resolve("fe-ip").availability()
+    if reason:
+        pytest.skip(f"fe-ip: {reason}")
+    root = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, "-m", "secureinfer", "compile", "--scheme", "fe-ip",
+                    "--out", str(root / "artifact"), "--no-progress"], check=True,
+                   capture_output=True, timeout=300)
+    service = Service(root / "artifact", root / "keys").start()
+    yield service
+    service.stop()
+
+
+def test_run_cli_against_the_server(digits_service, tmp_path, capsys, monkeypatch):
+    from secureinfer.cli import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert main(["run", "--server", digits_service.url, "--token-file", str(token_file),
+                 "--limit", "16", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scheme"] == "fe_ip" and report["samples"] == 16
+    assert report["accuracy"] >= 0.75
+    assert report["network_bytes"]["input_per_sample"] > 0 and report["round_trip_s"] > 0
+    monkeypatch.setenv("SECUREINFER_TOKEN", "wrong")
+    assert main(["run", "--server", digits_service.url, "--limit", "2", "--no-progress"]) == 1
+    assert "401" in capsys.readouterr().err
