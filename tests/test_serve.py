@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -292,32 +293,55 @@ def test_backend_failure_names_the_layer_and_serving_goes_on(clear_service):
     session.close()
 
 
-@pytest.fixture(scope="module")
-def digits_service(tmp_path_factory):
-    """The README's deploy commands: compile the digits default model, serve it."""
-    reason = secureinfer.resolve("fe-ip").availability()
+def _deploy_example() -> tuple[list[str], str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- deploy-example -->", 1)[1]
+    bash = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+    python = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    return [line for line in bash.splitlines() if line and not line.startswith("#")], python
+
+
+def test_readme_deploy_example(tmp_path):
+    """The README's Deploy commands, run as written (only the port changed)."""
+    reason = secureinfer.resolve("ckks").availability()
     if reason:
-        pytest.skip(f"fe-ip: {reason}")
-    root = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "secureinfer", "compile", "--scheme", "fe-ip",
-                    "--out", str(root / "artifact"), "--no-progress"], check=True,
+        pytest.skip(f"ckks: {reason}")
+    (compile_cmd, serve_cmd, run_cmd), python = _deploy_example()
+    port = str(_free_port())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("SECUREINFER_TOKEN", None)
+    (tmp_path / "token.txt").write_text(TOKEN + "\n")
+    subprocess.run(["bash", "-c", compile_cmd], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=300)
-    service = Service(root / "artifact", root / "keys").start()
-    yield service
-    service.stop()
-
-
-def test_run_cli_against_the_server(digits_service, tmp_path, capsys, monkeypatch):
-    from secureinfer.cli import main
-
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    assert main(["run", "--server", digits_service.url, "--token-file", str(token_file),
-                 "--limit", "16", "--no-progress", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["scheme"] == "fe_ip" and report["samples"] == 16
-    assert report["accuracy"] >= 0.75
-    assert report["network_bytes"]["input_per_sample"] > 0 and report["round_trip_s"] > 0
-    monkeypatch.setenv("SECUREINFER_TOKEN", "wrong")
-    assert main(["run", "--server", digits_service.url, "--limit", "2", "--no-progress"]) == 1
-    assert "401" in capsys.readouterr().err
+    proc = subprocess.Popen(["bash", "-c", "exec " + serve_cmd.replace("8000", port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        run = subprocess.run(["bash", "-c", run_cmd.replace("8000", port)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "accuracy" in run.stdout and "round trip" in run.stdout
+        assert "network" in run.stdout and "keys" in run.stdout
+        x = np.random.default_rng(0).random((3, 1, 8, 8))
+        scope = {"token": TOKEN, "x": x}
+        exec(python.replace("8000", port), scope)  # noqa: S102 - the README's own example
+        assert scope["logits"].shape == (3, 10)
+        bad = subprocess.run(["bash", "-c", run_cmd.replace("8000", port).replace(
+            "$(cat token.txt)", "wrong")], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=300)
+        assert bad.returncode == 1 and "401" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
