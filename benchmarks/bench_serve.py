@@ -101,9 +101,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(service: Service, sm: SecureModel, x: np.ndarray, clients: int,
-         seconds: float) -> dict[str, Any]:
-    """``clients`` key owners posting pre-encrypted inputs for ``seconds``."""
-    sessions = [remote.connect(service.url) for _ in range(clients)]
+         seconds: float, sessions: list[remote.Session] | None = None) -> dict[str, Any]:
+    """``clients`` key owners (new ones unless ``sessions`` are given, which stay open)
+    posting pre-encrypted inputs for ``seconds``."""
+    keep = sessions is not None
+    sessions = sessions or [remote.connect(service.url) for _ in range(clients)]
     cts = [[s.client.encrypt(x[i:i + 1]) for i in range(4)] for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
     errors: list[str] = []
@@ -137,7 +139,8 @@ def load(service: Service, sm: SecureModel, x: np.ndarray, clients: int,
             want = sm.reference(x[(done - 1) % 4:(done - 1) % 4 + 1])
             wrong += int(not np.allclose(got, want, atol=max(sm.scheme.capabilities.tolerance,
                                                               1e-9)))
-        s.close()
+        if not keep:
+            s.close()
     flat = [t for ts in times for t in ts]
     return {"clients": clients, "requests": len(flat), "requests_per_s": len(flat) / wall,
             "p50_ms": 1e3 * percentile(flat, 50), "p99_ms": 1e3 * percentile(flat, 99),
@@ -176,10 +179,13 @@ def sustained(minutes: float) -> dict[str, Any]:
         service = Service(Path(tmp))
         try:
             warm = min(60.0, minutes * 6.0)  # a tenth of the run, at most a minute
-            first = load(service, sm, x, 4, warm)
+            sessions = [remote.connect(service.url) for _ in range(4)]  # the same 4 owners
+            first = load(service, sm, x, 4, warm, sessions)
             rss_start = service.rss_mb()
-            rest = load(service, sm, x, 4, minutes * 60 - warm)
+            rest = load(service, sm, x, 4, minutes * 60 - warm, sessions)
             rss_end = service.rss_mb()
+            for s in sessions:
+                s.close()
         finally:
             service.stop()
     growth = (rss_end - rss_start) / rss_start
