@@ -140,13 +140,14 @@ def _print_human(r: dict[str, Any]) -> None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from .data import load
     from .model import compile_layers
+    from .registry import resolve
     from .runner import load_network
 
-    config = _config(args)
+    scheme = resolve(_config(args), allow_insecure=args.allow_insecure)  # errors before work
     ds = load(args.dataset)
     layers, calib, name = load_network(args.model, ds, arch=args.arch,
                                        progress=not args.no_progress)
-    sm = compile_layers(layers, config, calibration=calib, allow_insecure=args.allow_insecure)
+    sm = compile_layers(layers, scheme, calibration=calib)
     out = sm.save(args.out)
     print(f"compiled {name} for {sm.scheme.name}: {out}/server (the evaluator's), "
           f"{out}/client (the data owners'); digest {sm.digest.hex()}")
