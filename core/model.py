@@ -493,7 +493,8 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     Args:
         model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``).
         scheme: a config string (``"ckks"``, ``"fe-ip?bits=8"``), a ``SchemeConfig`` or
-            a configured ``Scheme``.
+            a configured ``Scheme`` (used as a template: the model gets its own copy,
+            ``Scheme.fresh``, so one object compiles any number of networks).
         input_shape: one input's shape without the batch dimension; taken from the model's
             ``secureinfer_input_shape`` attribute when omitted.
         calibration: a ``Calibration``, or representative inputs to compute one from;
