@@ -21,7 +21,8 @@ client (and, for FE, the authority)::
     keys = scheme.open_client(public)                 # FE client without the master secret
     y = scheme.decrypt(secret, out)                   # HE only: bytes -> (n, *out_shape)
 
-server (holds no secret)::
+server (holds no secret; loaded from the server artifact, it re-plans from the layers and
+the core checks that the plan and digest equal the stored ones)::
 
     ctx = scheme.open_server(public, functional)      # parse keys once
     layers = scheme.build_layers(prefix, ctx)         # SecureLayers, built once (encode once)
