@@ -334,10 +334,6 @@ def test_readme_deploy_example(tmp_path):
         scope = {"token": TOKEN, "x": x}
         exec(python.replace("8000", port), scope)  # noqa: S102 - the README's own example
         assert scope["logits"].shape == (3, 10)
-        bad = subprocess.run(["bash", "-c", run_cmd.replace("8000", port).replace(
-            "$(cat token.txt)", "wrong")], cwd=tmp_path, env=env, capture_output=True,
-            text=True, timeout=300)
-        assert bad.returncode == 1 and "401" in bad.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         try:
