@@ -290,6 +290,7 @@ def test_backend_failure_names_the_layer_and_serving_goes_on(clear_service):
     r = httpx.get(service.url + "/v1/model")
     manifest = json.loads(r.content)["manifest"]
     assert manifest["role"] == "client" and manifest["layers"] == []
+    assert secureinfer.load_client(service.url).digest == sm.digest  # a URL works as a DIR
     session.close()
 
 
