@@ -342,3 +342,24 @@ def test_readme_deploy_example(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_fe_input_outside_the_planned_range_is_422(deployed):
+    sm, _, service = deployed
+    if sm.scheme.name != "fe_ip":
+        pytest.skip("the forged out-of-range ciphertext is an fe_ip one")
+    from secureinfer.plugins.fe_common.groups import fr, group, pack_elements, random_scalar
+
+    with remote.connect(service.url, token=TOKEN) as session:
+        ops = group("G1")
+        g, rho = ops.generator(), random_scalar()
+        h = session.client.keys.secret.public.h  # a well-formed ciphertext of 10**7 each
+        body = [ops.law(hi * fr(rho), ops.pow(g, 10**7)) for hi in h]
+        payload = codec.pack_fields({"count": 1,
+                                     "ct": pack_elements(ops, [ops.pow(g, rho), *body])})
+        msg = codec.seal(Kind.INPUT, sm.scheme.name, sm.digest,
+                         codec.pack_fields({"n": 1, "ct": payload}))
+        r = _post(service, "/v1/infer", msg, **{"X-Key-Id": session.key_id})
+        body = _no_traceback(r)
+        assert r.status_code == 422 and "layer fc1" in body["detail"], body
+        assert service.alive()
