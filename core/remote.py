@@ -106,6 +106,7 @@ class Session:
         key_id: what the server stores the keys under.
         bytes_sent, bytes_received: network payload totals, by what was sent.
         round_trips: seconds of every ``/v1/infer`` request.
+        server_seconds: the server's own time for each (its ``X-Evaluate-Seconds``).
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = _TIMEOUT) -> None:
@@ -117,6 +118,7 @@ class Session:
         self.bytes_sent: dict[str, int] = {"keys": 0, "input": 0}
         self.bytes_received: dict[str, int] = {"model": 0, "output": 0}
         self.round_trips: list[float] = []
+        self.server_seconds: list[float] = []
         try:
             response = self._http.get(self.url + "/v1/model")
             _raise_for(response)
@@ -148,6 +150,10 @@ class Session:
         start = time.perf_counter()
         response = self._post("/v1/infer", message, "input", {"X-Key-Id": self.key_id})
         self.round_trips.append(time.perf_counter() - start)
+        try:
+            self.server_seconds.append(float(response.headers.get("x-evaluate-seconds", "nan")))
+        except ValueError:
+            self.server_seconds.append(float("nan"))
         self.bytes_received["output"] += len(response.content)
         return response.content
 
