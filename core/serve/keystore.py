@@ -1,7 +1,7 @@
 """Key owners' keys: stored on disk (one file per key id), opened servers in an LRU.
 
 A key bundle is ``pack_fields({"public": envelope, "functional": envelope or b""})``, the
-bytes ``secureinfer.remote`` uploads; its key id is the SHA-256 of those bytes, so the same
+bytes ``secureinfer.remote.bundle_keys`` makes; its key id is the SHA-256 of those bytes, so the same
 keys always get the same id and a stored file can be checked against its name. Files are
 written atomically (temporary file, fsync, rename), so a crash leaves either the whole file
 or none. Opened servers (parsed keys, encoded layers) stay in memory, least recently used
@@ -23,9 +23,8 @@ from .. import codec
 from ..codec import Kind
 from ..errors import EnvelopeError, SecureInferError
 from ..model import SecureModel, Server
-from ..remote import bundle_keys
 
-__all__ = ["ForeignKeysError", "KeyStore", "UnknownKeyError", "bundle_keys", "key_id_of"]
+__all__ = ["ForeignKeysError", "KeyStore", "UnknownKeyError", "check_model", "key_id_of"]
 
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _SUFFIX = ".keys"
