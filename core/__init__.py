@@ -4,6 +4,10 @@
     >>> sm = secureinfer.compile(model, scheme="ckks", input_shape=(1, 28, 28))
     >>> client, server, _ = sm.setup()
     >>> logits = client.decrypt(server.evaluate(client.encrypt(x)))
+
+Deployed: ``sm.save("artifact")`` (or ``secureinfer compile``); the evaluator runs
+``secureinfer.load_server("artifact")`` (or ``secureinfer serve artifact``); a data owner
+runs ``secureinfer.load_client("artifact" or URL)`` or ``secureinfer.remote.connect(URL)``.
 """
 
 from __future__ import annotations
