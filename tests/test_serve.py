@@ -362,3 +362,28 @@ def test_fe_input_outside_the_planned_range_is_422(deployed):
         body = _no_traceback(r)
         assert r.status_code == 422 and "layer fc1" in body["detail"], body
         assert service.alive()
+
+
+def test_key_store_lru_under_budget_reopens_from_disk(tmp_path):
+    from secureinfer.serve.keystore import KeyStore, UnknownKeyError, key_id_of
+
+    layers = NETWORKS["mlp_square"](np.random.default_rng(1))
+    x = inputs(layers, 8)
+    sm = secureinfer.compile_layers(layers, "clear?bits=8", calibration=x)
+    store = KeyStore(sm, tmp_path / "keys", budget_bytes=1)  # room for one opened server
+    owners = [sm.owner() for _ in range(3)]
+    # clear's public keys are the same empty payload for everyone: a field tells them apart
+    bodies = [codec.pack_fields({**codec.unpack_fields(remote.bundle_keys(
+        o.keys.public_keys(), None)), "owner": str(i)}) for i, o in enumerate(owners)]
+    ids = [store.put(b)[0] for b in bodies]
+    assert ids == [key_id_of(b) for b in bodies] and len(set(ids)) == 3
+    assert store.cached == 1 and store.stored == 3
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == sorted(f"{i}.keys" for i in ids)
+    with store.lock(ids[0]):
+        server = store.get(ids[0])  # evicted: opened again from its file
+    ct = owners[0].encrypt(x[:1])
+    np.testing.assert_array_equal(owners[0].decrypt(server.evaluate(ct)), sm.reference(x[:1]))
+    assert store.put(bodies[0]) == (ids[0], False)  # the same bytes: the same id, stored once
+    (tmp_path / "keys" / f"{ids[1]}.keys").write_bytes(b"damaged")
+    with pytest.raises(UnknownKeyError, match="damaged"):
+        store.get(ids[1])
