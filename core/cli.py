@@ -118,9 +118,52 @@ def _config(args: argparse.Namespace) -> str:
     raise ConfigError(f"no scheme given: use --scheme CONFIG, --config FILE or {ENV_VAR}")
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .data import load
+    from .model import compile_layers
+    from .registry import resolve
+    from .runner import load_network
+
+    scheme = resolve(_config(args), allow_insecure=args.allow_insecure)  # errors before work
+    ds = load(args.dataset)
+    layers, calib, name = load_network(args.model, ds, arch=args.arch,
+                                       progress=not args.no_progress)
+    sm = compile_layers(layers, scheme, calibration=calib)
+    out = sm.save(args.out)
+    print(f"compiled {name} for {sm.scheme.name}: {out}/server (the evaluator's), "
+          f"{out}/client (the data owners'); digest {sm.digest.hex()}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "token_file", None):
+        return Path(args.token_file).read_text().strip()
+    return os.environ.get("SECUREINFER_TOKEN") or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Settings, serve
+
+    serve(Settings(artifact=Path(args.dir), token=_token(args),
+                   keys_dir=Path(args.keys_dir) if args.keys_dir else None,
+                   max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                   cache_mb=args.cache_mb), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
+    if args.server:
+        from .remote import run_remote
+
+        result = run_remote(args.server, token=_token(args), dataset=args.dataset,
+                            limit=args.limit, progress=not args.no_progress)
+        if args.json:
+            print(json.dumps(result, default=str))
+        else:
+            _print_remote(result)
+        return 0
     config = _config(args)
     result = run(config, model=args.model, dataset=args.dataset, limit=args.limit,
                  allow_insecure=args.allow_insecure, progress=not args.no_progress,
@@ -132,6 +175,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(human_report(result))
     return 0
+
+
+def _print_remote(r: dict[str, Any]) -> None:
+    print(f"server      {r['server']}  scheme {r['scheme']}, digest {r['digest']}")
+    print(f"dataset     {r['dataset']}, {r['samples']} samples; accuracy {r['accuracy']:.4f}")
+    print("latency     " + ", ".join(f"{p} {v * 1e3:.3f} ms" for p, v in r["latency_s"].items()
+                                     if v is not None) + "  (keygen once, others per image)")
+    print(f"round trip  {r['round_trip_s'] * 1e3:.3f} ms per request (evaluate on the server "
+          "included)")
+    from .report import human_bytes
+
+    print("network     " + ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}"
+                                     for k, v in r["network_bytes"].items()))
 
 
 def _installed_default_schemes() -> list[str]:
@@ -218,8 +274,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+#: Subcommands that never need torch: their parser leaves out the training toolkit's
+#: subcommands, whose import loads torch (seconds of a service's start-up).
+_NO_TORCH = frozenset({"serve"})
+
+
+def build_parser(training: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (``training=False``: without the training
+    toolkit's)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -242,7 +304,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_file", help="TOML file with a [scheme] table")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--server", help="run against a `secureinfer serve` URL (the scheme and "
+                                    "model are the server's)")
+    p.add_argument("--token-file", help="file holding the service token "
+                                        "(default: $SECUREINFER_TOKEN)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile a model for a scheme into an artifact directory")
+    p.add_argument("--scheme", help="config string (default: $SECUREINFER_SCHEME)")
+    p.add_argument("--config", dest="config_file", help="TOML file with a [scheme] table")
+    p.add_argument("--model", help="model file (secureinfer train --out); default: the "
+                                   "dataset's default model")
+    p.add_argument("--dataset", default="digits", help="dataset the model takes (calibration "
+                                                        "when the model file has none)")
+    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"),
+                   help="architecture of the default model (with no --model)")
+    p.add_argument("--out", required=True, help="artifact directory (server/ and client/)")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="accept parameters below 128-bit security")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("serve", help="serve a compiled artifact over HTTP (FastAPI, uvicorn)")
+    p.add_argument("dir", help="artifact directory (secureinfer compile --out)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", help="require this bearer token (default: "
+                                        "$SECUREINFER_TOKEN; neither: no token)")
+    p.add_argument("--keys-dir", help="key store directory (default: DIR/keys)")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="largest request body in MiB (default: 64)")
+    p.add_argument("--cache-mb", type=float, default=1024.0,
+                   help="memory budget of the opened-keys cache in MiB (default: 1024)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="the same network under several schemes, side by side")
     p.add_argument("--schemes", help="comma-separated configs (default: every installed one)")
@@ -255,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="results")
     p.set_defaults(func=cmd_compare)
 
+    if not training:
+        return parser
     try:
         from .nn.cli import add_train_parser
     except ImportError:  # the training toolkit needs torch, a core dependency
@@ -266,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(training=not (argv and argv[0] in _NO_TORCH))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

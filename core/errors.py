@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = [
+    "ArtifactError",
     "BackendNotInstalledError",
     "CompileError",
     "ConfigError",
@@ -104,6 +105,11 @@ class UnsupportedLayerError(CompileError):
 
 class InvalidLayerError(CompileError, ValueError):
     """A LayerSpec is inconsistent: its weights do not fit its input shape."""
+
+
+class ArtifactError(SecureInferError, ValueError):
+    """A compiled artifact is missing, corrupt, foreign or of another format version (the
+    message names the file and the field)."""
 
 
 class EnvelopeError(SecureInferError, ValueError):

@@ -8,8 +8,11 @@ them is ``bytes`` in a versioned envelope.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
-from typing import Any, NamedTuple, Sequence
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -23,25 +26,132 @@ from .metrics import Meter
 from .partition import Partition, partition
 from .registry import resolve
 from .report import server_learns
-from .scheme import Calibration, Scheme
+from .scheme import Calibration, Scheme, _violation
 
 #: Accepted excess past a calibrated range, as a fraction of its width, before
 #: ``SecureModel.check_ranges`` reports it (layer ranges already carry a 25% margin).
 RANGE_TOLERANCE = 0.02
 
-__all__ = ["Authority", "Client", "Parties", "SecureModel", "Server", "compile",
-           "compile_layers"]
+__all__ = ["Authority", "Client", "ClientModel", "Parties", "SecureModel", "Server", "compile",
+           "compile_layers", "freeze_plan"]
 
 
-class SecureModel:
+def freeze_plan(plan: Mapping[str, Any]) -> str:
+    """A plan as canonical JSON text: the frozen form every role and artifact shares."""
+    try:
+        return json.dumps(plan, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CompileError(f"the scheme's plan is not JSON data ({exc}): the plugin must "
+                           "return lists, numbers, strings and dicts only") from None
+
+
+class _Roles:
+    """What every holder of a compiled model shares: the scheme rebuilt from its plan, the
+    digest stamped on every message, the input's shape and calibrated range, the meter.
+
+    ``SecureModel`` (the model owner's, with every layer) and ``ClientModel`` (a data
+    owner's, from the client artifact) both hand out ``client()`` and ``authority()``.
+    """
+
+    scheme: Scheme
+    digest: bytes
+    meter: Meter
+    range_check: str
+    input_range: tuple[float, float] | None
+    _plan_text: str
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The frozen plan (a fresh copy: changing it changes nothing)."""
+        return json.loads(self._plan_text)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:  # pragma: no cover - both subclasses define it
+        raise NotImplementedError
+
+    @property
+    def secure_layers(self) -> list[LayerSpec]:  # pragma: no cover - both subclasses define it
+        raise NotImplementedError
+
+    @property
+    def output(self) -> str:
+        """``"encrypted"`` (HE), ``"plaintext"`` (FE) or ``"clear"`` (a scheme that
+        encrypts nothing: the ``clear`` reference)."""
+        caps = self.scheme.capabilities
+        return caps.output if caps.encrypts else "clear"
+
+    def check_input_range(self, x: np.ndarray) -> list[str]:
+        """The client's check: ``x`` against the calibrated input range (no model needed).
+
+        Per ``range_check`` as in ``SecureModel.check_ranges``; returns the problems found.
+        """
+        if self.range_check == "off" or self.input_range is None:
+            return []
+        found = _violation(self._batch(x), self.input_range, RANGE_TOLERANCE)
+        problems = [f"the network input: {found}"] if found else []
+        self._report(problems)
+        return problems
+
+    def _report(self, problems: list[str]) -> None:
+        if not problems:
+            return
+        fix = ("scale inputs like the training data, or recalibrate "
+               "(secureinfer.nn.calibrate) on data that covers them")
+        if self.range_check == "error":
+            raise RangeError(f"{problems[0]}; the scheme was planned for the calibrated "
+                             f"range and could return a wrong result: {fix}")
+        later = [p.split(" (", 1)[0].replace("output of layer ", "") for p in problems[1:]]
+        more = f"; also out of range: the outputs of {', '.join(later)}" if later else ""
+        warnings.warn(f"{problems[0]}{more}: {fix}", RangeWarning, stacklevel=4)
+
+    def _batch(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape == self.input_shape:
+            x = x[None]
+        if x.shape[1:] != self.input_shape:
+            raise InputError(f"input of shape {x.shape} does not match the model's input "
+                             f"{self.input_shape} (with or without a batch dimension)")
+        return x
+
+    def _seal(self, kind: Kind, payload: bytes) -> bytes:
+        return codec.seal(kind, self.scheme.name, self.digest, payload)
+
+    def _open(self, data: bytes, kind: Kind) -> bytes:
+        return codec.open_envelope(data, kind=kind, scheme=self.scheme.name,
+                                   digest=self.digest).payload
+
+    def authority(self) -> "Authority":
+        """Generate keys (timed as ``keygen``); the key owner of the setup."""
+        return Authority(self)
+
+    def client(self, public_keys: bytes | None = None) -> "Client":
+        """A data owner. HE: generates and holds the secret key (``public_keys`` unused).
+        FE: encrypts with the authority's master public key ``public_keys`` only."""
+        if self.output == "plaintext":
+            if public_keys is None:
+                raise RoleError("an FE client encrypts with the authority's public keys: "
+                                 "model.client(authority.public_keys())")
+            return Client(self, None, public_keys)
+        return Client(self, Authority(self), None)
+
+    def owner(self) -> "Client":
+        """The data owner as its own key owner: HE, the client with its secret key; FE,
+        the client that is the authority (``client.keys`` is the ``Authority``)."""
+        if self.output == "plaintext":
+            return Client(self, self.authority(), None)
+        return self.client()
+
+
+class SecureModel(_Roles):
     """A network compiled for one scheme: its secure prefix, clear suffix and plan.
 
     Attributes:
         layers: every layer of the network.
-        scheme: the configured scheme (its ``plan_`` filled).
+        scheme: the configured scheme, owned by this model alone (its ``plan_`` filled).
         secure_layers: the prefix the scheme runs.
         clear_layers: the suffix run in the clear by the server (plaintext-output schemes).
         calibration: observed ranges (``None`` if no calibration data was given).
+        plan: the frozen plan (JSON data; a copy on every read).
         meter: timings and message sizes of every role call.
     """
 
@@ -62,9 +172,11 @@ class SecureModel:
                 "calibration=<representative inputs>)")
         self.scheme = scheme
         self.calibration = calibration
+        self.input_range = calibration.input_range if calibration is not None else None
         self.range_check = range_check
         self.partition: Partition = partition(self.layers, scheme.capabilities, scheme.name)
-        self.plan: dict[str, Any] = scheme.plan(self.secure_layers, calibration)
+        self._plan_text = freeze_plan(scheme.plan(self.secure_layers, calibration))
+        scheme.load_plan(json.loads(self._plan_text))
         bits = scheme.security_bits
         if bits is not None and bits < 128 and not scheme.allow_insecure:
             raise CompileError(
@@ -89,13 +201,6 @@ class SecureModel:
     def clear_layers(self) -> list[LayerSpec]:
         """The suffix run in the clear (empty for encrypted-output schemes)."""
         return self.partition.clear
-
-    @property
-    def output(self) -> str:
-        """``"encrypted"`` (HE), ``"plaintext"`` (FE) or ``"clear"`` (a scheme that
-        encrypts nothing: the ``clear`` reference)."""
-        caps = self.scheme.capabilities
-        return caps.output if caps.encrypts else "clear"
 
     @property
     def reveals(self) -> str | None:
@@ -135,7 +240,8 @@ class SecureModel:
         return forward(self.clear_layers, y)
 
     def check_ranges(self, x: np.ndarray) -> list[str]:
-        """Compare ``x`` and every layer's values on it with the calibrated ranges.
+        """The model owner's check: ``x`` and every layer's values on it against the
+        calibrated ranges (a client checks only its input: ``check_input_range``).
 
         The schemes planned their parameters (CKKS scale, BFV modulus, FE discrete-log
         bounds) for those ranges. Per ``range_check``: ``"warn"`` (default) issues a
@@ -147,48 +253,30 @@ class SecureModel:
         if self.range_check == "off" or cal is None:
             return []
         problems = cal.check(self.layers, self._batch(x), tolerance=RANGE_TOLERANCE)
-        if problems:
-            fix = ("scale inputs like the training data, or recalibrate "
-                   "(secureinfer.nn.calibrate) on data that covers them")
-            if self.range_check == "error":
-                raise RangeError(f"{problems[0]}; the scheme was planned for the calibrated "
-                                 f"range and could return a wrong result: {fix}")
-            later = [p.split(" (", 1)[0].replace("output of layer ", "") for p in problems[1:]]
-            more = f"; also out of range: the outputs of {', '.join(later)}" if later else ""
-            warnings.warn(f"{problems[0]}{more}: {fix}", RangeWarning, stacklevel=3)
+        self._report(problems)
         return problems
 
-    def _batch(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if x.shape == self.input_shape:
-            x = x[None]
-        if x.shape[1:] != self.input_shape:
-            raise InputError(f"input of shape {x.shape} does not match the model's input "
-                             f"{self.input_shape} (with or without a batch dimension)")
-        return x
+    def check_revealed(self, y: np.ndarray) -> list[str]:
+        """The FE server's check: the prefix outputs it learned against their calibrated
+        range (the only intermediate values it sees). Returns the problems found."""
+        cal = self.calibration
+        if self.range_check == "off" or cal is None or not self.clear_layers:
+            return []
+        last = self.secure_layers[-1]
+        found = _violation(np.asarray(y, dtype=np.float64),
+                           cal.layer_ranges[len(self.secure_layers) - 1], RANGE_TOLERANCE)
+        problems = [f"output of layer {last.name} ({last.kind}, revealed to the server): "
+                    f"{found}"] if found else []
+        self._report(problems)
+        return problems
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the versioned artifact: ``server/`` and ``client/`` (``secureinfer.artifact``)."""
+        from .artifact import save
+
+        return save(self, directory)
 
     # ----- roles ---------------------------------------------------------------------
-
-    def _seal(self, kind: Kind, payload: bytes) -> bytes:
-        return codec.seal(kind, self.scheme.name, self.digest, payload)
-
-    def _open(self, data: bytes, kind: Kind) -> bytes:
-        return codec.open_envelope(data, kind=kind, scheme=self.scheme.name,
-                                   digest=self.digest).payload
-
-    def authority(self) -> "Authority":
-        """Generate keys (timed as ``keygen``); the key owner of the setup."""
-        return Authority(self)
-
-    def client(self, public_keys: bytes | None = None) -> "Client":
-        """A data owner. HE: generates and holds the secret key (``public_keys`` unused).
-        FE: encrypts with the authority's master public key ``public_keys`` only."""
-        if self.output == "plaintext":
-            if public_keys is None:
-                raise RoleError("an FE client encrypts with the authority's public keys: "
-                                "model.client(authority.public_keys())")
-            return Client(self, None, public_keys)
-        return Client(self, Authority(self), None)
 
     def server(self, public_keys: bytes, functional_keys: bytes | None = None) -> "Server":
         """The evaluator, from the key owner's public (and functional) key messages."""
@@ -202,13 +290,50 @@ class SecureModel:
         ``client(authority.public_keys())`` is a client without it. HE: there is no
         authority (``None``); the client generates and holds its own secret key and
         ``client.public_keys()`` is what the server got."""
+        client = self.owner()
+        keys = client.keys
         if self.output == "plaintext":
-            authority = self.authority()
-            client = Client(self, authority, None)  # the data owner is the authority
-            server = self.server(authority.public_keys(), authority.functional_keys())
-            return Parties(client, server, authority)
-        client = self.client()
-        return Parties(client, self.server(client.public_keys()), None)
+            return Parties(client, self.server(keys.public_keys(), keys.functional_keys()),
+                           keys)
+        return Parties(client, self.server(keys.public_keys()), None)
+
+
+class ClientModel(_Roles):
+    """A compiled model as a data owner holds it: no weights of the layers the server
+    runs under HE (FE: the secure prefix, which the authority needs for functional keys).
+
+    Built by ``secureinfer.load_client`` from the client artifact: the scheme is
+    constructed from its config and restored from the plan (``Scheme.load_plan``); the
+    client checks its input against the calibrated input range only.
+
+    Attributes:
+        scheme: the scheme restored from the plan.
+        digest: the plan digest stamped on every message.
+        input_range: the calibrated ``(lo, hi)`` of the inputs, or ``None``.
+        secure_layers: FE: the secure prefix (for ``functional_keys``); HE: empty.
+    """
+
+    def __init__(self, scheme: Scheme, plan_text: str, digest: bytes,
+                 input_shape: Sequence[int], input_range: tuple[float, float] | None,
+                 range_check: str = "warn", secure_layers: Sequence[LayerSpec] = ()) -> None:
+        self.scheme = scheme
+        self._plan_text = plan_text
+        self.digest = digest
+        self._input_shape = tuple(int(d) for d in input_shape)
+        self.input_range = input_range
+        self.range_check = range_check
+        self._secure = list(secure_layers)
+        self.meter = Meter()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input (no batch dimension)."""
+        return self._input_shape
+
+    @property
+    def secure_layers(self) -> list[LayerSpec]:
+        """FE: the prefix the authority derives functional keys from; HE: empty."""
+        return self._secure
 
 
 class Parties(NamedTuple):
@@ -227,7 +352,7 @@ class Parties(NamedTuple):
 class Authority:
     """Owns the secret (or master secret) key; gives out public and functional keys."""
 
-    def __init__(self, model: SecureModel) -> None:
+    def __init__(self, model: _Roles) -> None:
         self._model = model
         scheme = model.scheme
         with model.meter.phase("keygen"):
@@ -255,7 +380,7 @@ class Authority:
 class Client:
     """Encrypts inputs and reads results."""
 
-    def __init__(self, model: SecureModel, keys: Authority | None,
+    def __init__(self, model: _Roles, keys: Authority | None,
                  public_keys: bytes | None) -> None:
         self._model = model
         self.keys = keys
@@ -277,7 +402,7 @@ class Client:
         x = model._batch(x)
         if not np.all(np.isfinite(x)):
             raise RangeError("input contains NaN or infinity")
-        model.check_ranges(x)
+        model.check_input_range(x)
         model.scheme.check_input(x)
         with model.meter.phase("encrypt", len(x)):
             payload = model.scheme.encrypt(self._enc_keys, x)
@@ -318,26 +443,29 @@ class Server:
         self.ctx = scheme.open_server(public, functional)
         self.layers = scheme.build_layers(model.secure_layers, self.ctx)
 
-    def evaluate(self, ciphertext: bytes) -> bytes:
+    def evaluate(self, ciphertext: bytes, meter: Meter | None = None) -> bytes:
         """Run the network on an input message; return the output message (timed as
-        ``evaluate``; for plaintext-output schemes the clear suffix is included)."""
+        ``evaluate`` on ``meter``, by default the model's; for plaintext-output schemes the
+        clear suffix is included, after the revealed prefix outputs are range-checked)."""
         model = self._model
         scheme = model.scheme
+        meter = model.meter if meter is None else meter
         fields = codec.unpack_fields(model._open(ciphertext, Kind.INPUT))
         n, payload = fields.get("n"), fields.get("ct")
         if not isinstance(n, int) or not isinstance(payload, bytes) or n < 1:
             raise EnvelopeError("input message lacks its sample count or ciphertext")
-        with model.meter.phase("evaluate", n):
+        with meter.phase("evaluate", n):
             value = scheme.load_input(self.ctx, payload)
             for layer in self.layers:
                 value = _run_layer(scheme.name, layer, value)
             out = scheme.dump_output(self.ctx, value)
             if isinstance(out, np.ndarray):
+                model.check_revealed(out)
                 y = forward(model.clear_layers, out)
                 msg = model._seal(Kind.PLAINTEXT_OUTPUT, codec.pack_fields({"y": y}))
             else:
                 msg = model._seal(Kind.OUTPUT, out)
-        model.meter.size("output", len(msg), n)
+        meter.size("output", len(msg), n)
         return msg
 
     def infer(self, ciphertext: bytes) -> np.ndarray:
@@ -367,7 +495,7 @@ def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Sch
                    **options: Any) -> SecureModel:
     """Compile already-lowered LayerSpecs for ``scheme`` (see ``compile``)."""
     if isinstance(scheme, Scheme):
-        sch = scheme
+        sch = scheme.fresh()  # compiled models never share a Scheme (nor its plan)
     else:
         sch = resolve(scheme, allow_insecure=allow_insecure, **options)
     if isinstance(calibration, np.ndarray):
@@ -385,7 +513,8 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     Args:
         model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``).
         scheme: a config string (``"ckks"``, ``"fe-ip?bits=8"``), a ``SchemeConfig`` or
-            a configured ``Scheme``.
+            a configured ``Scheme`` (used as a template: the model gets its own copy,
+            ``Scheme.fresh``, so one object compiles any number of networks).
         input_shape: one input's shape without the batch dimension; taken from the model's
             ``secureinfer_input_shape`` attribute when omitted.
         calibration: a ``Calibration``, or representative inputs to compute one from;

@@ -31,7 +31,7 @@ import numpy as np
 from .errors import CompileError, RangeError
 from .layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
 
-__all__ = ["QuantLayer", "QuantizedNetwork", "quantize"]
+__all__ = ["EdgeQuantizer", "QuantLayer", "QuantizedNetwork", "quantize"]
 
 _INT64_SAFE = 2**62
 
@@ -130,6 +130,67 @@ class QuantizedNetwork:
         """The largest worst-case ``|integer|`` anywhere in the prefix (input included)."""
         return max([self.input_bound, *self.bounds])
 
+    @property
+    def edges(self) -> "EdgeQuantizer":
+        """The input quantizer and output scale: all a client needs (no weights)."""
+        return EdgeQuantizer(self.bits, self.input_range, self.input_scale, self.input_bound,
+                             self.output_scale)
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Map float inputs to integers (``EdgeQuantizer.quantize_input``)."""
+        return self.edges.quantize_input(x)
+
+    def forward_int(self, x_q: np.ndarray) -> np.ndarray:
+        """Run every quantized layer on integer inputs."""
+        y = x_q
+        for layer in self.layers:
+            y = layer.forward_int(y)
+        return y
+
+    def dequantize(self, y_q: np.ndarray) -> np.ndarray:
+        """Integers of the last layer back to floats."""
+        return self.edges.dequantize(y_q)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Quantize, run on integers, dequantize: what an exact scheme returns."""
+        return self.dequantize(self.forward_int(self.quantize_input(x)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Scales and bounds, JSON-able (for reports and plans)."""
+        return {"bits": self.bits, "input_range": list(self.input_range),
+                "input_scale": self.input_scale, "input_bound": self.input_bound,
+                "output_scale": self.output_scale,
+                "layers": [{"layer": q.spec.name, "kind": q.spec.kind,
+                            "out_scale": q.out_scale, "bound": int(q.bound)}
+                           for q in self.layers]}
+
+
+@dataclass(frozen=True)
+class EdgeQuantizer:
+    """The two ends of a quantized prefix: float inputs to integers, output integers to
+    floats. Rebuilt from a plan's ``quantization`` entry, it is what a client holds.
+
+    Attributes:
+        bits: the bit width of inputs.
+        input_range: the calibrated ``(lo, hi)`` inputs must stay inside.
+        input_scale: ``x = input_scale * x_q``.
+        input_bound: the largest ``|x_q|``.
+        output_scale: ``y = output_scale * y_q``.
+    """
+
+    bits: int
+    input_range: tuple[float, float]
+    input_scale: float
+    input_bound: int
+    output_scale: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EdgeQuantizer":
+        """From ``QuantizedNetwork.to_dict()`` (a plan's ``quantization`` entry)."""
+        lo, hi = data["input_range"]
+        return cls(int(data["bits"]), (float(lo), float(hi)), float(data["input_scale"]),
+                   int(data["input_bound"]), float(data["output_scale"]))
+
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
         """Map float inputs to integers; NaN, infinity or values outside ``input_range``
         raise ``RangeError``."""
@@ -148,28 +209,9 @@ class QuantizedNetwork:
         low = 0 if lo >= 0 else -self.input_bound  # the bounds assume x_q >= 0 then
         return np.clip(q, low, self.input_bound).astype(np.int64)
 
-    def forward_int(self, x_q: np.ndarray) -> np.ndarray:
-        """Run every quantized layer on integer inputs."""
-        y = x_q
-        for layer in self.layers:
-            y = layer.forward_int(y)
-        return y
-
     def dequantize(self, y_q: np.ndarray) -> np.ndarray:
         """Integers of the last layer back to floats."""
         return np.asarray(y_q, dtype=np.float64) * self.output_scale
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Quantize, run on integers, dequantize: what an exact scheme returns."""
-        return self.dequantize(self.forward_int(self.quantize_input(x)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Scales and bounds, JSON-able (for reports and plans)."""
-        return {"bits": self.bits, "input_range": list(self.input_range),
-                "input_scale": self.input_scale, "input_bound": self.input_bound,
-                "layers": [{"layer": q.spec.name, "kind": q.spec.kind,
-                            "out_scale": q.out_scale, "bound": int(q.bound)}
-                           for q in self.layers]}
 
 
 def _weight_quant(w: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, float]:

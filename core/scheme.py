@@ -4,9 +4,14 @@ A ``Scheme`` instance is one configured scheme (its options resolved). The core 
 this order; every object it returns is opaque to the core, and every ``bytes`` crosses a
 role boundary (the core wraps it in a versioned envelope):
 
-compile time (anyone)::
+compile time (the model owner)::
 
     plan = scheme.plan(prefix, calibration)           # JSON-able dict, recorded in reports
+    scheme.load_plan(frozen)                          # the core hands back the frozen plan
+
+a client rebuilt from an artifact (no weights)::
+
+    scheme = SchemeClass(options); scheme.load_plan(plan)
 
 client (and, for FE, the authority)::
 
@@ -16,7 +21,8 @@ client (and, for FE, the authority)::
     keys = scheme.open_client(public)                 # FE client without the master secret
     y = scheme.decrypt(secret, out)                   # HE only: bytes -> (n, *out_shape)
 
-server (holds no secret)::
+server (holds no secret; loaded from the server artifact, it re-plans from the layers and
+the core checks that the plan and digest equal the stored ones)::
 
     ctx = scheme.open_server(public, functional)      # parse keys once
     layers = scheme.build_layers(prefix, ctx)         # SecureLayers, built once (encode once)
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -317,6 +323,24 @@ class Scheme(abc.ABC):
         """
         self.plan_ = {"security_bits": 128}
         return self.plan_
+
+    def load_plan(self, plan: Mapping[str, Any]) -> None:
+        """Restore the client side of a freshly constructed scheme from ``plan`` alone.
+
+        ``plan`` is what ``plan`` returned, frozen by the core (a JSON round trip: tuples
+        become lists, arrays must already be lists). After it, ``keygen``, ``encrypt``,
+        ``open_client``, ``check_input``, ``decrypt`` and ``batch_size`` work without the
+        layers' weights, so everything they read must be in the plan. The core also calls
+        it right after ``plan`` on the model owner's scheme, so the in-process client runs
+        the same code as a deployed one; server-side state that ``plan`` derived from the
+        weights may stay. The authority's ``functional_keys`` receives the prefix itself.
+        """
+        self.plan_ = dict(plan)
+
+    def fresh(self) -> "Scheme":
+        """An unplanned scheme with the same options: every compiled model owns one."""
+        options = {k: v for k, v in self.opts.items() if v is not None}
+        return type(self)(options, allow_insecure=self.allow_insecure)
 
     def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
         """The clear result the scheme must reproduce on ``x`` for ``prefix``.

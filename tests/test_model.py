@@ -22,8 +22,47 @@ def test_range_warning_names_layer(net):
     layers, calib = net
     sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
     client, server, _ = sm.setup()
+    with pytest.warns(secureinfer.RangeWarning, match=r"the network input: .*calibrated"):
+        client.encrypt(calib[:2] * 5)  # the client checks its input only: it has no model
     with pytest.warns(secureinfer.RangeWarning, match=r"the outputs of .*\bfc1\b"):
-        client.encrypt(calib[:2] * 5)
+        sm.check_ranges(calib[:2] * 5)  # the model owner sees every layer
+
+
+def _mlp_pair():
+    rng = np.random.default_rng(5)
+    small = NETWORKS["mlp_square"](rng)
+    other = NETWORKS["mlp_square"](np.random.default_rng(6))
+    return small, other
+
+
+@pytest.mark.parametrize("how", ["config", "instance"])
+def test_one_config_compiles_two_models_that_both_keep_working(how):
+    a, b = _mlp_pair()
+    xa, xb = inputs(a, 4, seed=1), inputs(b, 4, seed=1)
+    config = secureinfer.parse_config("clear?bits=8")
+    if how == "instance":
+        config = secureinfer.resolve(config)
+    sm_a = secureinfer.compile_layers(a, config, calibration=xa)
+    sm_b = secureinfer.compile_layers(b, config, calibration=xb)
+    assert sm_a.scheme is not sm_b.scheme and sm_a.scheme is not config
+    assert sm_a.plan != sm_b.plan  # other weights, other quantization scales
+    for sm, x in ((sm_a, xa), (sm_b, xb)):
+        client, server, _ = sm.setup()
+        got = client.decrypt(server.evaluate(client.encrypt(x)))
+        np.testing.assert_array_equal(got, sm.reference(x))
+    assert not np.allclose(sm_a.reference(xa), sm_b.reference(xa))
+
+
+def test_plan_is_frozen_data(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear?bits=6", calibration=calib)
+    plan = sm.plan
+    plan["bits"] = 3
+    plan["quantization"]["input_scale"] = 1e9
+    assert sm.plan["bits"] == 6 and sm.plan["quantization"]["input_scale"] != 1e9
+    client, server, _ = sm.setup()
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(calib[:2]))),
+                                  sm.reference(calib[:2]))
 
 
 def test_range_error_mode_refuses(net):

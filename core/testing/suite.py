@@ -273,3 +273,23 @@ class SchemeConformance:
             assert sm.reveals, "plaintext-output schemes must say what the server learns"
             assert forward(sm.clear_layers, np.zeros((1, *sm.secure_layers[-1].out_shape))) \
                 .shape[1:] == sm.layers[-1].out_shape
+
+    def test_client_and_server_from_the_artifact(self, compiled: Any, tmp_path: Any) -> None:
+        """A client rebuilt from the client artifact (config and plan, no weights under HE)
+        and a server from the server artifact reproduce the in-process result."""
+        from ..artifact import load_client, load_server
+
+        sm, _, x = compiled
+        sm.save(tmp_path)
+        client_model, server_model = load_client(tmp_path), load_server(tmp_path)
+        assert client_model.digest == server_model.digest == sm.digest
+        owner = client_model.owner()
+        keys = owner.keys
+        server = server_model.server(keys.public_keys(), keys.functional_keys()
+                                     if sm.output == "plaintext" else None)
+        got = owner.decrypt(server.evaluate(owner.encrypt(x)))
+        if sm.scheme.capabilities.exact:
+            np.testing.assert_allclose(got, sm.reference(x), rtol=1e-12, atol=1e-12)
+        else:
+            np.testing.assert_allclose(got, sm.reference(x), rtol=0,
+                                       atol=sm.scheme.capabilities.tolerance)

@@ -28,7 +28,7 @@ import numpy as np
 
 from secureinfer.errors import CompileError
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
-from secureinfer.quant import QuantizedNetwork
+from secureinfer.quant import EdgeQuantizer, QuantizedNetwork
 
 from .backend import MAX_COEFF_BITS, security_source
 from .bounds import output_bound
@@ -44,7 +44,7 @@ from .primes import (
 )
 from .program import BatchLinearStep, FlattenStep, PolyStep, SingleLinearStep, Step
 
-__all__ = ["DEGREES", "BfvPlan", "make_plan"]
+__all__ = ["DEGREES", "BfvClientPlan", "BfvPlan", "make_plan"]
 
 DEGREES = (4096, 8192, 16384, 32768)
 _MAX_PRIME_BITS = 60
@@ -150,7 +150,70 @@ class BfvPlan:
             "galois_keys": len(self.rotations), "rotation_steps": list(self.rotations),
             "input_im2col": self.im2col is not None, "layers": layers,
             "quantization": self.qnet.to_dict(),
+            # what the client works from (BfvClientPlan.from_dict): no weights
+            "input_slots": [] if self.input_slots is None else [int(v) for v in self.input_slots],
+            "input_period": int(self.input_period),
+            "im2col": None if self.im2col is None else {
+                "kernel": list(self.im2col.kernel), "stride": list(self.im2col.stride),
+                "padding": list(self.im2col.padding), "patches": self.im2col.patches,
+                "taps": self.im2col.taps},
+            "output_slots": [int(v) for v in self.output_slots],
+            "output_shape": list(self.output_shape), "input_width": self.input_width,
+            "output_width": self.output_width, "relinearize": bool(self.relinearize),
         }
+
+
+@dataclass(frozen=True)
+class BfvClientPlan:
+    """The client's part of a ``BfvPlan``, rebuilt from the plan dict alone (no weights):
+    contexts and keys to make, how to quantize and lay out an input, where the outputs
+    are, the bound and budget a decryption is checked against."""
+
+    packing: str
+    poly_degree: int
+    plain_moduli: list[int]
+    coeff_bits: list[int]
+    input_slots: np.ndarray | None
+    input_period: int
+    im2col: Im2col | None
+    rotations: list[int]
+    relinearize: bool
+    bound: int
+    budget: float
+    output_slots: np.ndarray
+    output_shape: tuple[int, ...]
+    input_width: int
+    output_width: int
+    edges: EdgeQuantizer
+
+    @classmethod
+    def from_dict(cls, plan: dict[str, Any]) -> "BfvClientPlan":
+        """From ``BfvPlan.to_dict()`` (after a JSON round trip)."""
+        cut = plan["im2col"]
+        im2col = None if cut is None else Im2col(
+            tuple(cut["kernel"]), tuple(cut["stride"]), tuple(cut["padding"]),
+            int(cut["patches"]), int(cut["taps"]))
+        slots = plan["input_slots"]
+        return cls(str(plan["packing"]), int(plan["poly_modulus_degree"]),
+                   [int(t) for t in plan["plain_moduli"]],
+                   [int(b) for b in plan["coeff_modulus_bits"]],
+                   np.asarray(slots, dtype=np.int64) if slots else None,
+                   int(plan["input_period"]), im2col, [int(r) for r in plan["rotation_steps"]],
+                   bool(plan["relinearize"]), int(plan["output_bound"]),
+                   float(plan["noise_budget_left_bits"]),
+                   np.asarray(plan["output_slots"], dtype=np.int64),
+                   tuple(int(d) for d in plan["output_shape"]), int(plan["input_width"]),
+                   int(plan["output_width"]), EdgeQuantizer.from_dict(plan["quantization"]))
+
+    @property
+    def row(self) -> int:
+        """Slots per ciphertext row (``N / 2``)."""
+        return self.poly_degree // 2
+
+    @property
+    def inputs_per_item(self) -> int:
+        """Inputs per ciphertext (``single``) or per ciphertext set (``batch``)."""
+        return 2 if self.packing == "single" else self.poly_degree
 
 
 # ----- steps ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ dequantizes. The result equals the quantized network run in the clear
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import
 
 from .backend import HE_STANDARD, RAW, PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, RemoteValue, ServerContext, Value
-from .planner import DEGREES, BfvPlan, make_plan
+from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
 from .workers import WorkerPool
@@ -80,6 +80,7 @@ class BfvScheme(Scheme):
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(options, **kw)
         self._plan: BfvPlan | None = None
+        self._client: BfvClientPlan | None = None
         self._index: dict[int, int] = {}
         self._levels: list[int] = []
 
@@ -98,7 +99,7 @@ class BfvScheme(Scheme):
 
     def batch_size(self) -> int:
         """``single``: 2 (one input per ciphertext row); ``batch``: ``N`` (one per slot)."""
-        plan = self._planned()
+        plan = self._client_plan()
         return 2 if plan.packing == "single" else plan.poly_degree
 
     # ----- compile time ------------------------------------------------------------
@@ -126,6 +127,15 @@ class BfvScheme(Scheme):
         self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict()}
         return self.plan_
 
+    def load_plan(self, plan: Mapping[str, Any]) -> None:
+        super().load_plan(plan)
+        self._client = BfvClientPlan.from_dict(dict(plan))
+
+    def _client_plan(self) -> BfvClientPlan:
+        if self._client is None:
+            raise CompileError("bfv: compile the model first (Scheme.plan was not called)")
+        return self._client
+
     def _planned(self) -> BfvPlan:
         if self._plan is None:
             raise CompileError("bfv: compile the model first (Scheme.plan was not called)")
@@ -152,12 +162,12 @@ class BfvScheme(Scheme):
         return self.qnet.forward(x)
 
     def check_input(self, x: np.ndarray) -> None:
-        self.qnet.quantize_input(x)
+        self._client_plan().edges.quantize_input(x)
 
     # ----- client --------------------------------------------------------------------
 
     def keygen(self) -> tuple[Any, bytes]:
-        plan = self._planned()
+        plan = self._client_plan()
         primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
         public, relin, rotate = [], [], []
         for p in primes:
@@ -174,8 +184,8 @@ class BfvScheme(Scheme):
         return ClientKeys(primes), payload
 
     def encrypt(self, keys: Any, x: np.ndarray) -> bytes:
-        plan = self._planned()
-        x_q = plan.qnet.quantize_input(x)
+        plan = self._client_plan()
+        x_q = plan.edges.quantize_input(x)
         if plan.im2col is not None:
             features = plan.im2col.unfold(x_q)
         else:
@@ -187,7 +197,7 @@ class BfvScheme(Scheme):
         return codec.pack_fields({"samples": len(x_q), "ct": blobs})
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
-        plan = self._planned()
+        plan = self._client_plan()
         if not isinstance(secret, ClientKeys) or len(secret.primes) != len(plan.plain_moduli) \
                 or any(p.he.is_secret_key_empty() for p in secret.primes):
             # SEAL dereferences a missing secret key (a crash, not an exception)
@@ -203,7 +213,7 @@ class BfvScheme(Scheme):
         if y.size and int(np.abs(y).max()) > plan.bound:
             raise RangeError(f"bfv: a decrypted output exceeds the worst-case bound "
                              f"{plan.bound} of the plan; refusing a possibly wrong result")
-        return plan.qnet.dequantize(y.reshape(n, *plan.output_shape))
+        return plan.edges.dequantize(y.reshape(n, *plan.output_shape))
 
     # ----- server --------------------------------------------------------------------
 
@@ -260,7 +270,7 @@ class BfvScheme(Scheme):
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
 
 
-def _slot_rows(plan: BfvPlan, features: np.ndarray) -> list[Any]:
+def _slot_rows(plan: BfvClientPlan, features: np.ndarray) -> list[Any]:
     """The slot vectors to encrypt: ``single``: one per two inputs; ``batch``: per chunk
     of ``N`` inputs, one per feature."""
     n_slots = plan.poly_degree
@@ -285,7 +295,7 @@ def _column(values: np.ndarray, n_slots: int) -> np.ndarray:
     return vec
 
 
-def _split(plan: BfvPlan, n_primes: int, payload: bytes,
+def _split(plan: BfvPlan | BfvClientPlan, n_primes: int, payload: bytes,
            width: int) -> tuple[int, list[list[list[bytes]]]]:
     """A ciphertext message -> ``(samples, blobs[item][prime])`` (``width`` blobs each)."""
     fields = codec.unpack_fields(payload)
@@ -301,7 +311,7 @@ def _split(plan: BfvPlan, n_primes: int, payload: bytes,
                 for k in range(n_primes)] for i in range(items)]
 
 
-def _parse(plan: BfvPlan, primes: list[PrimeContext], payload: bytes, width: int,
+def _parse(plan: BfvPlan | BfvClientPlan, primes: list[PrimeContext], payload: bytes, width: int,
            expected_size: int | None = None) -> Value:
     """A ciphertext message -> its ``Value``; ``width``: ciphertexts per item and prime."""
     n, items = _split(plan, len(primes), payload, width)
@@ -313,7 +323,7 @@ def _parse(plan: BfvPlan, primes: list[PrimeContext], payload: bytes, width: int
     return Value(value, n)
 
 
-def _decrypt_item(plan: BfvPlan, prime: PrimeContext, item: Any) -> np.ndarray:
+def _decrypt_item(plan: BfvClientPlan, prime: PrimeContext, item: Any) -> np.ndarray:
     """Residues mod ``prime.t`` of the inputs in one item: ``(inputs, outputs)``."""
     cts = item if isinstance(item, list) else [item]
     for ct in cts:

@@ -18,7 +18,8 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,6 +45,26 @@ __all__ = ["CKKSScheme"]
 
 _KINDS = frozenset({"linear", "conv2d", "avgpool2d", "flatten", "poly"})
 TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class _ClientLayout:
+    """What the client reads from the plan (no weights): shapes, the single-packing input
+    period and gather map, the output slot positions and the output level."""
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    period: int
+    gather: np.ndarray
+    positions: np.ndarray
+    depth: int
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> "_ClientLayout":
+        return cls(tuple(plan["input_shape"]), tuple(plan["output_shape"]),
+                   int(plan["input_period"]), np.asarray(plan["input_gather"], dtype=np.int64),
+                   np.asarray(plan["output_positions"], dtype=np.int64),
+                   int(plan["depth_needed"]))
 
 
 class CKKSScheme(Scheme):
@@ -80,6 +101,7 @@ class CKKSScheme(Scheme):
         self.params: _params.Params | None = None
         self.packing = "single"
         self._input_bound = 1.0
+        self._client: _ClientLayout | None = None
 
     # ----- description -------------------------------------------------------------
 
@@ -159,8 +181,31 @@ class CKKSScheme(Scheme):
                                                           params.scale_bits),
             "input_ciphertexts_per_message": (1 if packing == "single" else
                                               int(np.prod(program.input_shape))),
+            **self._client_layout(),
         }
         return self.plan_
+
+    def _client_layout(self) -> dict[str, Any]:
+        """The plan keys the client works from (``load_plan``)."""
+        program = self.program
+        period, gather, positions = 0, [], []
+        if self.packing == "single":
+            layout, gather_map = _program.input_layout(program)
+            period, gather = layout.period, [int(i) for i in gather_map]
+            positions = [int(i) for i in _program.output_layout(program).positions]
+        return {"input_shape": list(program.input_shape),
+                "output_shape": list(program.output_shape), "input_period": int(period),
+                "input_gather": gather, "output_positions": positions}
+
+    def load_plan(self, plan: Mapping[str, Any]) -> None:
+        super().load_plan(plan)
+        self.params = _params.Params(int(plan["poly_modulus_degree"]),
+                                     tuple(int(b) for b in plan["coeff_mod_bits"]),
+                                     int(plan["scale_bits"]), int(plan["depth_available"]),
+                                     int(plan["security_bits"]))
+        self.packing = str(plan["packing"])
+        self._input_bound = float(plan["input_limit"])
+        self._client = _ClientLayout.from_plan(plan)
 
     def _input_layout_name(self) -> str:
         if self.packing == "batch":
@@ -198,14 +243,15 @@ class CKKSScheme(Scheme):
 
     def encrypt(self, keys: ClientKeys, x: np.ndarray) -> bytes:
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        client = self._client
         if self.packing == "single":
-            layout, gather = _program.input_layout(self.program)
+            gather = client.gather
             padded = np.concatenate([x, np.zeros((len(x), 1))], axis=1)
-            period = np.zeros(layout.period)
+            period = np.zeros(client.period)
             blobs = []
             for row in padded:
                 period[: len(gather)] = row[gather]
-                blobs.append(to_bytes(keys.encrypt(np.tile(period, keys.seal.slots // layout.period))))
+                blobs.append(to_bytes(keys.encrypt(np.tile(period, keys.seal.slots // client.period))))
             counts = np.ones(len(x), dtype=np.int64)
         else:
             slots = keys.seal.slots
@@ -220,11 +266,11 @@ class CKKSScheme(Scheme):
     def decrypt(self, keys: ClientKeys, output: bytes) -> np.ndarray:
         seal = keys.seal
         counts, blobs = self._parse(output, "output")
-        level = seal.top - self.program.depth
-        out_shape = self.program.output_shape
+        level = seal.top - self._client.depth
+        out_shape = self._client.output_shape
         cts = [seal.load_ciphertext(b, level, "server output") for b in blobs]
         if self.packing == "single":
-            positions = _program.output_layout(self.program).positions
+            positions = self._client.positions
             return np.stack([keys.decrypt(ct)[positions] for ct in cts]).reshape(-1, *out_shape)
         width = int(np.prod(out_shape))
         rows = []
@@ -246,7 +292,7 @@ class CKKSScheme(Scheme):
         if self.packing == "single":
             per, limit = 1, 1
         else:
-            shape = self.program.input_shape if what == "input" else self.program.output_shape
+            shape = self._client.input_shape if what == "input" else self._client.output_shape
             per, limit = int(np.prod(shape)), self.params.slots
         if any(not 1 <= c <= limit for c in counts) or len(blobs) != per * len(counts):
             raise EnvelopeError(f"ckks: {what} message holds {len(blobs)} ciphertexts for "

@@ -7,7 +7,7 @@ that the exact schemes (BFV, FE) reproduce, so it is their reference too.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from secureinfer import codec
 from secureinfer.errors import EnvelopeError
 from secureinfer.hookspecs import hookimpl
 from secureinfer.layers import LayerSpec
-from secureinfer.quant import QuantizedNetwork, quantize
+from secureinfer.quant import EdgeQuantizer, QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, SecureLayer
 
 __all__ = ["ClearScheme"]
@@ -54,6 +54,7 @@ class ClearScheme(Scheme):
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(options, **kw)
         self.qnet: QuantizedNetwork | None = None
+        self.edges: EdgeQuantizer | None = None  # the client's: from the plan alone
         self.index: dict[int, int] = {}
         if self.opts["bits"] is not None:  # integers: equal to the reference bit for bit
             self.capabilities = replace(self.capabilities, exact=True, tolerance=0.0)
@@ -77,6 +78,11 @@ class ClearScheme(Scheme):
                       "quantization": self.qnet.to_dict() if self.qnet else None}
         return self.plan_
 
+    def load_plan(self, plan: Mapping[str, Any]) -> None:
+        super().load_plan(plan)
+        quant = plan.get("quantization")
+        self.edges = EdgeQuantizer.from_dict(quant) if quant else None
+
     @property
     def security_bits(self) -> None:
         """``clear`` encrypts nothing: no security level (reports say "none")."""
@@ -91,13 +97,13 @@ class ClearScheme(Scheme):
         return None, b""
 
     def encrypt(self, keys: Any, x: np.ndarray) -> bytes:
-        if self.qnet is not None:
-            return codec.pack_fields({"x": self.qnet.quantize_input(x)})
+        if self.edges is not None:
+            return codec.pack_fields({"x": self.edges.quantize_input(x)})
         return codec.pack_fields({"x": np.asarray(x, dtype=np.float64)})
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
         y = self._array(output, "y", "output")
-        return self.qnet.dequantize(y) if self.qnet is not None else y
+        return self.edges.dequantize(y) if self.edges is not None else y
 
     def open_server(self, public: bytes, functional: bytes) -> Any:
         return None

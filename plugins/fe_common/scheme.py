@@ -3,12 +3,13 @@ discrete-log table option and the calibration they both need to quantize."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from secureinfer.errors import CompileError
 from secureinfer.layers import LayerSpec
+from secureinfer.quant import EdgeQuantizer
 from secureinfer.scheme import Calibration, Option, Scheme
 
 from . import backend
@@ -35,7 +36,11 @@ def dlog_table_option() -> Option:
 class FeScheme(Scheme):
     """Base of the pymcl FE schemes: availability, version, calibration check, and the
     quantized reference of the program ``plan`` stores in ``self._program`` (any object
-    with a ``qnet``: ``secureinfer.quant.QuantizedNetwork``)."""
+    with a ``qnet``: ``secureinfer.quant.QuantizedNetwork``).
+
+    Clients work from the plan alone (``load_plan``): the input quantizer comes from the
+    plan's ``quantization`` entry, the sizes from its ``inputs``; the authority's
+    ``functional_keys`` derives the weights from the prefix it is given."""
 
     backend = "pymcl"
     extra = "fe"
@@ -44,6 +49,11 @@ class FeScheme(Scheme):
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(options, **kw)
         self._program: Any = None
+        self._edges: EdgeQuantizer | None = None
+
+    def load_plan(self, plan: Mapping[str, Any]) -> None:
+        super().load_plan(plan)
+        self._edges = EdgeQuantizer.from_dict(plan["quantization"])
 
     @classmethod
     def availability(cls) -> str | None:
@@ -65,8 +75,37 @@ class FeScheme(Scheme):
                                "evaluation (compile the model first)")
         return self._program
 
+    def edges(self) -> EdgeQuantizer:
+        """The client's input quantizer (from the plan)."""
+        if self._edges is None:
+            raise CompileError(f"{self.name}: load or compile a plan before keys or "
+                               "encryption")
+        return self._edges
+
+    def inputs(self) -> int:
+        """Integers in one encrypted input (from the plan)."""
+        self.edges()
+        return int(self.plan_["inputs"])
+
+    def _prefix_program(self, prefix: Sequence[LayerSpec], digest_key: str) -> Any:
+        """The planned program or, for an authority rebuilt from a client artifact, the
+        one ``derive(prefix)`` gives, checked against the plan's digest ``digest_key``."""
+        if self._program is not None:
+            return self._program
+        self.edges()
+        program = self._derive(prefix)
+        if program.digest != self.plan_[digest_key]:
+            raise CompileError(f"{self.name}: the prefix given to functional_keys is not the "
+                               "one this plan was made for (its digest differs): load the "
+                               "client artifact of the model the server runs")
+        self._program = program
+        return program
+
+    def _derive(self, prefix: Sequence[LayerSpec]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
         return self._planned().qnet.forward(x)
 
     def check_input(self, x: np.ndarray) -> None:
-        self._planned().qnet.quantize_input(x)
+        self.edges().quantize_input(x)

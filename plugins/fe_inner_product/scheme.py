@@ -136,12 +136,8 @@ class InnerProductFE(FeScheme):
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
         calibration = self._require_calibration(calibration)
-        qnet = quantize(prefix, calibration.input_range, self.opts["bits"])
-        weights, bias = affine_map(qnet.layers, prefix[0].in_shape)
-        nonneg = qnet.input_range[0] >= 0
-        bound = inner_product_bound(weights, qnet.input_bound, nonneg)
-        digest = hashlib.sha256(weights.tobytes() + b"|" + bias.tobytes()).hexdigest()
-        self._program = _Program(qnet, weights, bias, bound, digest)
+        self._program = self._map(prefix, calibration.input_range)
+        weights, bound, digest = self._program.weights, self._program.bound, self._program.digest
         table_bits = self.opts["dlog_table_bits"]
         if table_bits is None:
             table_bits = table_bits_for(bound, 8, _MAX_TABLE_BITS)
@@ -167,22 +163,32 @@ class InnerProductFE(FeScheme):
             "determines_input": bool(np.linalg.matrix_rank(weights.astype(np.float64))
                                      == weights.shape[1]),
             "dlog": {"bound": bound, "table_bits": table_bits, "max_steps": steps},
-            "quantization": qnet.to_dict(),
+            "quantization": self._program.qnet.to_dict(),
         }
         return self.plan_
+
+    def _map(self, prefix: Sequence[LayerSpec], input_range: tuple[float, float]) -> _Program:
+        qnet = quantize(prefix, input_range, self.opts["bits"])
+        weights, bias = affine_map(qnet.layers, prefix[0].in_shape)
+        bound = inner_product_bound(weights, qnet.input_bound, qnet.input_range[0] >= 0)
+        digest = hashlib.sha256(weights.tobytes() + b"|" + bias.tobytes()).hexdigest()
+        return _Program(qnet, weights, bias, bound, digest)
+
+    def _derive(self, prefix: Sequence[LayerSpec]) -> _Program:
+        return self._map(prefix, self.edges().input_range)
 
     # ----- authority and client --------------------------------------------------------
 
     def _public_key(self, h: list[Any]) -> PublicKey:
         ops = group("G1")
         g = ops.generator()
-        bound = self._planned().qnet.input_bound
+        bound = self.edges().input_bound
         pos = list(itertools.accumulate(itertools.repeat(g, bound), ops.law))
         small = [ops.inv(e) for e in reversed(pos)] + [ops.identity()] + pos
         return PublicKey(h, FixedBase(ops, g), small)
 
     def keygen(self) -> tuple[MasterSecret, bytes]:
-        n = int(self._planned().weights.shape[1])
+        n = self.inputs()
         ops = group("G1")
         s = [random_scalar() for _ in range(n)]
         g_table = FixedBase(ops, ops.generator())
@@ -193,22 +199,22 @@ class InnerProductFE(FeScheme):
     def functional_keys(self, secret: MasterSecret, prefix: Sequence[LayerSpec]) -> bytes:
         """``<s, A_j> mod r`` for every row of the planned prefix's integer map ``A``, and
         the digest of ``A`` and ``c`` the server checks against its own model."""
-        prog = self._planned()
+        prog = self._prefix_program(prefix, "weights_digest")
         s = np.array(secret.s, dtype=object)
         sk = (prog.weights.astype(object) @ s) % group_order()
         return codec.pack_fields({"sk": scalars_to_bytes(sk.tolist()),
                                   "weights_digest": prog.digest})
 
     def open_client(self, public: bytes) -> PublicKey:
-        n = int(self._planned().weights.shape[1])
+        n = self.inputs()
         fields = codec.unpack_fields(public)
         if not isinstance(fields.get("h"), bytes):
             raise EnvelopeError(f"{self.name} public key: missing field 'h'")
         return self._public_key(unpack_elements(group("G1"), fields["h"], count=n))
 
     def encrypt(self, keys: MasterSecret | PublicKey, x: np.ndarray) -> bytes:
-        prog = self._planned()
-        x_q = prog.qnet.quantize_input(x).reshape(len(x), -1)
+        edges = self.edges()
+        x_q = edges.quantize_input(x).reshape(len(x), -1)
         ops = group("G1")
         pk = keys.public if isinstance(keys, MasterSecret) else keys
         r, parts = group_order(), []
@@ -218,7 +224,7 @@ class InnerProductFE(FeScheme):
                 body = pk.g_table.pow_many([(rho * s + int(v)) % r
                                             for s, v in zip(keys.s, row.tolist())])
             else:  # ct_i = rho h_i + x_i g
-                rho_fr, off = fr(rho), prog.qnet.input_bound
+                rho_fr, off = fr(rho), edges.input_bound
                 body = [ops.law(h * rho_fr, pk.small[v + off])
                         for h, v in zip(pk.h, row.tolist())]
             parts.append(pack_elements(ops, [pk.g_table.pow(rho), *body]))

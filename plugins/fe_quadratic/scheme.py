@@ -135,14 +135,23 @@ class QuadraticFE(FeScheme):
 
     def _size(self) -> int:
         """Coordinates of an encrypted vector: the constant 1 and the inputs."""
-        return int(self._planned().function.pre.shape[1])
+        return self.inputs() + 1
+
+    def _derive(self, prefix: Sequence[LayerSpec]) -> _Program:
+        """The quadratic functions of ``prefix`` under this plan's quantization (for an
+        authority rebuilt from the client artifact; the discrete-log fields stay empty)."""
+        edges = self.edges()
+        qnet = quantize(prefix, edges.input_range, edges.bits,
+                        coeff_bits=int(self.plan_["coeff_bits"]))
+        fn = lower(qnet, prefix[0].in_shape, self.opts["max_hidden"])
+        return _Program(qnet, fn, fn.digest(), [], 0, 0)
 
     def keygen(self) -> tuple[dgp.MasterKey, bytes]:
         msk = dgp.setup(self._size())
         return msk, msk.public.to_bytes()
 
     def functional_keys(self, secret: dgp.MasterKey, prefix: Sequence[LayerSpec]) -> bytes:
-        prog = self._planned()
+        prog = self._prefix_program(prefix, "function_digest")
         keys = dgp.functional_keys(secret, prog.function)
         return codec.pack_fields({"keys": pack_elements(group("G2"), keys),
                                   "function_digest": prog.digest})
@@ -151,7 +160,7 @@ class QuadraticFE(FeScheme):
         return dgp.PublicKey.from_bytes(public, self._size())
 
     def encrypt(self, keys: dgp.MasterKey | dgp.PublicKey, x: np.ndarray) -> bytes:
-        x_q = self._planned().qnet.quantize_input(x).reshape(len(x), -1)
+        x_q = self.edges().quantize_input(x).reshape(len(x), -1)
         public = keys.public if isinstance(keys, dgp.MasterKey) else keys
         return codec.pack_fields({"ct": [dgp.encrypt(public, [1, *row]).to_bytes()
                                          for row in x_q.tolist()]})

@@ -1,0 +1,228 @@
+"""Key owners' keys: stored on disk (one file per key id), opened servers in an LRU.
+
+A key bundle is ``pack_fields({"public": envelope, "functional": envelope or b""})``, the
+bytes ``secureinfer.remote.bundle_keys`` makes; its key id is the SHA-256 of those bytes, so the same
+keys always get the same id and a stored file can be checked against its name. Files are
+written atomically (temporary file, fsync, rename), so a crash leaves either the whole file
+or none. Opened servers (parsed keys, encoded layers) stay in memory, least recently used
+first out, while their estimated size fits the budget. One lock per key id serializes what
+touches one key owner's server (opening, evaluating); different key owners run at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from .. import codec
+from ..codec import Kind
+from ..errors import EnvelopeError, SecureInferError
+from ..model import SecureModel, Server
+
+__all__ = ["ForeignKeysError", "KeyStore", "UnknownKeyError", "check_model", "key_id_of"]
+
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+_SUFFIX = ".keys"
+
+
+class UnknownKeyError(SecureInferError, KeyError):
+    """No key owner with this key id has uploaded keys (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ForeignKeysError(SecureInferError):
+    """Keys (or an input) made for another compiled model or scheme (HTTP 409)."""
+
+
+def key_id_of(data: bytes) -> str:
+    """The key id of a key bundle: the SHA-256 of its bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def check_model(model: SecureModel, data: bytes, kind: Kind) -> None:
+    """Raise ``ForeignKeysError`` when the envelope ``data`` belongs to another model and
+    ``EnvelopeError`` when it is malformed or not of ``kind``."""
+    env = codec.open_envelope(data)
+    if env.scheme != model.scheme.name or env.digest != model.digest:
+        raise ForeignKeysError(
+            f"this {kind.name.lower().replace('_', ' ')} message was made for scheme "
+            f"{env.scheme!r} with plan digest {env.digest.hex()}; this server runs "
+            f"{model.scheme.name!r} with digest {model.digest.hex()}: fetch this server's "
+            "client artifact (GET /v1/model) and make new keys from it")
+    if env.kind != kind:
+        raise EnvelopeError(f"expected a {kind.name} message, got {env.kind.name}")
+
+
+class _Entry:
+    def __init__(self, server: Server, size: int) -> None:
+        self.server, self.size = server, size
+
+
+class KeyStore:
+    """Stored keys and the LRU of opened servers for one compiled model.
+
+    Args:
+        model: the evaluator's model (``secureinfer.load_server``).
+        directory: the key store (created).
+        budget_bytes: memory budget of the opened servers (at least one is kept).
+    """
+
+    def __init__(self, model: SecureModel, directory: Path, budget_bytes: int) -> None:
+        self.model = model
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.budget = int(budget_bytes)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._stored = sum(1 for _ in self.directory.glob(f"*{_SUFFIX}"))
+
+    # ----- stats -----------------------------------------------------------------------
+
+    @property
+    def cached(self) -> int:
+        """Opened servers in memory."""
+        return len(self._cache)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Their estimated memory."""
+        with self._lock:
+            return sum(e.size for e in self._cache.values())
+
+    @property
+    def stored(self) -> int:
+        """Key owners in the store on disk."""
+        return self._stored
+
+    # ----- keys ------------------------------------------------------------------------
+
+    def lock(self, key_id: str) -> threading.Lock:
+        """The lock that serializes work on one key owner's server."""
+        with self._lock:
+            return self._locks.setdefault(key_id, threading.Lock())
+
+    def put(self, data: bytes) -> tuple[str, bool]:
+        """Check, open and store a key bundle; ``(key id, newly stored)``.
+
+        Raises:
+            EnvelopeError: malformed bundle or keys (400).
+            ForeignKeysError: keys of another model (409).
+        """
+        public, functional = self._parse(data)
+        key_id = key_id_of(data)
+        with self.lock(key_id):
+            path = self._path(key_id)
+            if key_id in self._cache and path.exists():
+                return key_id, False
+            server, size = self._open(public, functional)
+            created = not path.exists()
+            if created:
+                self._write(path, data)
+            self._insert(key_id, server, size)
+        if created:
+            with self._lock:
+                self._stored += 1
+        return key_id, created
+
+    def get(self, key_id: str) -> Server:
+        """The opened server of ``key_id``, from memory or from the store.
+
+        The caller holds ``lock(key_id)``.
+
+        Raises:
+            UnknownKeyError: no such key id (404).
+        """
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            raise UnknownKeyError(f"key id {str(key_id)[:80]!r} is not 64 hex digits (the id "
+                                  "POST /v1/keys returned)")
+        with self._lock:
+            entry = self._cache.get(key_id)
+            if entry is not None:
+                self._cache.move_to_end(key_id)
+                return entry.server
+        path = self._path(key_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UnknownKeyError(f"unknown key id {key_id}: upload the keys first "
+                                  "(POST /v1/keys)") from None
+        if key_id_of(data) != key_id:
+            raise UnknownKeyError(f"the stored keys of {key_id} are damaged: upload them "
+                                  "again (POST /v1/keys)")
+        server, size = self._open(*self._parse(data))
+        self._insert(key_id, server, size)
+        return server
+
+    # ----- internals -------------------------------------------------------------------
+
+    def _path(self, key_id: str) -> Path:
+        return self.directory / f"{key_id}{_SUFFIX}"
+
+    def _parse(self, data: bytes) -> tuple[bytes, bytes | None]:
+        fields = codec.unpack_fields(data)
+        public, functional = fields.get("public"), fields.get("functional", b"")
+        if not isinstance(public, bytes) or not isinstance(functional, bytes):
+            raise EnvelopeError("a key bundle holds a 'public' key envelope and a "
+                                "'functional' one (empty for HE): secureinfer.remote makes it")
+        check_model(self.model, public, Kind.PUBLIC_KEYS)
+        if functional:
+            check_model(self.model, functional, Kind.FUNCTIONAL_KEYS)
+        return public, functional or None
+
+    def _open(self, public: bytes, functional: bytes | None) -> tuple[Server, int]:
+        before = _rss()
+        try:
+            server = self.model.server(public, functional)
+        except SecureInferError:
+            raise
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as exc:
+            raise EnvelopeError(f"the keys cannot be opened: {type(exc).__name__}: "
+                                f"{exc}") from None
+        return server, max(len(public) + len(functional or b""), _rss() - before)
+
+    def _insert(self, key_id: str, server: Server, size: int) -> None:
+        with self._lock:
+            self._cache[key_id] = _Entry(server, size)
+            self._cache.move_to_end(key_id)
+            total = sum(e.size for e in self._cache.values())
+            while len(self._cache) > 1 and total > self.budget:
+                _, old = self._cache.popitem(last=False)
+                total -= old.size
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        try:  # the rename itself survives a crash once the directory is synced
+            fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def describe(self) -> dict[str, Any]:
+        """Counts for ``/healthz``."""
+        return {"keys_cached": self.cached, "keys_stored": self.stored,
+                "cache_budget_bytes": self.budget}
