@@ -274,12 +274,12 @@ class SchemeConformance:
             assert forward(sm.clear_layers, np.zeros((1, *sm.secure_layers[-1].out_shape))) \
                 .shape[1:] == sm.layers[-1].out_shape
 
-    def test_client_and_server_from_the_artifact(self, compiled: Any, tmp_path: Any) -> None:
+    def test_client_and_server_from_the_artifact(self, compiled: Run, tmp_path: Any) -> None:
         """A client rebuilt from the client artifact (config and plan, no weights under HE)
         and a server from the server artifact reproduce the in-process result."""
         from ..artifact import load_client, load_server
 
-        sm, _, x = compiled
+        sm, x = compiled.model, compiled.x
         sm.save(tmp_path)
         client_model, server_model = load_client(tmp_path), load_server(tmp_path)
         assert client_model.digest == server_model.digest == sm.digest
