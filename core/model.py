@@ -20,6 +20,7 @@ from .errors import (CompileError, EnvelopeError, EvaluationError, RangeError,
                      RangeWarning, SecureInferError)
 from .layers import LayerSpec, forward, nonfinite_parameters
 from .metrics import Meter
+from .onnx_import import is_onnx_path, load as onnx_load
 from .partition import Partition, partition
 from .registry import resolve
 from .scheme import Calibration, Scheme
@@ -361,14 +362,16 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
             calibration: Calibration | np.ndarray | None = None,
             allow_insecure: bool = False, range_check: str = "warn",
             **options: Any) -> SecureModel:
-    """Compile a torch model for private inference under ``scheme``.
+    """Compile a torch model or an ONNX file for private inference under ``scheme``.
 
     Args:
-        model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``).
+        model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``),
+            or the path of an ``.onnx`` file (see ``secureinfer.onnx_import``).
         scheme: a config string (``"ckks"``, ``"fe-ip?bits=8"``), a ``SchemeConfig`` or
             a configured ``Scheme``.
         input_shape: one input's shape without the batch dimension; taken from the model's
-            ``secureinfer_input_shape`` attribute when omitted.
+            ``secureinfer_input_shape`` attribute (an ONNX file: from its graph) when
+            omitted.
         calibration: a ``Calibration``, or representative inputs to compute one from;
             defaults to the model's ``secureinfer_calibration`` attribute (set by
             ``secureinfer.nn`` when it trains or loads a model).
@@ -384,6 +387,9 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     """
     from .compiler import lower
 
+    if is_onnx_path(model):
+        return compile_layers(onnx_load(model, input_shape), scheme, calibration=calibration,
+                              allow_insecure=allow_insecure, range_check=range_check, **options)
     if input_shape is None:
         input_shape = getattr(model, "secureinfer_input_shape", None)
         if input_shape is None:
