@@ -646,7 +646,13 @@ def _batchnorm(walk: _Walk, node: Any, args: list[Any], attrs: dict[str, Any]) -
     eps = float(attrs.get("epsilon", 1e-5))
     with np.errstate(all="ignore"):
         mult = scale / np.sqrt(var + eps)
-    return _fold(walk, node, x, mult, bias - mean * mult, "BatchNormalization")
+    axis = (-1,) + (1,) * (len(walk.shape) - 1)  # the statistics are per channel (axis 1)
+    try:
+        mult, add = mult.reshape(axis), (bias - mean * mult).reshape(axis)
+    except ValueError:
+        raise CompileError(f"node {_name(node)} (op BatchNormalization): statistics of shape "
+                           f"{scale.shape} for a tensor of shape {walk.shape}") from None
+    return _fold(walk, node, x, mult, add, "BatchNormalization")
 
 
 def _fold(walk: _Walk, node: Any, x: Any, mult: np.ndarray, add: np.ndarray,
