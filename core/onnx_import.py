@@ -309,6 +309,15 @@ def _unsupported(node: Any, why: str | None = None) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"node {_name(node)} (op {op}): {why}")
 
 
+@dataclass(frozen=True)
+class _GraphOutput:
+    """Stands for the graph output where a node is named (its pending polynomial)."""
+
+    name: str = "output"
+    op_type: str = "Output"
+    output: tuple[str, ...] = ()
+
+
 def lower(model: Any, input_shape: Sequence[int] | None = None, *,
           limits: Limits = DEFAULT_LIMITS) -> list[LayerSpec]:
     """Turn a checked ``onnx.ModelProto`` (see ``read``) into LayerSpecs.
@@ -341,21 +350,13 @@ def lower(model: Any, input_shape: Sequence[int] | None = None, *,
     if not isinstance(out, _Sym):
         raise ConfigError(f"the graph output {g.output[0].name!r} is not computed from the "
                           "input")
-    last = _FakeNode("output", "Output")
-    walk.materialize(last, out)
+    walk.materialize(_GraphOutput(), out)
     if not walk.layers:
         raise UnsupportedLayerError("the ONNX graph has no layer secureinfer can run")
     bad = nonfinite_parameters(walk.layers)
     if bad:
         raise ConfigError(f"the ONNX weights {', '.join(bad)} are NaN or infinite")
     return walk.layers
-
-
-@dataclass(frozen=True)
-class _FakeNode:
-    name: str
-    op_type: str
-    output: tuple[str, ...] = ()
 
 
 def load(source: str | os.PathLike[str] | bytes, input_shape: Sequence[int] | None = None,

@@ -8,8 +8,8 @@ import pytest
 
 import secureinfer
 from secureinfer.errors import UnsupportedLayerError
-from secureinfer.layers import (Flatten, Linear, MaxPool2d, Poly, ReLU, Sigmoid, Softmax,
-                                Tanh, forward)
+from secureinfer.layers import (Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh,
+                                forward)
 from secureinfer.partition import partition
 from secureinfer.scheme import Capabilities
 

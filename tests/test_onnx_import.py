@@ -365,7 +365,7 @@ def test_fuzzed_files_raise_only_secureinfer_errors():
 
     data = _small()
 
-    @hypothesis.settings(max_examples=300, deadline=None, database=None,
+    @hypothesis.settings(max_examples=600, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)),
                                min_size=1, max_size=8),
