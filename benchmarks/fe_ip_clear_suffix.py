@@ -8,7 +8,8 @@ with ReLU and with the polynomial activations of the default models (``square``)
 ``poly``, then every test image runs through ``fe-ip`` (encrypt, evaluate, decrypt).
 
 Run: ``python benchmarks/fe_ip_clear_suffix.py [--datasets digits,digits28]
-[--archs mlp,cnn] [--activations relu,square,poly] [--epochs 30] [--limit N] [--out r.json]``.
+[--archs mlp,cnn,mlp:64,64,64] [--activations relu,square,poly] [--epochs 30] [--limit N]
+[--out r.json]``; ``ARCH:W,W,...`` gives the hidden Linear widths (deeper networks).
 Prints a markdown table: float test accuracy, fe-ip accuracy on the same images, and the
 gain of ReLU over each polynomial network.
 """
@@ -47,7 +48,8 @@ def fe_ip_accuracy(model: Any, ds: data.Dataset, limit: int | None) -> tuple[flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="digits,digits28")
-    ap.add_argument("--archs", default="mlp,cnn")
+    ap.add_argument("--archs", default="mlp,cnn", help="ARCH or ARCH:W,W,... (hidden widths), "
+                                                       "separated by ';' when widths are given")
     ap.add_argument("--activations", default="relu,square,poly")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
@@ -57,13 +59,15 @@ def main() -> None:
     rows = []
     for name in args.datasets.split(","):
         ds = data.load(name)
-        for arch in args.archs.split(","):
+        for spec in args.archs.split(";" if ":" in args.archs else ","):
+            arch, _, widths = spec.partition(":")
+            hidden = tuple(int(w) for w in widths.split(",")) if widths else None
             for act in args.activations.split(","):
                 started = time.perf_counter()
                 result = train(ds, arch, act, epochs=args.epochs, seed=args.seed,
-                               progress=False)
+                               hidden=hidden, progress=False)
                 fe, flt, n = fe_ip_accuracy(result.model, ds, args.limit)
-                rows.append({"dataset": name, "arch": arch, "activation": act,
+                rows.append({"dataset": name, "arch": spec, "activation": act,
                              "float_accuracy": flt, "fe_ip_accuracy": fe, "images": n,
                              "seconds": round(time.perf_counter() - started, 1)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
