@@ -428,3 +428,21 @@ def test_run_takes_an_onnx_model(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == str(src) and report["agreement"] == 1.0
     assert report["secure_layers"][1] == "Linear /fc1/Gemm 64->32"
+
+
+def test_to_module_lowers_back_to_the_same_layers(rng):
+    from secureinfer.layers import (AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, Poly, ReLU,
+                                    Sigmoid, Softmax, Tanh)
+    from secureinfer.nn.from_onnx import to_module
+
+    f32 = lambda a: np.asarray(a, dtype=np.float32).astype(np.float64)  # noqa: E731
+    layers = [Conv2d("c", (1, 9, 9), weight=f32(rng.normal(size=(2, 1, 3, 3))),
+                     bias=f32(rng.normal(size=2)), stride=(1, 1), padding=(1, 1)),
+              Poly("p", (2, 9, 9), coeffs=(0.25, -1.0, 0.5, 0.125)),
+              AvgPool2d("a", (2, 9, 9), kernel=3, stride=3),
+              Poly("s", (2, 3, 3), coeffs=(0.0, 0.0, 1.0)),
+              MaxPool2d("m", (2, 3, 3), kernel=2, stride=1, padding=1), ReLU("r", (2, 4, 4)),
+              Flatten("f", (2, 4, 4)),
+              Linear("l", (32,), weight=f32(rng.normal(size=(6, 32))), bias=f32(np.zeros(6))),
+              Sigmoid("g", (6,)), Tanh("t", (6,)), Softmax("x", (6,))]
+    _same_specs(lower_torch(to_module(layers), (1, 9, 9)), layers)
