@@ -381,9 +381,11 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
         **options: scheme options, overriding the config string's.
 
     Raises:
-        UnsupportedLayerError: a layer with no HE-friendly form (e.g. ReLU), named.
+        UnsupportedLayerError: a layer with no HE-friendly form, named; or a ReLU (max-pool,
+            ...) that an HE scheme or the secure prefix would have to run.
         CompileError: the scheme cannot run the network; the message says what to change.
-        ConfigError: unknown scheme or option (the message lists the valid ones).
+        ConfigError: unknown scheme or option (the message lists the valid ones); an ONNX
+            file that is malformed or beyond the limits of ``secureinfer.onnx_import``.
     """
     from .compiler import lower
 
