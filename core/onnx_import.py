@@ -301,7 +301,11 @@ def _attrs(node: Any) -> dict[str, Any]:
 def _unsupported(node: Any, why: str | None = None) -> UnsupportedLayerError:
     op = node.op_type
     if why is None:
-        if op in _NON_POLYNOMIAL:
+        if op == "Shape":
+            why = ("Shape computes a tensor shape at run time (a dynamic batch axis, or "
+                   "x.view(x.size(0), -1)); export without dynamic_axes, or flatten with "
+                   "torch.flatten(x, 1) / nn.Flatten(), which export as Flatten")
+        elif op in _NON_POLYNOMIAL:
             why = f"{op} is not a polynomial; {HE_FRIENDLY_HINT}"
         else:
             why = (f"{op} has no HE-friendly equivalent; {_SUPPORTED_TEXT}; for activations: "

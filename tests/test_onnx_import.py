@@ -247,6 +247,8 @@ def test_max_pool_is_refused_under_he_and_allowed_in_a_clear_suffix(tmp_path, di
 REFUSALS = {
     "gelu": (helper.make_node("Gelu", ["h"], ["y"], name="g", domain=""),
              [], "g/Gelu \\(op Gelu\\): Gelu is not a polynomial.*make_he_friendly"),
+    "shape": (helper.make_node("Shape", ["h"], ["y"], name="sh"), [],
+              "sh/Shape \\(op Shape\\).*without dynamic_axes.*nn.Flatten"),
     "concat": (helper.make_node("Concat", ["h", "h"], ["y"], name="cat", axis=1),
                [], "cat/Concat \\(op Concat\\): Concat has no HE-friendly equivalent"),
     "pow_half": (helper.make_node("Pow", ["h", "e"], ["y"], name="p"), [_t("e", 0.5)],
