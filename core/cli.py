@@ -261,8 +261,9 @@ def _positive_int(text: str) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model file (secureinfer train --out); default: the "
-                                   "dataset's default model, trained on first use")
+    p.add_argument("--model", help="model file (secureinfer train --out) or an ONNX file "
+                                   "(.onnx); default: the dataset's default model, trained "
+                                   "on first use")
     p.add_argument("--dataset", default="digits",
                    help="digits (default, embedded), digits28, or npz:PATH")
     p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"),
@@ -357,6 +358,9 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
         pass
     else:
         add_train_parser(sub)
+        from .nn.from_onnx import add_convert_parser
+
+        add_convert_parser(sub)
     return parser
 
 

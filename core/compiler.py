@@ -4,7 +4,9 @@ The model is traced with ``torch.fx``; every node must map to a LayerSpec. Batch
 folded into the Linear or Conv2d before it. A module (or function) with a
 ``secureinfer_poly()`` method returning polynomial coefficients (lowest first) becomes a
 ``Poly`` layer; that is how ``secureinfer.nn.Square`` and ``PolyAct`` lower, and how a user's
-own polynomial activation can.
+own polynomial activation can. ReLU, max-pool, sigmoid, tanh and softmax lower to clear-only
+layers: the partition accepts them in the clear suffix of a plaintext-output scheme and
+refuses them anywhere else (with the ``make_he_friendly`` advice).
 """
 
 from __future__ import annotations
@@ -15,14 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import UnsupportedLayerError
-from .layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
+from .layers import (HE_FRIENDLY_HINT, AvgPool2d, Conv2d, Flatten, LayerSpec, Linear,
+                     MaxPool2d, Poly, ReLU, Sigmoid, Softmax, Tanh)
 
 __all__ = ["lower"]
-
-_HE_FRIENDLY_HINT = (
-    "encrypted inference needs polynomial activations: replace it with "
-    "secureinfer.nn.make_he_friendly(model) (ReLU -> PolyAct, MaxPool -> AvgPool) and "
-    "fine-tune, or train with `secureinfer train --activation poly`")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -66,6 +64,10 @@ def lower(model: Any, input_shape: Sequence[int]) -> list[LayerSpec]:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return hasattr(m, "secureinfer_poly") or super().is_leaf_module(m, qualname)
 
+    elementwise_modules = {nn.ReLU: ReLU, nn.Sigmoid: Sigmoid, nn.Tanh: Tanh}
+    elementwise_functions = {torch.relu: ReLU, torch.relu_: ReLU, F.relu: ReLU, F.relu_: ReLU,
+                             torch.sigmoid: Sigmoid, F.sigmoid: Sigmoid, torch.tanh: Tanh,
+                             F.tanh: Tanh}
     model = model.eval()
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
@@ -82,11 +84,12 @@ def lower(model: Any, input_shape: Sequence[int]) -> list[LayerSpec]:
         if "relu" in low or "maxpool" in low or "max_pool" in low or "gelu" in low \
                 or "sigmoid" in low or "tanh" in low:
             return UnsupportedLayerError(f"layer {name}: {what} is not a polynomial; "
-                                         f"{_HE_FRIENDLY_HINT}")
+                                         f"{HE_FRIENDLY_HINT}")
         return UnsupportedLayerError(
             f"layer {name}: {what} has no HE-friendly equivalent; supported: Linear, Conv2d, "
             "AvgPool2d, Flatten, BatchNorm (folded), Dropout/Identity (dropped), "
-            "secureinfer.nn.Square/PolyAct and any module with secureinfer_poly()")
+            "secureinfer.nn.Square/PolyAct and any module with secureinfer_poly(); ReLU, "
+            "MaxPool2d, Sigmoid, Tanh, Softmax in the clear suffix of plaintext-output schemes")
 
     for node in graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -127,6 +130,13 @@ def lower(model: Any, input_shape: Sequence[int]) -> list[LayerSpec]:
                     add(Flatten(name, shape))
             elif isinstance(m, (nn.Dropout, nn.Identity)):
                 continue
+            elif isinstance(m, nn.MaxPool2d):
+                add(_maxpool(name, shape, m.kernel_size, m.stride, m.padding, m.dilation,
+                             m.ceil_mode, m.return_indices))
+            elif isinstance(m, nn.Softmax) and m.dim in (1, -1) and len(shape) == 1:
+                add(Softmax(name, shape))
+            elif type(m) in elementwise_modules:
+                add(elementwise_modules[type(m)](name, shape))
             else:
                 raise unsupported(type(m).__name__, name)
         elif node.op == "call_function":
@@ -139,6 +149,14 @@ def lower(model: Any, input_shape: Sequence[int]) -> list[LayerSpec]:
                 add(Poly(name, shape, coeffs=(0.0, 0.0, 1.0)))
             elif fn in (F.dropout, getattr) or fn is operator.getitem:
                 continue
+            elif fn in (F.max_pool2d, torch.max_pool2d):
+                kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                               "return_indices"), node.args[1:]), **node.kwargs)
+                add(_maxpool(name, shape, kw["kernel_size"], kw.get("stride"),
+                             kw.get("padding", 0), kw.get("dilation", 1),
+                             kw.get("ceil_mode", False), kw.get("return_indices", False)))
+            elif fn in elementwise_functions:
+                add(elementwise_functions[fn](name, shape))
             else:
                 raise unsupported(getattr(fn, "__name__", str(fn)), name)
         elif node.op == "call_method":
@@ -151,11 +169,28 @@ def lower(model: Any, input_shape: Sequence[int]) -> list[LayerSpec]:
                 add(Poly(name, shape, coeffs=(0.0, 0.0, 1.0)))
             elif meth in ("contiguous", "size"):
                 continue
+            elif meth in _ELEMENTWISE_METHODS:
+                add(_ELEMENTWISE_METHODS[meth](name, shape))
             else:
                 raise unsupported(f"tensor method .{meth}()", name)
     if not layers:
         raise UnsupportedLayerError("the model has no layer secureinfer can run")
     return layers
+
+
+_ELEMENTWISE_METHODS = {"relu": ReLU, "relu_": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
+
+
+def _maxpool(name: str, shape: tuple[int, ...], kernel: Any, stride: Any, padding: Any,
+             dilation: Any, ceil_mode: bool, return_indices: bool) -> MaxPool2d:
+    k, s = _pair(kernel), _pair(stride if stride not in (None, (), []) else kernel)
+    p = _pair(padding)
+    if k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or _pair(dilation) != (1, 1) \
+            or ceil_mode or return_indices:
+        raise UnsupportedLayerError(
+            f"layer {name}: MaxPool2d needs a square kernel, stride and padding, dilation 1, "
+            "ceil_mode=False and no indices")
+    return MaxPool2d(name, shape, kernel=k[0], stride=s[0], padding=p[0])
 
 
 def _is_flat(args: Sequence[Any]) -> bool:

@@ -3,6 +3,10 @@
 A ``LayerSpec`` is a plain dataclass holding numpy weights; plugins see only these, never
 torch. Shapes exclude the batch dimension. ``forward`` is the float64 reference evaluation
 (batch first) that the ``clear`` scheme and the clear suffix of plaintext-output schemes run.
+
+Clear-only layers (``ReLU``, ``MaxPool2d``, ``Sigmoid``, ``Tanh``, ``Softmax``) are not
+polynomials: no scheme evaluates them on encrypted data, so they may only sit in the clear
+suffix of a plaintext-output scheme; the partition refuses them anywhere else.
 """
 
 from __future__ import annotations
@@ -16,16 +20,30 @@ from .errors import InvalidLayerError
 
 __all__ = [
     "AvgPool2d",
+    "CLEAR_ONLY_KINDS",
+    "ClearOnly",
     "Conv2d",
     "Flatten",
+    "HE_FRIENDLY_HINT",
     "LayerSpec",
     "Linear",
+    "MaxPool2d",
     "Poly",
+    "ReLU",
+    "Sigmoid",
+    "Softmax",
+    "Tanh",
     "forward",
     "im2col",
     "network_degree",
     "nonfinite_parameters",
 ]
+
+HE_FRIENDLY_HINT = (
+    "encrypted inference needs polynomial activations: replace it with "
+    "secureinfer.nn.make_he_friendly(model) (ReLU -> PolyAct, MaxPool -> AvgPool) and "
+    "fine-tune, or train with `secureinfer train --activation poly`")
+"""The fix for a non-polynomial layer where encryption would have to run it."""
 
 
 @dataclass(eq=False)
@@ -39,6 +57,7 @@ class LayerSpec:
     """
 
     kind: ClassVar[str] = "layer"
+    clear_only: ClassVar[bool] = False
     name: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...] = field(init=False)
@@ -222,6 +241,102 @@ class Poly(LayerSpec):
 
     def describe(self) -> str:
         return f"Poly {self.name} degree {self.degree} {self.coeffs}"
+
+
+@dataclass(eq=False)
+class ClearOnly(LayerSpec):
+    """A layer that is not a polynomial: it runs only in the clear suffix of a
+    plaintext-output scheme (see ``secureinfer.partition``)."""
+
+    clear_only: ClassVar[bool] = True
+
+    @property
+    def degree(self) -> int:
+        raise TypeError(f"layer {self.name}: {type(self).__name__} is not a polynomial")
+
+
+@dataclass(eq=False)
+class ReLU(ClearOnly):
+    """``max(x, 0)`` element-wise."""
+
+    kind: ClassVar[str] = "relu"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+
+@dataclass(eq=False)
+class Sigmoid(ClearOnly):
+    """``1 / (1 + exp(-x))`` element-wise."""
+
+    kind: ClassVar[str] = "sigmoid"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+
+
+@dataclass(eq=False)
+class Tanh(ClearOnly):
+    """``tanh(x)`` element-wise."""
+
+    kind: ClassVar[str] = "tanh"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.tanh(x)
+
+
+@dataclass(eq=False)
+class Softmax(ClearOnly):
+    """Softmax over the features of a flat vector."""
+
+    kind: ClassVar[str] = "softmax"
+
+    def _infer_out_shape(self) -> tuple[int, ...]:
+        if len(self.in_shape) != 1:
+            raise ValueError(f"layer {self.name}: softmax over a flat vector, got "
+                             f"{self.in_shape}")
+        return self.in_shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(eq=False)
+class MaxPool2d(ClearOnly):
+    """Max pooling: square ``kernel``, ``stride``, symmetric ``padding`` (never chosen)."""
+
+    kind: ClassVar[str] = "maxpool2d"
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+
+    def _infer_out_shape(self) -> tuple[int, ...]:
+        self.kernel, self.stride, self.padding = int(self.kernel), int(self.stride), \
+            int(self.padding)
+        if len(self.in_shape) != 3:
+            raise ValueError(f"layer {self.name}: input shape {self.in_shape} is not (C, H, W)")
+        c, h, w = self.in_shape
+        p, k, s = self.padding, self.kernel, self.stride
+        if k < 1 or s < 1 or p < 0 or 2 * p > k or h + 2 * p < k or w + 2 * p < k:
+            raise ValueError(f"layer {self.name}: max-pool kernel {k}, stride {s}, padding "
+                             f"{p} does not fit input {h}x{w}")
+        return (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n, c = x.shape[:2]
+        p = self.padding
+        if p:
+            padded = np.full((n, c, x.shape[2] + 2 * p, x.shape[3] + 2 * p), -np.inf)
+            padded[:, :, p:p + x.shape[2], p:p + x.shape[3]] = x
+            x = padded
+        cols = im2col(x.reshape(n * c, 1, *x.shape[2:]), (self.kernel, self.kernel),
+                      (self.stride, self.stride), (0, 0))
+        return cols.max(axis=2).reshape(n, *self.out_shape)
+
+
+CLEAR_ONLY_KINDS = frozenset({"relu", "sigmoid", "tanh", "softmax", "maxpool2d"})
+"""Kinds of the clear-only layers (what ``clear_only`` marks)."""
 
 
 def forward(layers: list[LayerSpec], x: np.ndarray) -> np.ndarray:

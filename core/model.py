@@ -23,6 +23,7 @@ from .errors import (CompileError, ConfigError, EnvelopeError, EvaluationError, 
                      RangeError, RangeWarning, RoleError, SecureInferError)
 from .layers import LayerSpec, forward, nonfinite_parameters
 from .metrics import Meter
+from .onnx_import import is_onnx_path, load as onnx_load
 from .partition import Partition, partition
 from .registry import resolve
 from .report import server_learns
@@ -508,15 +509,17 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
             calibration: Calibration | np.ndarray | None = None,
             allow_insecure: bool = False, range_check: str = "warn",
             **options: Any) -> SecureModel:
-    """Compile a torch model for private inference under ``scheme``.
+    """Compile a torch model or an ONNX file for private inference under ``scheme``.
 
     Args:
-        model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``).
+        model: a ``torch.nn.Module`` with polynomial activations (see ``secureinfer.nn``),
+            or the path of an ``.onnx`` file (see ``secureinfer.onnx_import``).
         scheme: a config string (``"ckks"``, ``"fe-ip?bits=8"``), a ``SchemeConfig`` or
             a configured ``Scheme`` (used as a template: the model gets its own copy,
             ``Scheme.fresh``, so one object compiles any number of networks).
         input_shape: one input's shape without the batch dimension; taken from the model's
-            ``secureinfer_input_shape`` attribute when omitted.
+            ``secureinfer_input_shape`` attribute (an ONNX file: from its graph) when
+            omitted.
         calibration: a ``Calibration``, or representative inputs to compute one from;
             defaults to the model's ``secureinfer_calibration`` attribute (set by
             ``secureinfer.nn`` when it trains or loads a model).
@@ -526,13 +529,18 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
         **options: scheme options, overriding the config string's.
 
     Raises:
-        UnsupportedLayerError: a layer with no HE-friendly form (e.g. ReLU), named.
+        UnsupportedLayerError: a layer with no HE-friendly form, named; or a ReLU (max-pool,
+            ...) that an HE scheme or the secure prefix would have to run.
         CompileError: the scheme cannot run the network; the message says what to change.
-        ConfigError: unknown scheme or option (the message lists the valid ones), or no
-            ``input_shape`` given and none on the model.
+        ConfigError: unknown scheme or option (the message lists the valid ones), no
+            ``input_shape`` given and none on the model, or an ONNX file that is malformed
+            or beyond the limits of ``secureinfer.onnx_import``.
     """
     from .compiler import lower
 
+    if is_onnx_path(model):
+        return compile_layers(onnx_load(model, input_shape), scheme, calibration=calibration,
+                              allow_insecure=allow_insecure, range_check=range_check, **options)
     if input_shape is None:
         input_shape = getattr(model, "secureinfer_input_shape", None)
         if input_shape is None:

@@ -1,12 +1,18 @@
-"""Split a network into the prefix a scheme runs and the suffix run in the clear."""
+"""Split a network into the prefix a scheme runs and the suffix run in the clear.
+
+A clear-only layer (ReLU, max-pool, ...: ``LayerSpec.clear_only``) that the scheme does not
+declare ends the prefix. It is accepted in the clear suffix of a plaintext-output scheme;
+where a secure prefix or an encrypted-output scheme would have to run it, it is an
+``UnsupportedLayerError`` that says how to make the network polynomial.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import CompileError
-from .layers import LayerSpec
+from .errors import CompileError, UnsupportedLayerError
+from .layers import HE_FRIENDLY_HINT, LayerSpec
 from .scheme import Capabilities
 
 __all__ = ["Partition", "partition"]
@@ -26,6 +32,24 @@ def _trim_trailing(prefix: list[LayerSpec]) -> list[LayerSpec]:
     while prefix and prefix[-1].kind == "flatten" and len(prefix) > 1:
         prefix = prefix[:-1]
     return prefix
+
+
+def _refuse_clear_only(layers: list[LayerSpec], cut: int, caps: Capabilities,
+                      scheme: str) -> None:
+    """A clear-only layer at ``cut`` must land in the clear suffix of a plaintext-output
+    scheme, after a non-empty prefix."""
+    if cut == len(layers) or not layers[cut].clear_only:
+        return
+    layer = layers[cut]
+    if caps.output == "encrypted":
+        where = f"scheme {scheme} has encrypted output and would have to run it encrypted"
+    elif all(l.kind == "flatten" for l in layers[:cut]):
+        where = (f"no layer before it computes anything, so the secure prefix of {scheme} "
+                 "would have to run it")
+    else:
+        return
+    raise UnsupportedLayerError(f"layer {layer.name} ({layer.describe()}) is not a "
+                                f"polynomial: {where}; {HE_FRIENDLY_HINT}")
 
 
 def partition(layers: Sequence[LayerSpec], caps: Capabilities, scheme: str) -> Partition:
@@ -48,6 +72,7 @@ def partition(layers: Sequence[LayerSpec], caps: Capabilities, scheme: str) -> P
                               f"layer would make it {degree * layer.degree}")
             break
         degree *= layer.degree
+    _refuse_clear_only(layers, cut, caps, scheme)
     secure = layers[:cut]
     if cut < len(layers) and caps.output == "plaintext":
         secure = _trim_trailing(secure)

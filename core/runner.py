@@ -59,12 +59,16 @@ def load_network(model: Any, dataset: Dataset, *, arch: str = "mlp",
     """Layers, calibration and a display name for ``model``.
 
     ``model`` is ``None`` (the default model of the dataset, trained on first use), a path
-    to a secureinfer model file, a torch module, or a list of LayerSpecs.
+    to a secureinfer model file or an ``.onnx`` file, a torch module, or a list of LayerSpecs.
     """
     from .compiler import lower
+    from .onnx_import import is_onnx_path, load as onnx_load
 
     if isinstance(model, list):
         layers, name = model, "layers"
+        module = None
+    elif is_onnx_path(model):
+        layers, name = onnx_load(model, dataset.input_shape), str(model)
         module = None
     else:
         if model is None:

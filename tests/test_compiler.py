@@ -87,8 +87,9 @@ def test_functional_relu_rejected():
         def forward(self, x):
             return torch.relu(x)
 
-    with pytest.raises(UnsupportedLayerError, match="relu"):
-        lower(F(), (4,))
+    assert [l.kind for l in lower(F(), (4,))] == ["relu"]  # a clear-only layer
+    with pytest.raises(UnsupportedLayerError, match="ReLU.*make_he_friendly"):
+        secureinfer.compile(F(), "clear", input_shape=(4,))
 
 
 def test_batchnorm_first_cannot_fold():

@@ -10,8 +10,8 @@ unpickled, so a file from anywhere is safe to open, and a malformed one raises
 ``ConfigError`` saying what is wrong.
 
 The architecture is an ``nn.Sequential`` (nested ones allowed) of the modules listed in
-``MODULES``: everything ``secureinfer.nn`` builds, and the ReLU / max-pool networks it
-converts from.
+``MODULES``: everything ``secureinfer.nn`` builds, the ReLU / max-pool networks it
+converts from, and what an ONNX import holds (``secureinfer convert``).
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ MODULES: dict[str, _Spec] = {
     "Dropout": (nn.Dropout, {"p": _unit}, {}),
     "Identity": (nn.Identity, {}, {}),
     "ReLU": (nn.ReLU, {}, {}),
+    "Sigmoid": (nn.Sigmoid, {}, {}),
+    "Tanh": (nn.Tanh, {}, {}),
+    "Softmax": (nn.Softmax, {"dim": _dim}, {}),
     "Square": (Square, {"input_range": _range}, {}),
     "PolyAct": (PolyAct, {"degree": _pos, "init": _init, "input_range": _range},
                 {"blend": "blend"}),
