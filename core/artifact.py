@@ -227,13 +227,13 @@ def _parse_arrays(data: bytes | None, where: str) -> dict[str, np.ndarray]:
         raise ArtifactError(f"{where}: not a numpy .npz of plain arrays ({exc})") from None
 
 
-def _scheme_from(manifest: dict[str, Any], where: str) -> Any:
+def _scheme_from(manifest: dict[str, Any], where: str, allow_insecure: bool) -> Any:
     config = _need(manifest, "scheme", dict, where)
     name, options = config.get("name"), config.get("options", {})
     if not isinstance(name, str) or not isinstance(options, dict):
         raise ArtifactError(f"{where}: field 'scheme' needs a name and an options object")
     try:
-        return resolve(name, allow_insecure=bool(config.get("allow_insecure")), **options)
+        return resolve(name, allow_insecure=allow_insecure, **options)
     except SecureInferError as exc:
         raise ArtifactError(f"{where}: field 'scheme': {exc}") from None
 
@@ -271,14 +271,20 @@ def _read(path: Path, required: bool = True) -> bytes | None:
 
 
 def client_from_bundle(manifest_bytes: bytes, arrays_bytes: bytes | None,
-                       where: str = f"client/{MANIFEST}") -> ClientModel:
+                       where: str = f"client/{MANIFEST}", *,
+                       allow_insecure: bool = False) -> ClientModel:
     """A ``ClientModel`` from the client manifest and its arrays (``None``: no arrays).
 
+    The manifest may come from an untrusted server: its ``allow_insecure`` flag is ignored
+    (only the caller's counts) and the scheme recomputes the security level from the
+    plan's parameters in ``load_plan``.
+
     Raises:
-        ArtifactError: a corrupt or foreign manifest (naming the field), another version.
+        ArtifactError: a corrupt or foreign manifest (naming the field), another version,
+            or parameters below 128-bit security without ``allow_insecure``.
     """
     m = _parse_manifest(manifest_bytes, where, "client")
-    scheme = _scheme_from(m, where)
+    scheme = _scheme_from(m, where, allow_insecure)
     plan = _need(m, "plan", dict, where)
     digest = _digest(m, where)
     if codec.params_digest(scheme.name, plan) != digest:
@@ -295,11 +301,23 @@ def client_from_bundle(manifest_bytes: bytes, arrays_bytes: bytes | None,
     layers = [_spec_from(e, arrays, f"{where}: layers[{i}]") for i, e in enumerate(entries)]
     try:
         scheme.load_plan(plan)
+    except SecureInferError as exc:
+        raise ArtifactError(f"{where}: field 'plan': {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{where}: field 'plan' lacks what scheme {scheme.name} needs "
                             f"({type(exc).__name__}: {exc})") from None
+    _check_security(scheme, where)
     return ClientModel(scheme, freeze_plan(plan), digest, shape,
                        _range(m.get("input_range"), where, "input_range"), range_check, layers)
+
+
+def _check_security(scheme: Any, where: str) -> None:
+    """Backstop for every scheme: the level the scheme computed in ``load_plan``."""
+    bits = scheme.security_bits
+    if bits is not None and bits < 128 and not scheme.allow_insecure:
+        raise ArtifactError(f"{where}: field 'plan' gives {bits}-bit security under scheme "
+                            f"{scheme.name} ({scheme.security_source}), below the 128-bit "
+                            "default; refused (pass allow_insecure=True to accept it)")
 
 
 def client_bundle(directory: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
@@ -308,25 +326,31 @@ def client_bundle(directory: str | os.PathLike[str]) -> tuple[bytes, bytes | Non
     return _read(part / MANIFEST), _read(part / ARRAYS, required=False)  # type: ignore[return-value]
 
 
-def load_client(source: str | os.PathLike[str], *, token: str | None = None) -> ClientModel:
+def load_client(source: str | os.PathLike[str], *, token: str | None = None,
+                allow_insecure: bool = False) -> ClientModel:
     """The data owner's model from an artifact directory or a server URL.
 
     Args:
         source: the artifact directory (its ``client/`` part is read) or ``http(s)://``
             URL of a ``secureinfer serve`` service (``GET /v1/model``).
         token: the service's bearer token, for a URL.
+        allow_insecure: accept parameters below 128-bit security (the manifest's own flag
+            is never trusted).
 
     Raises:
-        ArtifactError: a missing, corrupt or foreign artifact, or another format version.
+        ArtifactError: a missing, corrupt or foreign artifact, another format version, or
+            parameters below 128-bit security without ``allow_insecure``.
     """
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
         from .remote import fetch_client_bundle
 
         manifest, arrays = fetch_client_bundle(text, token=token)
-        return client_from_bundle(manifest, arrays, f"{text}/v1/model")
+        return client_from_bundle(manifest, arrays, f"{text}/v1/model",
+                                  allow_insecure=allow_insecure)
     manifest, arrays = client_bundle(text)
-    return client_from_bundle(manifest, arrays, str(Path(text) / "client" / MANIFEST))
+    return client_from_bundle(manifest, arrays, str(Path(text) / "client" / MANIFEST),
+                              allow_insecure=allow_insecure)
 
 
 def load_server(directory: str | os.PathLike[str]) -> SecureModel:
@@ -342,7 +366,8 @@ def load_server(directory: str | os.PathLike[str]) -> SecureModel:
     part = Path(directory) / "server"
     where = str(part / MANIFEST)
     m = _parse_manifest(_read(part / MANIFEST), where, "server")  # type: ignore[arg-type]
-    scheme = _scheme_from(m, where)
+    # the operator's own artifact: its compile-time choice is kept (re-planning checks it)
+    scheme = _scheme_from(m, where, bool(_need(m, "scheme", dict, where).get("allow_insecure")))
     plan = _need(m, "plan", dict, where)
     digest = _digest(m, where)
     arrays = _parse_arrays(_read(part / ARRAYS, required=False), str(part / ARRAYS))

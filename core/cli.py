@@ -158,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .remote import run_remote
 
         result = run_remote(args.server, token=_token(args), dataset=args.dataset,
-                            limit=args.limit, progress=not args.no_progress)
+                            limit=args.limit, progress=not args.no_progress,
+                            allow_insecure=args.allow_insecure)
         if args.json:
             print(json.dumps(result, default=str))
         else:

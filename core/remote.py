@@ -109,7 +109,8 @@ class Session:
         server_seconds: the server's own time for each (its ``X-Evaluate-Seconds``).
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = _TIMEOUT) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = _TIMEOUT,
+                 allow_insecure: bool = False) -> None:
         from .artifact import client_from_bundle
 
         httpx = _httpx()
@@ -125,7 +126,8 @@ class Session:
             self.bytes_received["model"] += len(response.content)
             manifest, arrays = _split_bundle(response.content, f"{self.url}/v1/model")
             self.model: ClientModel = client_from_bundle(manifest, arrays,
-                                                         f"{self.url}/v1/model")
+                                                         f"{self.url}/v1/model",
+                                                         allow_insecure=allow_insecure)
             self.client: Client = self.model.owner()
             keys = self.client.keys
             body = bundle_keys(keys.public_keys(), keys.functional_keys()
@@ -172,23 +174,28 @@ class Session:
         self.close()
 
 
-def connect(url: str, *, token: str | None = None, timeout: float = _TIMEOUT) -> Session:
+def connect(url: str, *, token: str | None = None, timeout: float = _TIMEOUT,
+            allow_insecure: bool = False) -> Session:
     """Fetch the client artifact of the service at ``url``, make and upload keys once.
 
     Args:
         url: ``http://host:port`` of ``secureinfer serve``.
         token: the service's bearer token, if it has one.
         timeout: seconds per HTTP request.
+        allow_insecure: accept the server's parameters when they are below 128-bit
+            security (the server's manifest cannot opt in on the client's behalf).
 
     Raises:
         RemoteError: the service refused (401 token, 409 another model, ...).
-        ArtifactError: the client artifact is corrupt or of another version.
+        ArtifactError: the client artifact is corrupt, of another version, or below
+            128-bit security without ``allow_insecure``.
     """
-    return Session(url, token, timeout)
+    return Session(url, token, timeout, allow_insecure)
 
 
 def run_remote(url: str, *, token: str | None = None, dataset: str = "digits",
-               limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+               limit: int | None = None, progress: bool = True,
+               allow_insecure: bool = False) -> dict[str, Any]:
     """``secureinfer run --server URL``: the dataset's test samples through the service.
 
     The report has accuracy (against the labels: the client holds no model to compare
@@ -202,7 +209,7 @@ def run_remote(url: str, *, token: str | None = None, dataset: str = "digits",
     ds = load(dataset)
     x = np.asarray(ds.x_test[:limit] if limit else ds.x_test, dtype=np.float64)
     y = ds.y_test[: len(x)]
-    with connect(url, token=token) as session:
+    with connect(url, token=token, allow_insecure=allow_insecure) as session:
         model = session.model
         if tuple(ds.input_shape) != model.input_shape:
             raise ValueError(f"dataset {ds.name} has inputs {ds.input_shape}; the server's "

@@ -222,3 +222,40 @@ def test_compile_cli_writes_a_loadable_artifact(tmp_path, capsys):
     assert server_model.digest == client_model.digest
     assert client_model.input_shape == (1, 8, 8)
     assert zipfile.is_zipfile(tmp_path / "art" / "server" / "arrays.npz")
+
+
+def _tamper_plan(directory: Path, scheme: str, **plan_changes) -> None:
+    """Rewrite the client plan and recompute its digest, as a hostile server can."""
+    from secureinfer import codec
+
+    manifest = directory / "client" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["plan"].update(plan_changes)
+    doc["scheme"]["allow_insecure"] = True
+    doc["digest"] = codec.params_digest(scheme, doc["plan"]).hex()
+    manifest.write_text(json.dumps(doc))
+
+
+def test_client_refuses_a_plan_below_128_bits_whatever_the_manifest_says(tmp_path):
+    _need("ckks")
+    sm, x = _compiled("ckks")
+    sm.save(tmp_path)
+    _tamper_plan(tmp_path, "ckks", poly_modulus_degree=8192,
+                 coeff_mod_bits=[60, 60, 60, 60, 60, 60, 60, 60], security_bits=20)
+    with pytest.raises(ArtifactError, match=r"N=8192 with a 480-bit coefficient modulus.*"
+                                            r"limit 218 bits.*refused"):
+        secureinfer.load_client(tmp_path)
+    client = secureinfer.load_client(tmp_path, allow_insecure=True)
+    assert client.scheme.security_bits == int(128 * 218 / 480)  # recomputed, not the plan's 20
+
+
+def test_bfv_client_refuses_a_modulus_above_the_standard(tmp_path):
+    _need("bfv")
+    sm, _ = _compiled("bfv")
+    sm.save(tmp_path)
+    doc = json.loads((tmp_path / "client" / "manifest.json").read_text())
+    bits = doc["plan"]["coeff_modulus_bits"]
+    _tamper_plan(tmp_path, "bfv", coeff_modulus_bits=bits + [60] * 8, security_bits=128)
+    with pytest.raises(ArtifactError, match=r"bfv: the plan asks for N=\d+ with a \d+-bit "
+                                            r"coefficient modulus.*refused"):
+        secureinfer.load_client(tmp_path)

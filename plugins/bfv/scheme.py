@@ -20,7 +20,8 @@ from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
-from .backend import HE_STANDARD, RAW, PrimeContext, backend, load_ciphertexts, new_contexts
+from .backend import (HE_STANDARD, MAX_COEFF_BITS, RAW, PrimeContext, backend, load_ciphertexts,
+                      new_contexts)
 from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
@@ -128,8 +129,28 @@ class BfvScheme(Scheme):
         return self.plan_
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
+        """Restore the client from ``plan``; the ring degree and coefficient modulus must be
+        within the 128-bit row of the HE standard (recomputed, never read from the plan),
+        unless this scheme was built with ``allow_insecure``."""
         super().load_plan(plan)
-        self._client = BfvClientPlan.from_dict(dict(plan))
+        client = BfvClientPlan.from_dict(dict(plan))
+        total, limit = sum(client.coeff_bits), MAX_COEFF_BITS.get(client.poly_degree)
+        if (limit is None or total > limit) and not self.allow_insecure:
+            raise CompileError(
+                f"bfv: the plan asks for N={client.poly_degree} with a {total}-bit coefficient "
+                f"modulus; 128-bit security allows at most {limit} bits for that degree "
+                f"({HE_STANDARD}); refused (pass allow_insecure=True to accept it)")
+        self._client = client
+
+    @property
+    def security_bits(self) -> int | None:
+        """128 within the standard's row; below it ``128 * limit / log q`` (an
+        extrapolation, reachable only with ``allow_insecure``)."""
+        if self._client is None:
+            return super().security_bits
+        total = sum(self._client.coeff_bits)
+        limit = MAX_COEFF_BITS.get(self._client.poly_degree, 0)
+        return 128 if total <= limit else int(128 * limit / total)
 
     def _client_plan(self) -> BfvClientPlan:
         if self._client is None:

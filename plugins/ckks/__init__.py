@@ -117,6 +117,19 @@ class CKKSScheme(Scheme):
             return None
         return str(tenseal.__version__)
 
+    @property
+    def security_bits(self) -> int | None:
+        if self.params is None:
+            return super().security_bits
+        return self.params.security_bits
+
+    @property
+    def security_source(self) -> str | None:
+        if self.params is None:
+            return super().security_source
+        return _params.security_source(self.params.poly_modulus_degree,
+                                       sum(self.params.coeff_mod_bits))
+
     def batch_size(self) -> int:
         if self.packing == "batch" and self.params is not None:
             return self.params.slots
@@ -198,11 +211,20 @@ class CKKSScheme(Scheme):
                 "input_gather": gather, "output_positions": positions}
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
+        """Restore the client from ``plan``; the security level is recomputed from ``N`` and
+        the modulus bits (never read from the plan) and refused below 128 bits unless this
+        scheme was built with ``allow_insecure``."""
         super().load_plan(plan)
-        self.params = _params.Params(int(plan["poly_modulus_degree"]),
-                                     tuple(int(b) for b in plan["coeff_mod_bits"]),
-                                     int(plan["scale_bits"]), int(plan["depth_available"]),
-                                     int(plan["security_bits"]))
+        degree = int(plan["poly_modulus_degree"])
+        bits = tuple(int(b) for b in plan["coeff_mod_bits"])
+        level = _params.security_bits(degree, sum(bits))
+        if level < 128 and not self.allow_insecure:
+            raise CompileError(
+                f"ckks: the plan asks for N={degree} with a {sum(bits)}-bit coefficient modulus "
+                f"(limit {_params.MAX_BITS_128[degree]} bits at 128-bit security): about "
+                f"{level}-bit security; refused (pass allow_insecure=True to accept it)")
+        self.params = _params.Params(degree, bits, int(plan["scale_bits"]),
+                                     int(plan["depth_available"]), level)
         self.packing = str(plan["packing"])
         self._input_bound = float(plan["input_limit"])
         self._client = _ClientLayout.from_plan(plan)

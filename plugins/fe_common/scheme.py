@@ -51,6 +51,15 @@ class FeScheme(Scheme):
         self._program: Any = None
         self._edges: EdgeQuantizer | None = None
 
+    @property
+    def security_bits(self) -> int:
+        """The group's level (BLS12-381, fixed by the backend), never a plan's figure."""
+        return 128
+
+    @property
+    def security_source(self) -> str:
+        return BLS12_381_SECURITY
+
     def load_plan(self, plan: Mapping[str, Any]) -> None:
         super().load_plan(plan)
         self._edges = EdgeQuantizer.from_dict(plan["quantization"])
