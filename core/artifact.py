@@ -22,6 +22,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,7 @@ from . import codec
 from .errors import ArtifactError, SecureInferError
 from .layers import LayerSpec
 from .model import ClientModel, SecureModel, freeze_plan
+from .npz import MalformedArchive, read_arrays
 from .registry import resolve
 from .scheme import Calibration
 
@@ -51,6 +53,9 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 #: Largest client bundle ``load_client`` accepts from a URL.
 MAX_BUNDLE_BYTES = 256 << 20
+#: Most arrays, and most bytes of array data in all, an ``arrays.npz`` may hold.
+MAX_ARRAYS = 4096
+MAX_ARRAY_BYTES = 1 << 30
 
 
 # ----- layer specs ------------------------------------------------------------------------
@@ -218,12 +223,16 @@ def _need(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...], whe
 
 
 def _parse_arrays(data: bytes | None, where: str) -> dict[str, np.ndarray]:
+    """Every array of an ``arrays.npz``: each member's size and header are checked before
+    it is read (``secureinfer.npz``), never ``np.load`` on untrusted bytes."""
     if data is None:
         return {}
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        return read_arrays(data, max_entries=MAX_ARRAYS, max_bytes=MAX_ARRAY_BYTES)
+    except MalformedArchive as exc:
+        raise ArtifactError(f"{where}: not a numpy .npz of plain arrays: {exc}") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError,
+            zlib.error) as exc:
         raise ArtifactError(f"{where}: not a numpy .npz of plain arrays ({exc})") from None
 
 

@@ -259,3 +259,41 @@ def test_bfv_client_refuses_a_modulus_above_the_standard(tmp_path):
     with pytest.raises(ArtifactError, match=r"bfv: the plan asks for N=\d+ with a \d+-bit "
                                             r"coefficient modulus.*refused"):
         secureinfer.load_client(tmp_path)
+
+
+def _npy_claiming(shape: tuple[int, ...]) -> bytes:
+    """An .npy header claiming ``shape`` of float64, followed by 8 bytes of data only."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue() + b"\0" * 8
+
+
+def test_server_arrays_sizes_are_checked_before_reading(saved):
+    npz = saved / "server" / "arrays.npz"
+    with np.load(npz, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    good = npz.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:  # a header declaring 8 TB
+        archive.writestr("layer1.weight.npy", _npy_claiming((1 << 20, 1 << 20)))
+    npz.write_bytes(buf.getvalue())
+    with pytest.raises(ArtifactError, match=r"server/arrays.npz: .*entry layer1.weight.npy: "
+                                            r"its header claims 8796093022208 bytes"):
+        secureinfer.load_server(saved)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, bomb=np.zeros(1 << 20))  # deflate: a zip bomb's form
+    npz.write_bytes(buf.getvalue())
+    with pytest.raises(ArtifactError, match=r"server/arrays.npz: .*entry \S+\.npy is compressed"):
+        secureinfer.load_server(saved)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:  # sizes in the directory beyond the budget
+        for i in range(3):
+            archive.writestr(f"a{i}.npy", _npy_claiming((1,)))
+    npz.write_bytes(good)
+    from secureinfer import npz as npz_module
+
+    with zipfile.ZipFile(buf) as archive:
+        with pytest.raises(npz_module.MalformedArchive, match=r"3 entries of \d+ bytes"):
+            npz_module.check_members(archive.infolist(), max_entries=2, max_bytes=1 << 20)
+    assert secureinfer.load_server(saved).digest  # the untouched file still loads

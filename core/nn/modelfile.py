@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError, SecureInferError
+from ..npz import MalformedArchive, check_members, read_npy
 from ..scheme import Calibration
 from .activations import PolyAct, Square
 
@@ -45,7 +46,6 @@ _MAX_DOC_BYTES = 16 * 2**20
 _MAX_DIM = 1 << 24
 MAX_FILE_BYTES = 2**30  # all entries of a model file together, uncompressed
 _MAX_ENTRIES = 4096
-_MAX_NDIM = 8
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
@@ -281,34 +281,10 @@ def _check_magic(path: Path) -> None:
                              f"file starts with bytes {head!r}): {HOW_TO_MAKE}")
 
 
-def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """One ``.npy`` entry, its header checked against the entry's size before the data is
-    read (a header claiming a huge shape is refused, not allocated)."""
-    with archive.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-        if dtype.hasobject or dtype.fields is not None or len(shape) > _MAX_NDIM:
-            raise _Bad(f"entry {info.filename}: dtype {dtype} of shape {shape} is not a plain "
-                       "numeric array (object arrays are never read)")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes != info.file_size - f.tell():
-            raise _Bad(f"entry {info.filename}: its header claims {nbytes} bytes of data, "
-                       f"the entry holds {info.file_size - f.tell()}")
-        data = f.read(nbytes)
-    if len(data) != nbytes:
-        raise _Bad(f"entry {info.filename} is truncated")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-
-
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
-        total = sum(info.file_size for info in infos)
-        if len(infos) > _MAX_ENTRIES or total > MAX_FILE_BYTES:
-            raise _Bad(f"{len(infos)} entries of {total} bytes in all; a model file holds at "
-                       f"most {_MAX_ENTRIES} entries and {MAX_FILE_BYTES} bytes")
+        check_members(infos, max_entries=_MAX_ENTRIES, max_bytes=MAX_FILE_BYTES)
         names = [info.filename.removesuffix(".npy") for info in infos]
         if _DOC not in names:
             raise _Bad(f"no {_DOC} entry: not a secureinfer model file")
@@ -316,7 +292,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                  if not i.filename.endswith(".npy") or n != _DOC and not n.startswith(_PARAM)]
         if extra:
             raise _Bad(f"unexpected entries {extra[:5]}")
-        arrays = {n: _read_npy(archive, i) for n, i in zip(names, infos)}
+        arrays = {n: read_npy(archive, i) for n, i in zip(names, infos)}
     raw = arrays.pop(_DOC)
     if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > _MAX_DOC_BYTES:
         raise _Bad(f"{_DOC} is not a UTF-8 byte string")
@@ -395,7 +371,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             _load_state(model, params)
         model.eval()
         cal = _calibration(doc.get("calibration"), model, shape)
-    except _Bad as exc:
+    except (_Bad, MalformedArchive) as exc:
         raise ModelFileError(f"{path}: malformed model file: {exc}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError,
             NotImplementedError, RuntimeError, zlib.error) as exc:  # what zipfile raises
