@@ -198,6 +198,8 @@ def _parse_manifest(data: bytes, where: str, role: str) -> dict[str, Any]:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{where}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ArtifactError(f"{where}: not JSON a manifest can be (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     if manifest.get("format") != ARTIFACT_FORMAT:

@@ -61,14 +61,52 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _raise_for(response: Any) -> None:
+class _Answer:
+    """A response read in full, at most a limit of bytes."""
+
+    def __init__(self, status: int, headers: Any, content: bytes) -> None:
+        self.status_code, self.headers, self.content = status, headers, content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _request(client: Any, method: str, url: str, limit: int, **kw: Any) -> _Answer:
+    """Send one request and read its answer streamed, stopping at ``limit`` bytes.
+
+    Raises:
+        RemoteError: the answer is longer than ``limit`` (status 0 when it is not an
+            error answer), or the service answered 4xx/5xx.
+    """
+    with client.stream(method, url, **kw) as response:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_long(url, int(declared), limit)
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise _too_long(url, size, limit)
+            chunks.append(chunk)
+        answer = _Answer(response.status_code, response.headers, b"".join(chunks))
+    _raise_for(answer)
+    return answer
+
+
+def _too_long(url: str, size: int, limit: int) -> RemoteError:
+    return RemoteError(0, "ResponseTooLarge", f"{url}: the answer has at least {size} bytes, "
+                       f"more than the {limit} this client reads; is this a secureinfer "
+                       "service?")
+
+
+def _raise_for(response: _Answer) -> None:
     if response.status_code < 400:
         return
     try:
         body = response.json()
         kind, detail = str(body.get("error")), str(body.get("detail"))
-    except (ValueError, AttributeError):
-        kind, detail = "HTTPError", response.text[:500]
+    except (ValueError, AttributeError, RecursionError):
+        kind, detail = "HTTPError", response.content[:500].decode("utf-8", "replace")
     raise RemoteError(response.status_code, kind, detail)
 
 
@@ -78,19 +116,25 @@ def _split_bundle(data: bytes, where: str) -> tuple[bytes, bytes | None]:
         manifest = json.dumps(doc["manifest"]).encode()
         arrays = doc.get("arrays")
         return manifest, base64.b64decode(arrays, validate=True) if arrays else None
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ArtifactError(f"{where}: not a client artifact bundle ({exc})") from None
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise ArtifactError(f"{where}: not a client artifact bundle "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def fetch_client_bundle(url: str, *, token: str | None = None,
                         client: Any = None) -> tuple[bytes, bytes | None]:
-    """``GET url/v1/model``: the client manifest and arrays (``load_client`` parses them)."""
+    """``GET url/v1/model``: the client manifest and arrays (``load_client`` parses them).
+
+    At most ``artifact.MAX_BUNDLE_BYTES`` are read.
+    """
+    from .artifact import MAX_BUNDLE_BYTES
+
     httpx = _httpx()
     own = client is None
     client = client or httpx.Client(timeout=_TIMEOUT)
     try:
-        response = client.get(url.rstrip("/") + "/v1/model", headers=_headers(token))
-        _raise_for(response)
+        response = _request(client, "GET", url.rstrip("/") + "/v1/model", MAX_BUNDLE_BYTES,
+                            headers=_headers(token))
         return _split_bundle(response.content, f"{url}/v1/model")
     finally:
         if own:
@@ -111,7 +155,7 @@ class Session:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = _TIMEOUT,
                  allow_insecure: bool = False) -> None:
-        from .artifact import client_from_bundle
+        from .artifact import MAX_BUNDLE_BYTES, client_from_bundle
 
         httpx = _httpx()
         self.url = url.rstrip("/")
@@ -121,8 +165,7 @@ class Session:
         self.round_trips: list[float] = []
         self.server_seconds: list[float] = []
         try:
-            response = self._http.get(self.url + "/v1/model")
-            _raise_for(response)
+            response = _request(self._http, "GET", self.url + "/v1/model", MAX_BUNDLE_BYTES)
             self.bytes_received["model"] += len(response.content)
             manifest, arrays = _split_bundle(response.content, f"{self.url}/v1/model")
             self.model: ClientModel = client_from_bundle(manifest, arrays,
@@ -133,19 +176,17 @@ class Session:
             body = bundle_keys(keys.public_keys(), keys.functional_keys()
                                if self.model.output == "plaintext" else None)
             response = self._post("/v1/keys", body, "keys")
-            self.key_id: str = response.json()["key_id"]
+            self.key_id: str = _key_id(response, self.url)
         except BaseException:
             self._http.close()
             raise
 
     def _post(self, path: str, body: bytes, what: str,
-              headers: dict[str, str] | None = None) -> Any:
+              headers: dict[str, str] | None = None) -> _Answer:
         self.bytes_sent[what] += len(body)
-        response = self._http.post(self.url + path, content=body,
-                                   headers={"Content-Type": "application/octet-stream",
-                                            **(headers or {})})
-        _raise_for(response)
-        return response
+        return _request(self._http, "POST", self.url + path, _MAX_RESPONSE, content=body,
+                        headers={"Content-Type": "application/octet-stream",
+                                 **(headers or {})})
 
     def evaluate(self, message: bytes) -> bytes:
         """``POST /v1/infer`` one input envelope; the output envelope (timed)."""
@@ -172,6 +213,17 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _key_id(response: _Answer, url: str) -> str:
+    try:
+        key_id = response.json()["key_id"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        key_id = None
+    if not isinstance(key_id, str):
+        raise RemoteError(response.status_code, "BadAnswer",
+                          f"{url}/v1/keys: the answer names no key_id")
+    return key_id
 
 
 def connect(url: str, *, token: str | None = None, timeout: float = _TIMEOUT,

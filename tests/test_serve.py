@@ -387,3 +387,51 @@ def test_key_store_lru_under_budget_reopens_from_disk(tmp_path):
     (tmp_path / "keys" / f"{ids[1]}.keys").write_bytes(b"damaged")
     with pytest.raises(UnknownKeyError, match="damaged"):
         store.get(ids[1])
+
+
+# ----- a hostile server: answers the client must not trust ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    """A real HTTP server on 127.0.0.1 that answers GET /<what>/v1/model with bad bodies."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = {"deep": b"[" * 200000, "huge": b"x" * (1 << 20), "sized": b"x" * (1 << 20)}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # close-delimited: no Content-Length unless sent
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            what = self.path.strip("/").partition("/")[0]
+            self.send_response(200)
+            if what == "sized":
+                self.send_header("Content-Length", str(len(bodies[what])))
+            self.end_headers()
+            self.wfile.write(bodies.get(what, b"{}"))
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_deeply_nested_bundle_is_an_artifact_error(hostile):
+    with pytest.raises(secureinfer.ArtifactError, match=r"not a client artifact bundle "
+                                                       r"\(RecursionError"):
+        secureinfer.load_client(hostile + "/deep")
+    with pytest.raises(secureinfer.ArtifactError, match="nested too deeply"):
+        secureinfer.artifact.client_from_bundle(b"[" * 200000, None)
+
+
+def test_the_client_stops_reading_at_its_limit(hostile, monkeypatch):
+    monkeypatch.setattr(secureinfer.artifact, "MAX_BUNDLE_BYTES", 64 << 10)
+    with pytest.raises(remote.RemoteError, match=r"at least \d+ bytes, more than the 65536"):
+        secureinfer.load_client(hostile + "/huge")  # streamed: no Content-Length
+    with pytest.raises(remote.RemoteError, match=r"at least 1048576 bytes, more than the 65536"):
+        remote.fetch_client_bundle(hostile + "/sized")  # refused on its Content-Length
