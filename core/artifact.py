@@ -106,7 +106,7 @@ def _spec_from(entry: Any, arrays: Mapping[str, np.ndarray], where: str) -> Laye
         kwargs[name] = arrays[key]
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ArtifactError(f"{where}: a {cls.kind} layer cannot be built from it: {exc}") \
             from None
 

@@ -108,6 +108,24 @@ class Linear(LayerSpec):
         return f"Linear {self.name} {self.weight.shape[1]}->{self.weight.shape[0]}"
 
 
+def _check_window(name: str, what: str, in_shape: tuple[int, ...], kernel: tuple[int, int],
+                  stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
+    """The output ``(oh, ow)`` of a sliding window, or ``InvalidLayerError`` naming the
+    layer and the values when the kernel, stride or padding cannot work on the input."""
+    if len(in_shape) != 3:
+        raise InvalidLayerError(f"layer {name}: input shape {in_shape} is not (C, H, W)")
+    _, h, w = in_shape
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise InvalidLayerError(f"layer {name}: {what} kernel {kernel}, stride {stride}, "
+                                f"padding {padding}: the kernel and the stride must be at "
+                                "least 1 and the padding at least 0")
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+    if kernel[0] > hp or kernel[1] > wp:
+        raise InvalidLayerError(f"layer {name}: {what} kernel {kernel[0]}x{kernel[1]} is "
+                                f"larger than its (padded) input {hp}x{wp}")
+    return (hp - kernel[0]) // stride[0] + 1, (wp - kernel[1]) // stride[1] + 1
+
+
 def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
            padding: tuple[int, int]) -> np.ndarray:
     """Unfold ``x`` of shape ``(n, c, h, w)`` into ``(n, oh*ow, c*kh*kw)`` patches."""
@@ -142,14 +160,18 @@ class Conv2d(LayerSpec):
         self.bias = np.asarray(self.bias, dtype=np.float64)
         self.stride = tuple(int(s) for s in self.stride)  # type: ignore[assignment]
         self.padding = tuple(int(p) for p in self.padding)  # type: ignore[assignment]
+        if self.weight.ndim != 4 or len(self.stride) != 2 or len(self.padding) != 2:
+            raise InvalidLayerError(f"layer {self.name}: conv2d weight of shape "
+                                    f"{self.weight.shape}, stride {self.stride}, padding "
+                                    f"{self.padding}: expected (out_c, in_c, kh, kw) and pairs")
         oc, ic, kh, kw = self.weight.shape
         if len(self.in_shape) != 3 or self.in_shape[0] != ic:
             raise InvalidLayerError(f"layer {self.name}: input shape {self.in_shape} is not ({ic}, H, W)")
-        _, h, w = self.in_shape
-        oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
-        if oh < 1 or ow < 1:
-            raise InvalidLayerError(f"layer {self.name}: kernel {kh}x{kw} larger than input {h}x{w}")
+        if self.bias.shape != (oc,):
+            raise InvalidLayerError(f"layer {self.name}: bias shape {self.bias.shape} != ({oc},)"
+                                    f", one entry per output channel")
+        oh, ow = _check_window(self.name, "conv2d", self.in_shape, (kh, kw), self.stride,
+                               self.padding)
         return (oc, oh, ow)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -184,8 +206,10 @@ class AvgPool2d(LayerSpec):
     stride: int = 2
 
     def _infer_out_shape(self) -> tuple[int, ...]:
-        c, h, w = self.in_shape
-        return (c, (h - self.kernel) // self.stride + 1, (w - self.kernel) // self.stride + 1)
+        self.kernel, self.stride = int(self.kernel), int(self.stride)
+        k, s = self.kernel, self.stride
+        oh, ow = _check_window(self.name, "avg-pool", self.in_shape, (k, k), (s, s), (0, 0))
+        return (self.in_shape[0], oh, ow)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
@@ -314,14 +338,12 @@ class MaxPool2d(ClearOnly):
     def _infer_out_shape(self) -> tuple[int, ...]:
         self.kernel, self.stride, self.padding = int(self.kernel), int(self.stride), \
             int(self.padding)
-        if len(self.in_shape) != 3:
-            raise ValueError(f"layer {self.name}: input shape {self.in_shape} is not (C, H, W)")
-        c, h, w = self.in_shape
         p, k, s = self.padding, self.kernel, self.stride
-        if k < 1 or s < 1 or p < 0 or 2 * p > k or h + 2 * p < k or w + 2 * p < k:
-            raise ValueError(f"layer {self.name}: max-pool kernel {k}, stride {s}, padding "
-                             f"{p} does not fit input {h}x{w}")
-        return (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        oh, ow = _check_window(self.name, "max-pool", self.in_shape, (k, k), (s, s), (p, p))
+        if 2 * p > k:
+            raise InvalidLayerError(f"layer {self.name}: max-pool padding {p} is more than "
+                                    f"half the kernel {k}")
+        return (self.in_shape[0], oh, ow)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]

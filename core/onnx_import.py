@@ -536,6 +536,9 @@ def _conv(walk: _Walk, node: Any, args: list[Any], attrs: dict[str, Any]) -> _Sy
         raise _unsupported(node, f"a {w.ndim - 2}-D convolution; only 2-D Conv is supported")
     b = args[2] if len(args) > 2 and args[2] is not None else np.zeros(w.shape[0])
     b = _const(node, b, "bias")
+    if b.shape != (w.shape[0],):
+        raise CompileError(f"node {_name(node)} (op Conv): bias B of shape {b.shape} does not "
+                           f"have one entry per output channel (M={w.shape[0]})")
     if _attr_int(node, attrs, "group", 1) != 1:
         raise _unsupported(node, "group > 1 (grouped or depthwise convolution) is not "
                                  "supported; use groups=1")

@@ -137,3 +137,47 @@ def test_compile_error_for_encrypted_output_names_layer(rng):
     part = partition(layers, caps, "fe")
     assert [l.name for l in part.secure] == ["fc1"] and [l.name for l in part.clear] == ["act"]
     assert "degree 1" in part.stop_reason
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda L: L.AvgPool2d("pool", (1, 4, 4), kernel=5, stride=1),
+     r"layer pool: avg-pool kernel 5x5 is larger than its \(padded\) input 4x4"),
+    (lambda L: L.AvgPool2d("pool", (1, 4, 4), kernel=0, stride=1),
+     r"layer pool: avg-pool kernel \(0, 0\), stride \(1, 1\).*at least 1"),
+    (lambda L: L.AvgPool2d("pool", (1, 4, 4), kernel=2, stride=0),
+     r"layer pool: avg-pool kernel \(2, 2\), stride \(0, 0\)"),
+    (lambda L: L.AvgPool2d("pool", (4, 4), kernel=2, stride=2),
+     r"layer pool: input shape \(4, 4\) is not \(C, H, W\)"),
+    (lambda L: L.MaxPool2d("mp", (1, 4, 4), kernel=2, stride=0),
+     r"layer mp: max-pool kernel \(2, 2\), stride \(0, 0\)"),
+    (lambda L: L.Conv2d("c", (1, 6, 6), weight=np.ones((2, 1, 3, 3)), bias=np.zeros(2),
+                        stride=(0, 1)), r"layer c: conv2d kernel \(3, 3\), stride \(0, 1\)"),
+    (lambda L: L.Conv2d("c", (1, 6, 6), weight=np.ones((2, 1, 3, 3)), bias=np.zeros(2),
+                        padding=(-1, 0)), r"layer c: conv2d .*padding \(-1, 0\)"),
+    (lambda L: L.Conv2d("c", (1, 6, 6), weight=np.ones((2, 1, 3, 3)), bias=np.zeros(3)),
+     r"layer c: bias shape \(3,\) != \(2,\)"),
+])
+def test_window_layers_check_kernel_stride_padding_and_bias(make, pattern):
+    from secureinfer import layers as L
+    from secureinfer.errors import InvalidLayerError
+
+    with pytest.raises(InvalidLayerError, match=pattern):
+        make(L)
+
+
+def test_a_manifest_with_stride_zero_is_an_artifact_error(tmp_path):
+    import json
+
+    from secureinfer.testing import NETWORKS, inputs
+
+    layers = NETWORKS["cnn"](np.random.default_rng(0))
+    sm = secureinfer.compile_layers(layers, "clear", calibration=inputs(layers, 8, seed=1))
+    sm.save(tmp_path)
+    manifest = tmp_path / "server" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    pool = next(i for i, e in enumerate(doc["layers"]) if e["kind"] == "avgpool2d")
+    doc["layers"][pool]["fields"]["stride"] = 0
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(secureinfer.ArtifactError, match=rf"layers\[{pool}\]: a avgpool2d layer "
+                                                       r"cannot be built.*stride \(0, 0\)"):
+        secureinfer.load_server(tmp_path)

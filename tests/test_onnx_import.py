@@ -297,6 +297,13 @@ def test_conv_refusals(attrs, pattern):
         load(_bytes(_graph([node], [_t("w", w)], (2, 6, 6))))
 
 
+def test_conv_bias_needs_one_entry_per_output_channel():
+    w = R.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c")
+    with pytest.raises(CompileError, match=r"c/Conv \(op Conv\): bias B of shape \(1,\) .*M=4"):
+        load(_bytes(_graph([node], [_t("w", w), _t("b", np.ones(1, np.float32))], (2, 6, 6))))
+
+
 def test_input_shape_from_the_graph_or_the_argument():
     nodes = [helper.make_node("Mul", ["x", "x"], ["y"])]
     dynamic = _bytes(_graph(nodes, [], ("C",)))
