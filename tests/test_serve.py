@@ -435,3 +435,22 @@ def test_the_client_stops_reading_at_its_limit(hostile, monkeypatch):
         secureinfer.load_client(hostile + "/huge")  # streamed: no Content-Length
     with pytest.raises(remote.RemoteError, match=r"at least 1048576 bytes, more than the 65536"):
         remote.fetch_client_bundle(hostile + "/sized")  # refused on its Content-Length
+
+
+def test_bogus_key_ids_leave_the_lock_table_bounded(tmp_path):
+    from secureinfer.serve.keystore import KeyStore, UnknownKeyError
+
+    layers = NETWORKS["mlp_square"](np.random.default_rng(1))
+    sm = secureinfer.compile_layers(layers, "clear", calibration=inputs(layers, 8))
+    store = KeyStore(sm, tmp_path / "keys", budget_bytes=1 << 20)
+    for i in range(2000):
+        with pytest.raises(UnknownKeyError, match="not 64 hex digits"):
+            store.lock(f"bogus-{i}")  # refused before any lock is made
+        with pytest.raises(UnknownKeyError, match="unknown key id"):
+            with store.lock(f"{i:064x}"):  # well formed, never uploaded
+                store.get(f"{i:064x}")
+    assert len(store._locks) == 0
+    owner = sm.owner()
+    key_id, _ = store.put(remote.bundle_keys(owner.keys.public_keys(), None))
+    held = store.lock(key_id)
+    assert store.lock(key_id) is held  # one lock per key owner while in use

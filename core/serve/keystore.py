@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,27 @@ def check_model(model: SecureModel, data: bytes, kind: Kind) -> None:
         raise EnvelopeError(f"expected a {kind.name} message, got {env.kind.name}")
 
 
+def _check_id(key_id: Any) -> str:
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise UnknownKeyError(f"key id {str(key_id)[:80]!r} is not 64 hex digits (the id "
+                              "POST /v1/keys returned)")
+    return key_id
+
+
+class _KeyLock:
+    """One key owner's lock; weakly referenced by the store, so it lives while in use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "_KeyLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
 class _Entry:
     def __init__(self, server: Server, size: int) -> None:
         self.server, self.size = server, size
@@ -89,7 +111,7 @@ class KeyStore:
         self.budget = int(budget_bytes)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: weakref.WeakValueDictionary[str, _KeyLock] = weakref.WeakValueDictionary()
         self._stored = sum(1 for _ in self.directory.glob(f"*{_SUFFIX}"))
 
     # ----- stats -----------------------------------------------------------------------
@@ -112,10 +134,21 @@ class KeyStore:
 
     # ----- keys ------------------------------------------------------------------------
 
-    def lock(self, key_id: str) -> threading.Lock:
-        """The lock that serializes work on one key owner's server."""
+    def lock(self, key_id: str) -> _KeyLock:
+        """The lock that serializes work on one key owner's server.
+
+        The id's format is checked first, and the store keeps locks only while someone
+        holds a reference, so bogus or unknown ids leave nothing behind.
+
+        Raises:
+            UnknownKeyError: ``key_id`` is not 64 hex digits (404).
+        """
+        _check_id(key_id)
         with self._lock:
-            return self._locks.setdefault(key_id, threading.Lock())
+            found = self._locks.get(key_id)
+            if found is None:
+                found = self._locks[key_id] = _KeyLock()
+            return found
 
     def put(self, data: bytes) -> tuple[str, bool]:
         """Check, open and store a key bundle; ``(key id, newly stored)``.
@@ -148,9 +181,7 @@ class KeyStore:
         Raises:
             UnknownKeyError: no such key id (404).
         """
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-            raise UnknownKeyError(f"key id {str(key_id)[:80]!r} is not 64 hex digits (the id "
-                                  "POST /v1/keys returned)")
+        _check_id(key_id)
         with self._lock:
             entry = self._cache.get(key_id)
             if entry is not None:
