@@ -454,3 +454,14 @@ def test_bogus_key_ids_leave_the_lock_table_bounded(tmp_path):
     key_id, _ = store.put(remote.bundle_keys(owner.keys.public_keys(), None))
     held = store.lock(key_id)
     assert store.lock(key_id) is held  # one lock per key owner while in use
+
+
+@pytest.mark.parametrize("deployed", ["fe-ip"], indirect=True)
+def test_fe_keys_without_functional_keys_are_a_400(deployed):
+    sm, _, service = deployed
+    owner = sm.owner()
+    r = _post(service, "/v1/keys", remote.bundle_keys(owner.keys.public_keys(), None))
+    body = _no_traceback(r)
+    assert r.status_code == 400 and body["error"] == "RoleError", body
+    assert "functional keys" in body["detail"]
+    assert service.alive()

@@ -6,6 +6,7 @@ never a traceback:
 
 =====================================  ======
 malformed envelope, key bytes, header  400
+bad input, role or config request      400
 missing or wrong token                 401
 unknown key id                         404
 keys or input of another model         409
@@ -28,7 +29,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..artifact import client_bundle, load_server
-from ..errors import ArtifactError, EnvelopeError, EvaluationError, RangeError, SecureInferError
+from ..errors import (
+    ArtifactError,
+    ConfigError,
+    EnvelopeError,
+    EvaluationError,
+    InputError,
+    RangeError,
+    RoleError,
+    SecureInferError,
+)
 from .deps import BadRequest, RequestTooLarge, Unauthorized
 from .keystore import ForeignKeysError, KeyStore, UnknownKeyError
 from .metrics import Metrics
@@ -39,11 +49,14 @@ __all__ = ["STATUS", "create_app"]
 
 log = logging.getLogger("secureinfer.serve")
 
-#: HTTP status of each error class (the first matching base class wins).
+#: HTTP status of each error class (the first matching base class wins). What the client
+#: caused (the ValueError-based errors) is a 4xx; only backend failures and server faults
+#: are 500.
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (BadRequest, 400), (EnvelopeError, 400), (ArtifactError, 400), (Unauthorized, 401),
-    (UnknownKeyError, 404), (ForeignKeysError, 409), (RequestTooLarge, 413),
-    (RangeError, 422), (EvaluationError, 500), (SecureInferError, 500),
+    (BadRequest, 400), (EnvelopeError, 400), (ArtifactError, 400), (InputError, 400),
+    (RoleError, 400), (ConfigError, 400), (Unauthorized, 401), (UnknownKeyError, 404),
+    (ForeignKeysError, 409), (RequestTooLarge, 413), (RangeError, 422),
+    (EvaluationError, 500), (SecureInferError, 500),
 )
 _ENDPOINTS = {"/v1/model", "/v1/keys", "/v1/infer", "/healthz", "/metrics"}
 
