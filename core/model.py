@@ -457,10 +457,12 @@ class Server:
             raise EnvelopeError("input message lacks its sample count or ciphertext")
         with meter.phase("evaluate", n):
             value = scheme.load_input(self.ctx, payload)
+            _check_count(scheme.input_count(value), n, "input ciphertext")
             for layer in self.layers:
                 value = _run_layer(scheme.name, layer, value)
             out = scheme.dump_output(self.ctx, value)
             if isinstance(out, np.ndarray):
+                _check_count(len(out), n, "revealed prefix output")
                 model.check_revealed(out)
                 y = forward(model.clear_layers, out)
                 msg = model._seal(Kind.PLAINTEXT_OUTPUT, codec.pack_fields({"y": y}))
@@ -477,6 +479,12 @@ class Server:
                             "result (client.decrypt)")
         env = codec.open_envelope(self.evaluate(ciphertext))
         return codec.unpack_fields(env.payload)["y"].astype(np.float64)
+
+
+def _check_count(found: int | None, n: int, what: str) -> None:
+    if found is not None and found != n:
+        raise EnvelopeError(f"the input message says it holds {n} sample(s); its {what} "
+                            f"holds {found}")
 
 
 def _run_layer(scheme: str, layer: Any, value: Any) -> Any:

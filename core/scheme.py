@@ -396,6 +396,11 @@ class Scheme(abc.ABC):
     def load_input(self, ctx: Any, payload: bytes) -> Any:
         """Parse the client's ciphertext bytes into the value the first layer takes."""
 
+    def input_count(self, value: Any) -> int | None:
+        """How many inputs the value ``load_input`` returned carries, or ``None`` when the
+        scheme cannot tell; the core refuses a message whose sample count differs."""
+        return None
+
     @abc.abstractmethod
     def dump_output(self, ctx: Any, value: Any) -> bytes | np.ndarray:
         """The last layer's value: ciphertext bytes (HE) or plaintext ``(n, ...)`` (FE)."""

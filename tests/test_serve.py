@@ -274,17 +274,23 @@ def test_body_above_the_limit_is_refused_before_it_is_read(clear_service):
     assert service.alive()
 
 
-def test_backend_failure_names_the_layer_and_serving_goes_on(clear_service):
+def test_malformed_inputs_are_400_and_serving_goes_on(clear_service):
     sm, x, service = clear_service
     session = remote.connect(service.url)  # this service has no token
-    wrong = codec.pack_fields({"x": np.zeros((1, 5))})  # 5 features where fc1 takes 16
-    msg = codec.seal(Kind.INPUT, sm.scheme.name, sm.digest,
-                     codec.pack_fields({"n": 1, "ct": wrong}))
-    r = httpx.post(service.url + "/v1/infer", content=msg,
-                   headers={"X-Key-Id": session.key_id})
-    body = _no_traceback(r)
-    assert r.status_code == 500 and body["error"] == "EvaluationError"
-    assert "layer fc1 (linear)" in body["detail"]
+    # inputs of the wrong shape, object ints, a wrong sample count or NaN: refused as
+    # malformed (400) before any layer runs (a layer's own failure: test_model.py)
+    for x_bad, n, pattern in [(np.zeros((1, 5)), 1, r"shape \(1, 5\)"),
+                              (np.full((1, 1, 4, 4), 10**400, dtype=object), 1,
+                               "object arrays"),
+                              (np.zeros((2, 1, 4, 4)), 1, "holds 1 sample.*holds 2"),
+                              (np.full((1, 1, 4, 4), np.nan), 1, "NaN")]:
+        msg = codec.seal(Kind.INPUT, sm.scheme.name, sm.digest,
+                         codec.pack_fields({"n": n, "ct": codec.pack_fields({"x": x_bad})}))
+        r = httpx.post(service.url + "/v1/infer", content=msg,
+                       headers={"X-Key-Id": session.key_id})
+        body = _no_traceback(r)
+        assert r.status_code == 400 and body["error"] == "EnvelopeError", body
+        assert re.search(pattern, body["detail"]), body
     assert service.alive()
     np.testing.assert_allclose(session.infer(x[:2]), sm.reference(x[:2]), atol=1e-9)
     r = httpx.get(service.url + "/v1/model")

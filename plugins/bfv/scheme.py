@@ -278,6 +278,9 @@ class BfvScheme(Scheme):
             return RemoteValue(n, len(items))
         return _parse(plan, ctx.primes, payload, plan.input_width, ctx.input_size)
 
+    def input_count(self, value: Value | RemoteValue) -> int:
+        return int(value.samples)
+
     def dump_output(self, ctx: Any, value: Value | RemoteValue) -> bytes:
         if isinstance(value, RemoteValue):
             try:

@@ -358,6 +358,9 @@ class CKKSScheme(Scheme):
         per = int(np.prod(self.program.input_shape))
         return Value("batch", [cts[g * per: (g + 1) * per] for g in range(len(counts))], counts)
 
+    def input_count(self, value: Value) -> int:
+        return int(sum(value.counts))
+
     def dump_output(self, ctx: ServerContext, value: Value) -> bytes:
         flat = value.cts if value.packing == "single" else [ct for g in value.cts for ct in g]
         return codec.pack_fields({"packing": value.packing,

@@ -56,6 +56,7 @@ class ClearScheme(Scheme):
         self.qnet: QuantizedNetwork | None = None
         self.edges: EdgeQuantizer | None = None  # the client's: from the plan alone
         self.index: dict[int, int] = {}
+        self.input_shape: tuple[int, ...] | None = None  # the server's: from the layers
         if self.opts["bits"] is not None:  # integers: equal to the reference bit for bit
             self.capabilities = replace(self.capabilities, exact=True, tolerance=0.0)
 
@@ -65,6 +66,7 @@ class ClearScheme(Scheme):
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
         self.index = {id(spec): i for i, spec in enumerate(prefix)}
+        self.input_shape = tuple(prefix[0].in_shape) if prefix else None
         bits = self.opts["bits"]
         if bits is not None:
             if calibration is None:
@@ -109,12 +111,32 @@ class ClearScheme(Scheme):
         return None
 
     def load_input(self, ctx: Any, payload: bytes) -> np.ndarray:
-        return self._array(payload, "x", "input")
+        """The input array, checked: ``(n, *input_shape)``, finite int or float values
+        (within the quantized input bound under ``bits``)."""
+        x = self._array(payload, "x", "input", kinds="iuf")
+        shape = self.input_shape
+        if shape is not None and x.shape[1:] != shape:
+            raise EnvelopeError(f"clear input message: an array of shape {x.shape}; this "
+                                f"model takes (n, {', '.join(map(str, shape))})")
+        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            raise EnvelopeError("clear input message: NaN or infinite values")
+        if self.qnet is not None:
+            bound = self.qnet.input_bound
+            low = 0 if self.qnet.input_range[0] >= 0 else -bound  # as quantize_input clips
+            if x.dtype.kind == "f" or x.size and (x.min() < low or x.max() > bound):
+                raise EnvelopeError(f"clear?bits input message: expected integers in "
+                                    f"[{low}, {bound}] (the quantized input), got {x.dtype} "
+                                    f"values")
+        return x
 
-    def _array(self, payload: bytes, key: str, what: str) -> np.ndarray:
+    def input_count(self, value: np.ndarray) -> int:
+        return len(value)
+
+    def _array(self, payload: bytes, key: str, what: str, kinds: str = "iufO") -> np.ndarray:
         value = codec.unpack_fields(payload).get(key)
-        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in "iufO":
-            raise EnvelopeError(f"clear {what} message: no numeric array field {key!r}")
+        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in kinds:
+            raise EnvelopeError(f"clear {what} message: no numeric array field {key!r}"
+                                + (" (object arrays are refused)" if "O" not in kinds else ""))
         return value
 
     def dump_output(self, ctx: Any, value: np.ndarray) -> bytes:
