@@ -504,7 +504,11 @@ def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Sch
                    **options: Any) -> SecureModel:
     """Compile already-lowered LayerSpecs for ``scheme`` (see ``compile``)."""
     if isinstance(scheme, Scheme):
-        sch = scheme.fresh()  # compiled models never share a Scheme (nor its plan)
+        # compiled models never share a Scheme (nor its plan); the keyword options override
+        # the template's and are validated like a config string's (UnknownOptionError)
+        template = {k: v for k, v in scheme.opts.items() if v is not None}
+        sch = type(scheme)({**template, **options},
+                           allow_insecure=scheme.allow_insecure or allow_insecure)
     else:
         sch = resolve(scheme, allow_insecure=allow_insecure, **options)
     if isinstance(calibration, np.ndarray):

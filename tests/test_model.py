@@ -256,3 +256,16 @@ def test_clear_says_it_encrypts_nothing(net):
     assert sm.output == "clear"
     assert sm.reveals == "everything (reference, no encryption)"
     assert sm.summary().splitlines()[-1] == "server learns: everything (reference, no encryption)"
+
+
+def test_a_scheme_object_takes_the_keyword_options_and_checks_them(net):
+    layers, calib = net
+    template = secureinfer.resolve("clear")
+    sm = secureinfer.compile_layers(layers, template, calibration=calib, bits=4)
+    assert sm.scheme.opts["bits"] == 4 and sm.plan["bits"] == 4
+    assert sm.scheme is not template and template.opts["bits"] is None
+    with pytest.raises(secureinfer.UnknownOptionError, match="nonsense"):
+        secureinfer.compile_layers(layers, template, calibration=calib, nonsense=1)
+    loose = secureinfer.compile_layers(layers, template, calibration=calib,
+                                       allow_insecure=True)
+    assert loose.scheme.allow_insecure
