@@ -524,6 +524,10 @@ def _pads2d(node: Any, attrs: dict[str, Any]) -> tuple[int, int]:
         raise _unsupported(node, f"auto_pad={auto.decode(errors='replace')} is not supported; "
                                  "export with explicit pads")
     pads = _attr_ints(node, attrs, "pads", [0, 0, 0, 0])
+    if auto != b"NOTSET" and any(pads):
+        raise _unsupported(node, f"auto_pad={auto.decode()} together with pads {pads}: ONNX "
+                                 "allows pads only with auto_pad=NOTSET; export with explicit "
+                                 "pads")
     if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3] or min(pads) < 0:
         raise _unsupported(node, f"pads {pads} are not symmetric 2-D padding")
     return pads[0], pads[1]
@@ -651,6 +655,14 @@ def _batchnorm(walk: _Walk, node: Any, args: list[Any], attrs: dict[str, Any]) -
     if len(args) != 5:
         raise ConfigError(f"node {_name(node)} (op BatchNormalization) needs 5 inputs")
     scale, bias, mean, var = (_const(node, a, "statistics") for a in args[1:])
+    channels = walk.shape[0] if walk.shape else 0
+    sizes = {name: a.shape for name, a in zip(("scale", "B", "input_mean", "input_var"),
+                                              (scale, bias, mean, var)) if a.shape != (channels,)}
+    if sizes:
+        raise CompileError(f"node {_name(node)} (op BatchNormalization): statistics "
+                           + ", ".join(f"{k} of shape {v}" for k, v in sizes.items())
+                           + f"; each must have one entry per channel ({channels}) of the "
+                           f"tensor of shape {walk.shape}")
     eps = float(attrs.get("epsilon", 1e-5))
     with np.errstate(all="ignore"):
         mult = scale / np.sqrt(var + eps)

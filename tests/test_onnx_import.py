@@ -289,7 +289,8 @@ def test_a_branching_graph_is_refused():
 
 @pytest.mark.parametrize("attrs, pattern", [
     ({"group": 2}, "group > 1"), ({"dilations": [2, 2]}, "dilation"),
-    ({"pads": [1, 0, 0, 0]}, "symmetric"), ({"auto_pad": "SAME_UPPER"}, "auto_pad")])
+    ({"pads": [1, 0, 0, 0]}, "symmetric"), ({"auto_pad": "SAME_UPPER"}, "auto_pad"),
+    ({"auto_pad": "VALID", "pads": [1, 1, 1, 1]}, "auto_pad=VALID together with pads")])
 def test_conv_refusals(attrs, pattern):
     w = R.normal(size=(4, 2 if "group" not in attrs else 1, 3, 3)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", **attrs)
@@ -302,6 +303,19 @@ def test_conv_bias_needs_one_entry_per_output_channel():
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c")
     with pytest.raises(CompileError, match=r"c/Conv \(op Conv\): bias B of shape \(1,\) .*M=4"):
         load(_bytes(_graph([node], [_t("w", w), _t("b", np.ones(1, np.float32))], (2, 6, 6))))
+
+
+def test_batchnorm_statistics_need_one_entry_per_channel():
+    w = R.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="c"),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["y"],
+                              name="bn")]
+    one, four = np.ones(1, np.float32), np.ones(4, np.float32)
+    graph = _graph(nodes, [_t("w", w), _t("g", one), _t("be", four), _t("m", four),
+                           _t("v", four)], (2, 6, 6))
+    with pytest.raises(CompileError, match=r"bn/BatchNormalization \(op BatchNormalization\): "
+                                           r"statistics scale of shape \(1,\).*channel \(4\)"):
+        load(_bytes(graph))
 
 
 def test_input_shape_from_the_graph_or_the_argument():
