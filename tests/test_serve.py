@@ -471,3 +471,20 @@ def test_fe_keys_without_functional_keys_are_a_400(deployed):
     assert r.status_code == 400 and body["error"] == "RoleError", body
     assert "functional keys" in body["detail"]
     assert service.alive()
+
+
+def test_key_store_sizes_servers_from_keys_not_from_process_memory(tmp_path):
+    from secureinfer.serve.keystore import KEY_MEMORY_FACTOR, KeyStore
+
+    layers = NETWORKS["mlp_square"](np.random.default_rng(1))
+    sm = secureinfer.compile_layers(layers, "clear", calibration=inputs(layers, 8))
+    bodies = [remote.bundle_keys(codec.seal(Kind.PUBLIC_KEYS, sm.scheme.name, sm.digest,
+                                            codec.pack_fields({"owner": str(i)})), None)
+              for i in range(3)]
+    one = KEY_MEMORY_FACTOR * len(codec.unpack_fields(bodies[0])["public"])
+    store = KeyStore(sm, tmp_path / "keys", budget_bytes=int(2.5 * one))
+    ballast = []
+    for body in bodies:
+        ballast.append(np.ones(1 << 22))  # 32 MB allocated meanwhile: not the server's
+        store.put(body)
+    assert store.cached == 2 and store.cached_bytes == 2 * one

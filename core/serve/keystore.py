@@ -25,7 +25,8 @@ from ..codec import Kind
 from ..errors import EnvelopeError, SecureInferError
 from ..model import SecureModel, Server
 
-__all__ = ["ForeignKeysError", "KeyStore", "UnknownKeyError", "check_model", "key_id_of"]
+__all__ = ["KEY_MEMORY_FACTOR", "ForeignKeysError", "KeyStore", "UnknownKeyError", "check_model",
+           "estimated_size", "key_id_of"]
 
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _SUFFIX = ".keys"
@@ -47,12 +48,19 @@ def key_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+#: An opened server's memory is estimated, not measured (an RSS delta around opening also
+#: counts what concurrent requests allocate): the plan's ``server_memory_bytes`` when the
+#: scheme states it, else this factor times the key bytes (parsed SEAL keys take about
+#: twice their compressed serialization; the rest is room for the layers encoded per server).
+KEY_MEMORY_FACTOR = 4
+
+
+def estimated_size(model: SecureModel, public: bytes, functional: bytes | None) -> int:
+    """The LRU's size of one opened server of ``model`` (see ``KEY_MEMORY_FACTOR``)."""
+    stated = model.plan.get("server_memory_bytes")
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
+        return stated
+    return KEY_MEMORY_FACTOR * (len(public) + len(functional or b""))
 
 
 def check_model(model: SecureModel, data: bytes, kind: Kind) -> None:
@@ -217,7 +225,6 @@ class KeyStore:
         return public, functional or None
 
     def _open(self, public: bytes, functional: bytes | None) -> tuple[Server, int]:
-        before = _rss()
         try:
             server = self.model.server(public, functional)
         except SecureInferError:
@@ -225,7 +232,7 @@ class KeyStore:
         except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as exc:
             raise EnvelopeError(f"the keys cannot be opened: {type(exc).__name__}: "
                                 f"{exc}") from None
-        return server, max(len(public) + len(functional or b""), _rss() - before)
+        return server, estimated_size(self.model, public, functional)
 
     def _insert(self, key_id: str, server: Server, size: int) -> None:
         with self._lock:
