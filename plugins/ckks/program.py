@@ -130,18 +130,73 @@ class SingleLayout:
         return set(self.baby_steps()) | set(self.giant_steps()) | set(self.rotsum)
 
 
-@dataclass
+@dataclass(eq=False)
 class Affine:
-    """``y = scale * (M x + b)`` over the flattened value: one or more fused layers."""
+    """``y = scale * (M x + b)`` over the flattened value: one or more fused layers.
+
+    ``M`` is built on first use of ``matrix`` only (the dense-matrix layouts need it); the
+    convolution layouts (``grid``) and the planner's bounds read the layers themselves, so
+    a convolution or a pool never becomes an ``n_out x n_in`` matrix on their path.
+    """
 
     specs: list[LayerSpec]
-    matrix: np.ndarray
-    bias: np.ndarray
     identity: bool = False
     scale: float = 1.0
     single: SingleLayout | None = None
+    _fused: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     kind = "affine"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The fused dense matrix ``M`` (built on first use)."""
+        if self._fused is None:
+            self._fused = _fuse_matrix(self.specs)
+        return self._fused[0]
+
+    @property
+    def bias(self) -> np.ndarray:
+        """The fused bias ``b`` (the stage applied to zero)."""
+        if self._fused is not None:
+            return self._fused[1]
+        return self.apply(np.zeros((1, int(np.prod(self.specs[0].in_shape)))))[0]
+
+    @property
+    def dense(self) -> bool:
+        """True when the stage is Linear/Flatten layers only (its matrix is the weights)."""
+        return all(s.kind in ("linear", "flatten") for s in self.specs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(outputs, inputs)`` of the flattened stage."""
+        return (int(np.prod(self.specs[-1].out_shape)), int(np.prod(self.specs[0].in_shape)))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``M x + b`` (unscaled) on a batch of flat inputs ``x``, through the layers."""
+        y = np.asarray(x, dtype=np.float64).reshape(len(x), *self.specs[0].in_shape)
+        for spec in self.specs:
+            y = spec.forward(y)
+        return y.reshape(len(x), -1)
+
+    def abs_bound(self, bound: float) -> float:
+        """Upper bound on ``max |M x + b|`` for ``|x| <= bound`` (``|M| 1 bound + |b|``)."""
+        if self.dense or self._fused is not None:
+            return float(np.max(np.abs(self.matrix).sum(axis=1) * bound + np.abs(self.bias),
+                                initial=0.0))
+        y = np.full((1, *self.specs[0].in_shape), float(bound))
+        for spec in self.specs:
+            y = _abs_forward(spec, y)
+        return float(np.max(y.reshape(-1) + np.abs(self.bias), initial=0.0))
+
+    def row_norm_max(self, probes: int = 32) -> float:
+        """Largest row norm of ``M``: exact for dense stages, else estimated from random
+        Gaussian probes (``E (M z)_r^2 = ||M_r||^2``), without building ``M``."""
+        if self.dense or self._fused is not None:
+            return float(np.max(np.linalg.norm(self.matrix, axis=1), initial=0.0))
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((probes, self.shape[1]))
+        y = self.apply(z) - self.bias
+        return float(np.sqrt(np.max(np.mean(y * y, axis=0), initial=0.0)))
 
     @property
     def depth(self) -> int:
@@ -154,13 +209,27 @@ class Affine:
         return self.identity and self.scale == 1.0
 
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """The scaled ``(M, b)`` actually evaluated."""
+        """The scaled ``(M, b)`` actually evaluated (dense layouts only)."""
         return self.matrix * self.scale, self.bias * self.scale
 
     def describe(self) -> str:
         names = "+".join(s.name for s in self.specs)
-        m, d = self.matrix.shape
+        m, d = self.shape
         return f"affine[{names}] {d}->{m}" + (f" x{self.scale:.4g}" if self.scale != 1 else "")
+
+
+def _abs_forward(spec: LayerSpec, x: np.ndarray) -> np.ndarray:
+    """``|spec| x`` without bias for ``x >= 0``: the layer with absolute weights."""
+    if isinstance(spec, Linear):
+        return x @ np.abs(spec.weight).T
+    if isinstance(spec, Conv2d):
+        oc = spec.weight.shape[0]
+        cols = im2col(x, spec.weight.shape[2:], spec.stride, spec.padding)
+        y = cols @ np.abs(spec.weight).reshape(oc, -1).T
+        return y.transpose(0, 2, 1).reshape(len(x), *spec.out_shape)
+    if spec.kind == "poly":
+        return x * abs(spec.coeffs[1]) if len(spec.coeffs) > 1 else np.zeros_like(x)
+    return spec.forward(x)
 
 
 @dataclass
@@ -253,16 +322,20 @@ def _chain_matrix(specs: list[LayerSpec]) -> tuple[np.ndarray, np.ndarray]:
     return matrix, bias
 
 
-def _fuse(specs: list[LayerSpec]) -> Affine:
+def _fuse_matrix(specs: list[LayerSpec]) -> tuple[np.ndarray, np.ndarray]:
     if len(specs) == 1 or all(isinstance(s, Linear) for s in specs):
         matrix, bias = affine_matrix(specs[0])
         for spec in specs[1:]:
             m2, b2 = affine_matrix(spec)
             matrix, bias = m2 @ matrix, m2 @ bias + b2
-    else:
-        matrix, bias = _chain_matrix(list(specs))
+        return matrix, bias
+    return _chain_matrix(list(specs))
+
+
+def _fuse(specs: list[LayerSpec]) -> Affine:
+    """One affine stage of ``specs`` (its matrix is built on first use)."""
     identity = all(s.kind == "flatten" for s in specs)
-    return Affine(list(specs), matrix, bias, identity=identity)
+    return Affine(list(specs), identity=identity)
 
 
 #: Smallest ``|a|`` of ``a x^2 + b x + c`` folded into the affine stage before it (the
@@ -361,7 +434,7 @@ def _make_single(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
 
 def _out_layouts(stage: Affine, conv_only: bool) -> list[Layout]:
     """Candidate output layouts: dense, and channel blocks of ``pow2(oh*ow)`` slots."""
-    m = stage.matrix.shape[0]
+    m = stage.shape[0]
     layouts = [Layout.dense(m)]
     last = stage.specs[-1]
     shape = last.out_shape if last.kind != "flatten" else last.in_shape
