@@ -35,6 +35,7 @@ from secureinfer.scheme import (
     import_problem,
 )
 
+from . import grid as _grid
 from . import params as _params
 from . import program as _program
 from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
@@ -75,6 +76,7 @@ class CKKSScheme(Scheme):
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
         self.program: _program.Program | None = None
+        self.grid: _grid.GridPlan | None = None
         self.params: _params.Params | None = None
         self.packing = "single"
         self._input_bound = 1.0
@@ -101,22 +103,27 @@ class CKKSScheme(Scheme):
     # ----- compile time ------------------------------------------------------------
 
     @staticmethod
-    def _fits(program: _program.Program, packing: str) -> Callable[[int], bool]:
+    def _fits(program: _program.Program, packing: str,
+              grids: dict[int, _grid.GridPlan | None]) -> Callable[[int], bool]:
         def fits(degree: int) -> bool:
             if packing == "batch":
                 return True
+            if _grid.applicable(program):
+                if degree not in grids:
+                    grids[degree] = _grid.plan_grid(program, degree // 2)
+                return grids[degree] is not None
             return _program.layout_single(program, degree // 2, search=False) is not None
         return fits
 
-    def _choose_params(self, program: _program.Program,
-                       calibration: Calibration | None) -> tuple[str, _params.Params]:
+    def _choose_params(self, program: _program.Program, calibration: Calibration | None,
+                       grids: dict[int, _grid.GridPlan | None]) -> tuple[str, _params.Params]:
         """Packing and parameters; ``auto`` is ``single`` unless a value cannot fit."""
         wanted = self.opts["packing"]
         packings = ["single", "batch"] if wanted == "auto" else [wanted]
         for packing in packings:
             try:
                 return packing, _params.choose_params(
-                    program, calibration, self.opts, self._fits(program, packing),
+                    program, calibration, self.opts, self._fits(program, packing, grids),
                     TOLERANCE / 10, self.allow_insecure)
             except CompileError:
                 if packing == packings[-1]:
@@ -125,17 +132,34 @@ class CKKSScheme(Scheme):
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
         program = _program.build_program(prefix)
-        packing, params = self._choose_params(program, calibration)
+        grids: dict[int, _grid.GridPlan | None] = {}
+        packing, params = self._choose_params(program, calibration, grids)
         notes: list[str] = []
+        grid = None
         if packing == "single":
-            notes = _program.layout_single(program, params.slots) or []
-        self.program, self.params, self.packing = program, params, packing
+            grid = grids.get(params.poly_modulus_degree) if _grid.applicable(program) else None
+            if grid is None:
+                notes = _program.layout_single(program, params.slots) or []
+        self.program, self.params, self.packing, self.grid = program, params, packing, grid
         self._input_bound = _params.input_limit(calibration)
-        steps = _program.rotation_steps(program, params.slots) if packing == "single" else []
+        if grid is not None:
+            steps = grid.steps(params.slots)
+            notes = [f"{s.describe()}: {rp.name}, {rp.rotations()} rotations, "
+                     f"{rp.products()} plaintext products"
+                     for s, rp in zip(program.stages, grid.stages) if rp is not None]
+            rotations = grid.rotations()
+        elif packing == "single":
+            steps = _program.rotation_steps(program, params.slots)
+            rotations = sum(s.single.rotations() for s in program.stages
+                            if isinstance(s, _program.Affine) and s.single)
+        else:
+            steps, rotations = [], 0
         self.plan_ = {
             **params.to_dict(),
             "scheme": "CKKS (SEAL via tenseal.sealapi)",
             "packing": packing,
+            "layout": "grid" if grid is not None else ("dense" if packing == "single"
+                                                       else "batch"),
             "batch_size": self.batch_size(),
             "depth_needed": program.depth,
             "scale_bits_chosen_by": "option" if self.opts["scale_bits"] or
@@ -144,10 +168,9 @@ class CKKSScheme(Scheme):
             "layouts": notes,
             "rotation_steps": steps,
             "galois_keys": len(steps),
+            "galois_key_bytes": len(steps) * _key_bytes(params),
             "relin_keys": program.needs_relin,
-            "rotations_per_input": sum(s.single.rotations() for s in program.stages
-                                       if isinstance(s, _program.Affine) and s.single)
-            if packing == "single" else 0,
+            "rotations_per_input": rotations,
             "input_layout": self._input_layout_name(),
             "calibrated": calibration is not None,
             "input_limit": self._input_bound,
@@ -158,11 +181,16 @@ class CKKSScheme(Scheme):
             "input_ciphertexts_per_message": (1 if packing == "single" else
                                               int(np.prod(program.input_shape))),
         }
+        if grid is not None:
+            self.plan_.update(_grid_fields(grid, program, params))
         return self.plan_
 
     def _input_layout_name(self) -> str:
         if self.packing == "batch":
             return "batch: one ciphertext per input feature, one input per slot"
+        if self.grid is not None:
+            return (f"single: channel-interleaved grid, period {self.grid.period}, "
+                    "replicated to fill the slots")
         layout, _ = _program.input_layout(self.program)
         first = self.program.stages[0]
         kind = first.single.name if isinstance(first, _program.Affine) and first.single \
@@ -197,13 +225,13 @@ class CKKSScheme(Scheme):
     def encrypt(self, keys: ClientKeys, x: np.ndarray) -> bytes:
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if self.packing == "single":
-            layout, gather = _program.input_layout(self.program)
+            gather, width = self._input_map()
             padded = np.concatenate([x, np.zeros((len(x), 1))], axis=1)
-            period = np.zeros(layout.period)
+            period = np.zeros(width)
             blobs = []
             for row in padded:
                 period[: len(gather)] = row[gather]
-                blobs.append(to_bytes(keys.encrypt(np.tile(period, keys.seal.slots // layout.period))))
+                blobs.append(to_bytes(keys.encrypt(np.tile(period, keys.seal.slots // width))))
             counts = np.ones(len(x), dtype=np.int64)
         else:
             slots = keys.seal.slots
@@ -222,7 +250,7 @@ class CKKSScheme(Scheme):
         out_shape = self.program.output_shape
         cts = [seal.load_ciphertext(b, level, "server output") for b in blobs]
         if self.packing == "single":
-            positions = _program.output_layout(self.program).positions
+            positions = self._output_positions()
             return np.stack([keys.decrypt(ct)[positions] for ct in cts]).reshape(-1, *out_shape)
         width = int(np.prod(out_shape))
         rows = []
@@ -230,6 +258,19 @@ class CKKSScheme(Scheme):
             feats = [keys.decrypt(ct)[:n] for ct in cts[g * width: (g + 1) * width]]
             rows.append(np.stack(feats, axis=1))
         return np.concatenate(rows).reshape(-1, *out_shape)
+
+    def _input_map(self) -> tuple[np.ndarray, int]:
+        """The client's slot -> input index map over one period, and the period."""
+        if "input_gather" in self.plan_:
+            gather = np.asarray(self.plan_["input_gather"], dtype=np.int64)
+            return gather, int(self.plan_["input_period"])
+        layout, gather = _program.input_layout(self.program)
+        return gather, layout.period
+
+    def _output_positions(self) -> np.ndarray:
+        if "output_positions" in self.plan_:
+            return np.asarray(self.plan_["output_positions"], dtype=np.int64)
+        return _program.output_layout(self.program).positions
 
     # ----- messages ----------------------------------------------------------------
 
@@ -275,7 +316,7 @@ class CKKSScheme(Scheme):
                 raise EnvelopeError(f"ckks: Galois keys lack rotation steps {missing[:8]}")
         return ServerContext(seal, relin, galois, self.program,
                              schedule(self.program, seal.primes, self.params.scale_bits),
-                             self.packing)
+                             self.packing, self.grid)
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")
@@ -293,6 +334,41 @@ class CKKSScheme(Scheme):
         return codec.pack_fields({"packing": value.packing,
                                   "counts": np.asarray(value.counts, dtype=np.int64),
                                   "cts": [to_bytes(ct) for ct in flat]})
+
+
+def _key_bytes(params: _params.Params) -> int:
+    """Bytes of one Galois (or relinearization) key, uncompressed: ``k - 1`` key-switching
+    components of two polynomials over all ``k`` primes (special prime included)."""
+    k = len(params.coeff_mod_bits)
+    return (k - 1) * 2 * params.poly_modulus_degree * k * 8
+
+
+def _grid_fields(grid: _grid.GridPlan, program: _program.Program,
+                 params: _params.Params) -> dict[str, Any]:
+    """The plan's grid-layout fields: what the client needs, and what the server costs."""
+    n, top = params.poly_modulus_degree, len(params.coeff_mod_bits) - 2
+    level, plain_bytes, ct_peak, per_stage = top, 0, 0, []
+    for stage, rp in zip(program.stages, grid.stages):
+        if rp is not None:
+            plain_bytes += (rp.products() + 1) * n * (level + 1) * 8
+            ct_peak = max(ct_peak, (len(rp.babies()) + 4) * 2 * n * (level + 1) * 8)
+            per_stage.append({"stage": stage.describe(), "level": level, **rp.describe()})
+        level -= stage.depth
+    keys = (len(grid.steps(params.slots)) + int(program.needs_relin)) * _key_bytes(params)
+    return {
+        "input_gather": grid.gather.tolist(),
+        "input_period": grid.period,
+        "output_positions": grid.output_positions.tolist(),
+        "output_period": grid.output_period,
+        "output_level": top - program.depth,
+        "grid_stages": per_stage,
+        "plaintext_products": grid.products(),
+        "estimated_memory": {
+            "plaintexts": plain_bytes, "evaluation_keys": keys, "ciphertexts": ct_peak,
+            # the client's key objects, their bytes and the server's copies in one process
+            "peak_one_process": plain_bytes + 3 * keys + ct_peak,
+        },
+    }
 
 
 @hookimpl
