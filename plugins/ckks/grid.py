@@ -34,9 +34,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear
+from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear, im2col
 
-from .program import Affine, Layout, Polynomial, Program, _best_baby, _diagonals, _rotsum_steps, pow2
+from .program import (
+    Affine,
+    Layout,
+    Polynomial,
+    Program,
+    SingleLayout,
+    _best_baby,
+    _block_candidates,
+    _make_single,
+    _rotsum_steps,
+    pow2,
+)
 
 __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 
@@ -135,6 +146,29 @@ class RotPlan:
     def giants(self) -> list[int]:
         return sorted({g % self.width for g, _ in self.keys} - {0})
 
+    def _signed(self, v: int) -> int:
+        return v - self.width if v > self.width // 2 else v
+
+    def baby_tree(self) -> list[tuple[int, int, int]]:
+        """``(baby, parent, key step)`` in evaluation order: each baby rotation starts from
+        an earlier one (or the input) so that few distinct steps (Galois keys) serve all
+        of them; the rotation count stays one per baby step."""
+        done, keys, out = [0], set(), []
+        for a in sorted(self.babies(), key=lambda v: (abs(self._signed(v)), v)):
+            parent = next((n for n in done if (a - n) % self.width in keys), None)
+            if parent is None:
+                parent = min(done, key=lambda n: abs(self._signed((a - n) % self.width)))
+                keys.add((a - parent) % self.width)
+            out.append((a, parent, (a - parent) % self.width))
+            done.append(a)
+        return out
+
+    def giant_chain(self) -> list[tuple[int, int]]:
+        """``(giant, step to the next smaller giant)`` from the largest down (Horner:
+        ``rot_g1(p1 + rot_(g2-g1)(p2 + ...))``); the last step is the smallest giant."""
+        giants = sorted({g % self.width for g, _ in self.keys})
+        return [(g, g - (giants[k - 1] if k else 0)) for k, g in enumerate(giants)][::-1]
+
     def rotations(self) -> int:
         """Ciphertext rotations per evaluation."""
         passes = sum(len(p) for p in self.pre) + sum(len(p) for p in self.post)
@@ -145,13 +179,15 @@ class RotPlan:
         return len(self.keys)
 
     def steps(self) -> set[int]:
-        """Distinct rotation steps (modulo the width)."""
-        passes = {s for p in (*self.pre, *self.post) for s in p}
-        return {s % self.width for s in passes | set(self.rotsum)} | set(self.babies()) \
-            | set(self.giants())
+        """Distinct rotation steps (Galois keys), modulo the width."""
+        passes = {s for p in (*self.pre, *self.post) for s in p} | set(self.rotsum)
+        tree = {k for _, _, k in self.baby_tree()}
+        chain = {k for _, k in self.giant_chain()}
+        return ({s % self.width for s in passes} | tree | chain) - {0}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.name, "width": self.width, "rotations": self.rotations(),
+                "galois_steps": len(self.steps()),
                 "baby_steps": len(self.babies()), "giant_steps": len(self.giants()),
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products()}
@@ -356,11 +392,14 @@ def _mask_diagonals(out: Grid | Layout,
     return diagonals
 
 
-def _dense_plan(matrix: np.ndarray, in_layout: Layout) -> tuple[Layout, dict[int, np.ndarray],
-                                                               int, list[int]]:
-    out = Layout.dense(matrix.shape[0])
-    diags = _diagonals(matrix, in_layout, out)
-    return out, diags, _best_baby(sorted(diags)), _rotsum_steps(out.period, in_layout.period)
+def _from_single(single: SingleLayout, pre: tuple[tuple[int, ...], ...],
+                 stage: Affine) -> RotPlan:
+    """A hybrid-diagonal (or block) form of a dense layer as a ``RotPlan``."""
+    baby = single.baby
+    frozen = {(i - i % baby, i % baby): d for i, d in single.diagonals.items()}
+    return RotPlan("dense" if single.name == "dense" else "dense-block", single.width, pre,
+                   frozenset(frozen), tuple(single.rotsum), (), single.out_layout,
+                   lambda: frozen, _stage_bias(stage, single.out_layout))
 
 
 def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
@@ -371,7 +410,7 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
     return matrix
 
 
-def _plan_stage(stage: Affine, cur: Grid | Layout) -> RotPlan | None:
+def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int) -> RotPlan | None:
     """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
@@ -411,12 +450,10 @@ def _plan_stage(stage: Affine, cur: Grid | Layout) -> RotPlan | None:
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
         matrix = _linear_matrix(stage.specs) * scale
-        out, diags, baby, rotsum = _dense_plan(matrix, in_layout)
-        width = max(in_layout.period, out.period)
-        keys = frozenset((i - i % baby, i % baby) for i in diags)
-        frozen = {(i - i % baby, i % baby): d for i, d in diags.items()}
-        return RotPlan("dense", width, tuple(pre), keys, tuple(rotsum), (), out,
-                       lambda: frozen, _stage_bias(stage, out))
+        hybrid = _make_single(matrix, in_layout, Layout.dense(matrix.shape[0]), None, "dense")
+        cands = [hybrid] + _block_candidates(matrix, in_layout, slots, hybrid.rotations())
+        best = min(cands, key=lambda c: (c.rotations(), len(c.diagonals)))
+        return _from_single(best, tuple(pre), stage)
     return RotPlan("scale", cur.period, tuple(pre), frozenset({(0, 0)}), (), (), cur,
                    _mask_diagonals(cur, scale), _stage_bias(stage, cur))
 
@@ -455,11 +492,83 @@ def _level_weight(level: int) -> float:
     return float((level + 2) ** 1.3)
 
 
-def _plan_with(program: Program, grid: Grid, slots: int) -> GridPlan | None:
-    cur: Grid | Layout = grid
+def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | None:
+    """The first convolution on the client's im2col expansion, when it fits the slots.
+
+    Slot ``k * P' + p`` holds tap ``k`` of window ``p``; output channel ``o`` lands in
+    block ``o`` (slot ``o * P' + p``). The slot matrix has one nonzero per
+    (channel, tap, window) and its hybrid diagonals are built from those entries alone:
+    ``pow2(out channels)`` diagonals at most, then ``log2(taps / channels)`` rotate-and-sums.
+    """
+    stage = next(s for s in program.stages if isinstance(s, Affine) and not s.is_noop)
+    if stage is not program.stages[0] or not isinstance(stage.specs[0], Conv2d):
+        return None
+    conv = stage.specs[0]
+    oc, ic, kh, kw = conv.weight.shape
+    _, oh, ow = conv.out_shape
+    windows, kernel = oh * ow, ic * kh * kw
+    pw, pk = pow2(windows), pow2(kernel)
+    d, m = pk * pw, pow2(oc) * pw
+    if max(d, m) > slots:
+        return None
+    index = np.arange(1, int(np.prod(conv.in_shape)) + 1, dtype=np.float64)
+    cols = im2col(index.reshape(1, *conv.in_shape), (kh, kw), conv.stride, conv.padding)[0]
+    gather = -np.ones(d, dtype=np.int64)
+    k_idx, p_idx = np.meshgrid(np.arange(kernel), np.arange(windows), indexing="ij")
+    gather[(k_idx * pw + p_idx).ravel()] = cols.T.ravel().astype(np.int64) - 1
+    o_i, k_i, p_i = (a.ravel() for a in np.meshgrid(np.arange(oc), np.arange(kernel),
+                                                      np.arange(windows), indexing="ij"))
+    rows, cols_ = o_i * pw + p_i, k_i * pw + p_i
+    delta = (cols_ - rows) % d
+    if m <= d:
+        diag_index, slot = delta % m, rows + (delta // m) * m
+    else:
+        diag_index, slot = delta, rows
+    width = max(m, d)
+    indices = sorted(set(diag_index.tolist()))
+    baby = _best_baby(indices)
+    keys = frozenset((i - i % baby, i % baby) for i in indices)
+    out = Grid(m, (oc, oh, ow), ow, 1, tuple((o, o * pw) for o in range(oc)))
+    scale = stage.scale
+    post: list[tuple[int, ...]] = []
+    cur = out
+    for spec in stage.specs[1:]:
+        if isinstance(spec, AvgPool2d):
+            post.extend(p for p in _pool_passes(cur, spec) if p)
+            scale /= spec.kernel * spec.kernel
+            cur = cur.pooled(spec)
+        elif not spec.kind == "flatten":
+            return None
+
+    def diagonals() -> dict[tuple[int, int], np.ndarray]:
+        values = conv.weight.reshape(oc, kernel)[o_i, k_i] * scale
+        diags: dict[tuple[int, int], np.ndarray] = {}
+        for i in indices:
+            sel = diag_index == i
+            vec = np.zeros(width)
+            np.add.at(vec, slot[sel], values[sel])
+            diags[(i - i % baby, i % baby)] = vec
+        return diags
+
+    rotsum = tuple(_rotsum_steps(m, d))
+    plan = RotPlan("im2col", width, (), keys, rotsum, tuple(post), cur, diagonals,
+                   _stage_bias(stage, cur))
+    return gather, plan
+
+
+def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
+               slots: int) -> GridPlan | None:
     stages: list[RotPlan | None] = []
     level = program.depth
     cost = 0.0
+    if isinstance(start, Grid):
+        cur: Grid | Layout = start
+        gather = start.slot_map()
+        assert gather is not None
+        first = None
+    else:
+        gather, first = start
+        cur = first.out
     for stage in program.stages:
         if isinstance(stage, Polynomial):
             stages.append(None)
@@ -468,20 +577,19 @@ def _plan_with(program: Program, grid: Grid, slots: int) -> GridPlan | None:
         if stage.is_noop:
             stages.append(None)
             continue
-        rp = _plan_stage(stage, cur)
+        rp = first if first is not None else _plan_stage(stage, cur, slots)
+        first = None
         if rp is None or rp.width > slots:
             return None
         stages.append(rp)
         cost += _level_weight(level) * (rp.rotations() + PRODUCT_COST * rp.products())
         cur = rp.out
         level -= 1
-    gather = grid.slot_map()
-    assert gather is not None
     if isinstance(cur, Grid):
         out_pos, out_period = cur.positions(), cur.period
     else:
         out_pos, out_period = cur.positions, cur.period
-    return GridPlan(grid.period, stages, gather, out_pos, out_period, cost)
+    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost)
 
 
 def plan_grid(program: Program, slots: int) -> GridPlan | None:
@@ -504,4 +612,9 @@ def plan_grid(program: Program, slots: int) -> GridPlan | None:
             if plan is not None and (best is None or plan.cost < best.cost):
                 best = plan
         period *= 2
+    first = _im2col_first(program, slots)
+    if first is not None:
+        plan = _plan_with(program, first, slots)
+        if plan is not None and (best is None or plan.cost < best.cost):
+            best = plan
     return best

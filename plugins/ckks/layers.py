@@ -238,16 +238,15 @@ class RotationKernel(_Kernel):
         reps = slots // plan.width
         self.plan = plan
         groups: dict[int, list[tuple[int, Any]]] = {}
-        babies: set[int] = set()
         for (g, a), diag in sorted(plan.diagonals().items()):
             if not _nonzero(diag, step.plain_scale):
                 continue
             pt = ctx.seal.encode(np.tile(np.roll(diag, g), reps), step.level_in,
                                  step.plain_scale)
             groups.setdefault(g, []).append((a, pt))
-            babies.add(a)
-        self.groups = sorted(groups.items())
-        self.babies = sorted(babies - {0})
+        self.groups = groups
+        self.tree = plan.baby_tree()
+        self.chain = plan.giant_chain()
         bias = plan.bias()
         self.bias = None
         if _nonzero(bias, step.scale_out):
@@ -270,24 +269,19 @@ class RotationKernel(_Kernel):
     def __call__(self, ct: Any) -> Any:
         ct = self._passes(ct, self.plan.pre)
         rotated = {0: ct}
-        for a in self.babies:
-            rotated[a] = self._rotate(ct, a)
+        for a, parent, key in self.tree:
+            rotated[a] = self._rotate(rotated[parent], key)
         acc = None
-        for g, terms in self.groups:
-            inner = None
-            for a, pt in terms:
+        for g, key in self.chain:  # Horner over the giant steps, largest first
+            inner = acc
+            for a, pt in self.groups.get(g, ()):
                 prod = self._new()
                 self.ev.multiply_plain(rotated[a], pt, prod)
                 if inner is None:
                     inner = prod
                 else:
                     self.ev.add_inplace(inner, prod)
-            if g:
-                inner = self._rotate(inner, g)
-            if acc is None:
-                acc = inner
-            else:
-                self.ev.add_inplace(acc, inner)
+            acc = self._rotate(inner, key) if key and inner is not None else inner
         if acc is None:
             acc = self._tiny(ct)
         for s in self.plan.rotsum:
