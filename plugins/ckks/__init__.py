@@ -110,7 +110,7 @@ class CKKSScheme(Scheme):
                 return True
             if _grid.applicable(program):
                 if degree not in grids:
-                    grids[degree] = _grid.plan_grid(program, degree // 2)
+                    grids[degree] = _grid.plan_grid(program, degree // 2, search=False)
                 return grids[degree] is not None
             return _program.layout_single(program, degree // 2, search=False) is not None
         return fits
@@ -137,7 +137,7 @@ class CKKSScheme(Scheme):
         notes: list[str] = []
         grid = None
         if packing == "single":
-            grid = grids.get(params.poly_modulus_degree) if _grid.applicable(program) else None
+            grid = _grid.plan_grid(program, params.slots) if _grid.applicable(program) else None
             if grid is None:
                 notes = _program.layout_single(program, params.slots) or []
         self.program, self.params, self.packing, self.grid = program, params, packing, grid
@@ -189,8 +189,10 @@ class CKKSScheme(Scheme):
         if self.packing == "batch":
             return "batch: one ciphertext per input feature, one input per slot"
         if self.grid is not None:
-            return (f"single: channel-interleaved grid, period {self.grid.period}, "
-                    "replicated to fill the slots")
+            first = next((rp for rp in self.grid.stages if rp is not None), None)
+            how = "im2col" if first is not None and first.name == "im2col" \
+                else "channel-interleaved"
+            return f"single: {how} grid, period {self.grid.period}, replicated to fill the slots"
         layout, _ = _program.input_layout(self.program)
         first = self.program.stages[0]
         kind = first.single.name if isinstance(first, _program.Affine) and first.single \

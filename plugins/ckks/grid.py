@@ -53,6 +53,8 @@ __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 
 #: Relative cost of a plaintext product against a rotation (measured with SEAL: ~1/25).
 PRODUCT_COST = 0.04
+#: Largest ``input period x outputs`` of a dense layer whose block layouts are searched.
+_BLOCK_SEARCH_MAX = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,8 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
     return matrix
 
 
-def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int) -> RotPlan | None:
+def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
+                search: bool) -> RotPlan | None:
     """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
@@ -451,7 +454,9 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int) -> RotPlan | None
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
         matrix = _linear_matrix(stage.specs) * scale
         hybrid = _make_single(matrix, in_layout, Layout.dense(matrix.shape[0]), None, "dense")
-        cands = [hybrid] + _block_candidates(matrix, in_layout, slots, hybrid.rotations())
+        cands = [hybrid]
+        if search and in_layout.period * matrix.shape[0] <= _BLOCK_SEARCH_MAX:
+            cands += _block_candidates(matrix, in_layout, slots, hybrid.rotations())
         best = min(cands, key=lambda c: (c.rotations(), len(c.diagonals)))
         return _from_single(best, tuple(pre), stage)
     return RotPlan("scale", cur.period, tuple(pre), frozenset({(0, 0)}), (), (), cur,
@@ -557,7 +562,7 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
 
 
 def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
-               slots: int) -> GridPlan | None:
+               slots: int, search: bool) -> GridPlan | None:
     stages: list[RotPlan | None] = []
     level = program.depth
     cost = 0.0
@@ -577,7 +582,7 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         if stage.is_noop:
             stages.append(None)
             continue
-        rp = first if first is not None else _plan_stage(stage, cur, slots)
+        rp = first if first is not None else _plan_stage(stage, cur, slots, search)
         first = None
         if rp is None or rp.width > slots:
             return None
@@ -592,12 +597,13 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
     return GridPlan(len(gather), stages, gather, out_pos, out_period, cost)
 
 
-def plan_grid(program: Program, slots: int) -> GridPlan | None:
+def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | None:
     """The cheapest grid layouts of ``program`` in ``slots`` slots, or ``None``.
 
     Pure: reads the program, mutates nothing. Tries every power-of-two period that holds
-    the input and every interleave of the input's channels, and keeps the plan with the
-    lowest level-weighted rotation count.
+    the input, every interleave of the input's channels and the client's im2col, and keeps
+    the plan with the lowest level-weighted rotation count. ``search=False`` skips the
+    block layouts of dense layers after dense layers (never needed to fit).
     """
     if not applicable(program):
         return None
@@ -608,13 +614,13 @@ def plan_grid(program: Program, slots: int) -> GridPlan | None:
     period = pow2(size)
     while period <= slots:
         for grid in _input_grids(program.input_shape, period, max_cs):
-            plan = _plan_with(program, grid, slots)
+            plan = _plan_with(program, grid, slots, search)
             if plan is not None and (best is None or plan.cost < best.cost):
                 best = plan
         period *= 2
     first = _im2col_first(program, slots)
     if first is not None:
-        plan = _plan_with(program, first, slots)
+        plan = _plan_with(program, first, slots, search)
         if plan is not None and (best is None or plan.cost < best.cost):
             best = plan
     return best

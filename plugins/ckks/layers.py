@@ -272,14 +272,15 @@ class RotationKernel(_Kernel):
         for a, parent, key in self.tree:
             rotated[a] = self._rotate(rotated[parent], key)
         acc = None
+        prod = self._new()
         for g, key in self.chain:  # Horner over the giant steps, largest first
             inner = acc
             for a, pt in self.groups.get(g, ()):
-                prod = self._new()
-                self.ev.multiply_plain(rotated[a], pt, prod)
                 if inner is None:
-                    inner = prod
+                    inner = self._new()
+                    self.ev.multiply_plain(rotated[a], pt, inner)
                 else:
+                    self.ev.multiply_plain(rotated[a], pt, prod)
                     self.ev.add_inplace(inner, prod)
             acc = self._rotate(inner, key) if key and inner is not None else inner
         if acc is None:
