@@ -608,19 +608,24 @@ def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | N
     if not applicable(program):
         return None
     size = int(np.prod(program.input_shape))
-    best: GridPlan | None = None
     max_cs = pow2(max(s.weight.shape[0] for s in program.specs if isinstance(s, Conv2d))
                   if any(isinstance(s, Conv2d) for s in program.specs) else 1)
+    starts: list[Grid | tuple[np.ndarray, RotPlan]] = []
     period = pow2(size)
     while period <= slots:
-        for grid in _input_grids(program.input_shape, period, max_cs):
-            plan = _plan_with(program, grid, slots, search)
-            if plan is not None and (best is None or plan.cost < best.cost):
-                best = plan
+        starts.extend(_input_grids(program.input_shape, period, max_cs))
         period *= 2
     first = _im2col_first(program, slots)
     if first is not None:
-        plan = _plan_with(program, first, slots, search)
+        starts.append(first)
+    best: GridPlan | None = None
+    best_start = None
+    for start in starts:
+        plan = _plan_with(program, start, slots, False)
         if plan is not None and (best is None or plan.cost < best.cost):
-            best = plan
+            best, best_start = plan, start
+    if search and best_start is not None:
+        searched = _plan_with(program, best_start, slots, True)
+        if searched is not None and searched.cost < best.cost:
+            best = searched
     return best

@@ -323,7 +323,9 @@ def _chain_matrix(specs: list[LayerSpec]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fuse_matrix(specs: list[LayerSpec]) -> tuple[np.ndarray, np.ndarray]:
-    if len(specs) == 1 or all(isinstance(s, Linear) for s in specs):
+    moving = [s for s in specs if s.kind != "flatten"]
+    if len(specs) == 1 or (moving and all(isinstance(s, Linear) for s in moving)):
+        specs = moving or specs
         matrix, bias = affine_matrix(specs[0])
         for spec in specs[1:]:
             m2, b2 = affine_matrix(spec)
