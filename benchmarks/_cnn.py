@@ -31,6 +31,10 @@ from torch import nn
 __all__ = ["NETWORKS", "build", "run_child", "run_ours"]
 
 NETWORKS = ("tenseal_cnn", "lenet5", "lenet", "alexnet64")
+#: Peak memory the anchors were measured at (issue 11), with a margin: GB needed free.
+ANCHOR_GB = {("orion", "lenet5"): 14.0, ("orion", "lenet"): 12.0, ("helayers", "lenet5"): 6.5,
+             ("helayers", "lenet"): 5.5, ("orion", "alexnet64"): 20.0,
+             ("helayers", "alexnet64"): 12.0}
 
 
 def _seq(*mods: nn.Module) -> nn.Sequential:
@@ -196,9 +200,24 @@ def run_ours(name: str, weights: str, runs: int) -> dict[str, Any]:
 # ----- children -----------------------------------------------------------------------------
 
 
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1e6
+    return float("inf")
+
+
 def run_child(python: str, system: str, name: str, weights: str, runs: int,
-              timeout: float) -> dict[str, Any]:
-    """Run one system on one network in a fresh interpreter; its JSON line back."""
+              timeout: float, need_gb: float = 0.0) -> dict[str, Any]:
+    """Run one system on one network in a fresh interpreter; its JSON line back.
+
+    Skipped (with the reason) when the machine has less than ``need_gb`` available: it is
+    shared, and an anchor that swaps or is killed measures nothing.
+    """
+    if _available_gb() < need_gb:
+        return {"system": system, "network": name,
+                "skipped": f"needs ~{need_gb:.0f} GB, {_available_gb():.1f} GB available"}
     here = Path(__file__).resolve().parent
     script = here / ("_anchors.py" if system != "ours" else "bench_ckks.py")
     cmd = [python, str(script), "--child", system, name, weights, str(runs)]

@@ -268,7 +268,8 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
                     row[anchor] = {"skipped": f"no anchors venv at {python}"}
                 else:
                     row[anchor] = _cnn.run_child(python, anchor, name, weights, args.runs,
-                                                 args.timeout)
+                                                 args.timeout,
+                                                 _cnn.ANCHOR_GB.get((anchor, name), 8.0))
             rows.append((name, row))
             print(json.dumps({name: row}, default=float), flush=True)
     print()
