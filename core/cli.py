@@ -215,7 +215,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                    "dataset's default model, trained on first use")
     p.add_argument("--dataset", default="digits",
                    help="digits (default, embedded), digits28, or npz:PATH")
-    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"),
+    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn", "lenet5", "alexnet"),
                    help="architecture of the default model (with no --model)")
     p.add_argument("--limit", type=int, help="run only the first N test samples")
     p.add_argument("--allow-insecure", action="store_true",
