@@ -36,18 +36,8 @@ from typing import Any
 import numpy as np
 from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear, im2col
 
-from .program import (
-    Affine,
-    Layout,
-    Polynomial,
-    Program,
-    SingleLayout,
-    _best_baby,
-    _block_candidates,
-    _make_single,
-    _rotsum_steps,
-    pow2,
-)
+from .program import Affine, Layout, Polynomial, Program, SingleLayout, pow2
+from .search import _best_baby, _block_candidates, _make_single, _rotsum_steps
 
 __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 

@@ -21,7 +21,8 @@ from secureinfer.scheme import SecureLayer
 
 from .backend import Seal
 from .grid import GridPlan, RotPlan
-from .program import Affine, Polynomial, Program
+from .program import Affine, Polynomial, Program, SingleLayout
+from .search import DenseLayouts
 
 __all__ = ["CKKSLayer", "RotationKernel", "ServerContext", "Step", "Value", "schedule"]
 
@@ -99,6 +100,7 @@ class ServerContext:
     steps: list[Step]
     packing: str
     grid: GridPlan | None = None
+    dense: DenseLayouts | None = None
 
 
 @dataclass
@@ -173,10 +175,9 @@ class AffineSingle(_Kernel):
     steps rotate the input itself.
     """
 
-    def __init__(self, ctx: ServerContext, stage: Affine, step: Step) -> None:
+    def __init__(self, ctx: ServerContext, stage: Affine, step: Step,
+                 lay: SingleLayout) -> None:
         super().__init__(ctx, stage, step)
-        lay = stage.single
-        assert lay is not None
         slots, width, baby = ctx.seal.slots, lay.width, lay.baby
         reps = slots // width
         self.babies = lay.baby_steps()
@@ -431,8 +432,12 @@ def make_kernel(ctx: ServerContext, index: int) -> _Kernel | None:
             plan = ctx.grid.stages[index]
             assert plan is not None
             return RotationKernel(ctx, stage, step, plan)
-        return AffineSingle(ctx, stage, step) if ctx.packing == "single" \
-            else AffineBatch(ctx, stage, step)
+        if ctx.packing == "single":
+            assert ctx.dense is not None
+            single = ctx.dense.stages[index]
+            assert single is not None
+            return AffineSingle(ctx, stage, step, single)
+        return AffineBatch(ctx, stage, step)
     return FoldedSquare(ctx, stage, step) if stage.folded else GenericPoly(ctx, stage, step)
 
 
