@@ -117,6 +117,8 @@ class RotPlan:
         rotsum: rotate-and-sum steps after the products (dense layers, ``m' < d'``).
         post: rotate-and-add passes after the rescale (pools after a convolution).
         out: the output's grid (or dense layout).
+        known: steps (modulo the width) whose Galois keys other stages need anyway; the
+            baby-step tree uses them before adding keys of its own.
         diagonals: ``() -> {(giant, baby): values over width}`` from the layers' weights,
             scaled; called by the server only.
         bias: ``() -> values over the output period`` (bias at every output copy).
@@ -131,6 +133,7 @@ class RotPlan:
     out: Grid | Layout
     diagonals: Callable[[], dict[tuple[int, int], np.ndarray]] = field(repr=False)
     bias: Callable[[], np.ndarray] = field(repr=False)
+    known: frozenset[int] = frozenset()
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -145,11 +148,14 @@ class RotPlan:
         """``(baby, parent, key step)`` in evaluation order: each baby rotation starts from
         an earlier one (or the input) so that few distinct steps (Galois keys) serve all
         of them; the rotation count stays one per baby step."""
-        done, keys, out = [0], set(), []
-        for a in sorted(self.babies(), key=lambda v: (abs(self._signed(v)), v)):
-            parent = next((n for n in done if (a - n) % self.width in keys), None)
+        done, keys, out = [0], set(self.known), []
+        # ascending signed order: one key reaches the most negative step, then the others
+        # follow from a smaller neighbour (kernel taps: one column or row further)
+        for a in sorted(self.babies(), key=self._signed):
+            parent = next((n for n in reversed(done) if (a - n) % self.width in keys), None)
             if parent is None:
-                parent = min(done, key=lambda n: abs(self._signed((a - n) % self.width)))
+                below = [n for n in done if self._signed(n) < self._signed(a)] or done
+                parent = min(below, key=lambda n: abs(self._signed((a - n) % self.width)))
                 keys.add((a - parent) % self.width)
             out.append((a, parent, (a - parent) % self.width))
             done.append(a)
@@ -580,11 +586,22 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         cost += _level_weight(level) * (rp.rotations() + PRODUCT_COST * rp.products())
         cur = rp.out
         level -= 1
+    _share_keys([rp for rp in stages if rp is not None], slots)
     if isinstance(cur, Grid):
         out_pos, out_period = cur.positions(), cur.period
     else:
         out_pos, out_period = cur.positions, cur.period
     return GridPlan(len(gather), stages, gather, out_pos, out_period, cost)
+
+
+def _share_keys(plans: list[RotPlan], slots: int) -> None:
+    """Let each stage's baby-step tree reuse the Galois keys the plan needs anyway (pool
+    passes, rotate-and-sums, earlier stages' steps): fewer keys, same rotation count.
+    Sets ``known`` on the plans this search just built."""
+    known = {s % slots for rp in plans for p in (*rp.pre, *rp.post, rp.rotsum) for s in p}
+    for rp in plans:
+        rp.known = frozenset(k % rp.width for k in known) - {0}
+        known |= {s % slots for s in rp.steps()}
 
 
 def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | None:
