@@ -226,10 +226,13 @@ def run_child(python: str, system: str, name: str, weights: str, runs: int,
     except subprocess.TimeoutExpired:
         return {"system": system, "network": name, "skipped": f"timeout after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
+        if line.startswith('{"system"'):
             return json.loads(line)
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"system": system, "network": name, "skipped": f"failed: {tail[0][:160]}"}
+    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
+             if ln.strip() and "Warning" not in ln]
+    tail = " | ".join(ln.strip() for ln in lines[-3:]) or "no output"
+    return {"system": system, "network": name,
+            "skipped": f"failed (exit {proc.returncode}): {tail[:300]}"}
 
 
 def save_weights(name: str, path: str) -> None:
