@@ -192,3 +192,16 @@ def test_conv_after_dense_is_not_a_grid_program() -> None:
     layers = [Flatten("f", (1, 4, 4)),
               Linear("fc", (16,), weight=rng.normal(0, 0.3, (16, 16)), bias=np.zeros(16))]
     assert not grid.applicable(program.build_program(layers))
+
+
+def test_client_side_reads_the_plan_only() -> None:
+    """Encrypt and decrypt work with the scheme's weight-built objects gone (issue 12's
+    contract: the client is rebuilt from the plan)."""
+    layers = conv_net(1, 8, 3, 3, 1, 1, True)
+    rng = np.random.default_rng(2)
+    sm = compile_layers(layers, "ckks", calibration=rng.random((8, *layers[0].in_shape)))
+    client, server, _ = sm.setup()
+    sm.scheme.program = sm.scheme.grid = sm.scheme.dense = None
+    x = rng.random((2, *layers[0].in_shape))
+    y = client.decrypt(server.evaluate(client.encrypt(x)))
+    assert np.abs(y - sm.reference(x)).max() < TOL
