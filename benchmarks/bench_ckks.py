@@ -20,6 +20,11 @@ Checks of issue 4, printed and optionally written as JSON (``--out``):
 
 Run: ``python benchmarks/bench_ckks.py [--images N] [--tutorial-runs 3] [--out r.json]``.
 Timings are medians; the machine may be shared, so they are noisy.
+
+Networks of issue 11 (``_cnn.py``): ``python benchmarks/bench_ckks.py --networks
+lenet5,lenet,alexnet64 --vs orion,helayers [--runs 3] [--anchors-python PY]``: every
+system on the same random weights in its own process; a table of evaluate medians, compile
++ keygen, peak RSS against the plan's estimate, and the op-count floor of each plan.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -228,14 +234,114 @@ def throughput(layers: list, calib: np.ndarray, x: np.ndarray) -> dict[str, Any]
 # ----- main --------------------------------------------------------------------------------
 
 
+TARGETS = {  # network: (evaluate s, peak RSS GB, compile + keygen s, speedup over anchors)
+    "lenet5": (1.0, 3.0, 20.0, 5.0),
+    "lenet": (2.0, None, None, 3.0),
+    "alexnet64": (30.0, 12.0, None, None),
+    "tenseal_cnn": (0.15, None, None, None),
+}
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def networks_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 11: ours and the anchors on LeNet-class networks, one process each."""
+    import os
+    import tempfile
+
+    import _cnn
+
+    names = [n for n in args.networks.split(",") if n]
+    anchors = [a for a in (args.vs or "").split(",") if a]
+    python = args.anchors_python
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            weights = os.path.join(tmp, f"{name}.npz")
+            _cnn.save_weights(name, weights)
+            row = {"ours": _cnn.run_child(sys.executable, "ours", name, weights, args.runs,
+                                          args.timeout)}
+            for anchor in anchors:
+                if not os.path.exists(python):
+                    row[anchor] = {"skipped": f"no anchors venv at {python}"}
+                else:
+                    row[anchor] = _cnn.run_child(python, anchor, name, weights, args.runs,
+                                                 args.timeout,
+                                                 _cnn.ANCHOR_GB.get((anchor, name), 8.0))
+            rows.append((name, row))
+            print(json.dumps({name: row}, default=float), flush=True)
+    print()
+    head = (f"{'network':11s} {'ours s':>7s} {'floor s':>7s} {'setup s':>7s} {'RSS GB':>6s} "
+            f"{'est GB':>6s} {'rot':>4s} {'keys':>4s} {'key GB':>6s} {'err':>8s} "
+            + " ".join(f"{a + ' s':>10s} {a + ' GB':>9s}" for a in anchors))
+    print(head)
+    for name, row in rows:
+        o = row["ours"]
+        if "skipped" in o:
+            print(f"{name:11s} skipped: {o['skipped']}")
+            continue
+        cells = [f"{name:11s} {o['evaluate_s']:7.2f} {o['floor_s']:7.2f} "
+                 f"{o['compile_s'] + o['setup_s']:7.1f} {o['peak_rss_gb']:6.2f} "
+                 f"{_fmt(o['estimated_peak_gb']):>6s} {o['rotations']:4d} "
+                 f"{o['galois_keys']:4d} {o['key_gb']:6.2f} {o['max_abs_error']:8.1e}"]
+        for a in anchors:
+            r = row[a]
+            cells.append(f"{'skipped':>10s} {'':>9s}" if "skipped" in r else
+                         f"{r['evaluate_s']:10.2f} {r['peak_rss_gb']:9.2f}")
+        print(" ".join(cells))
+        for a in anchors:
+            if "skipped" in row[a]:
+                print(f"  {a} skipped: {row[a]['skipped']}")
+        print(f"  floor: {o['rotations']} rotations {o['rotation_s']:.2f} s, "
+              f"{o['pt_products']} pt products {o['pt_product_s']:.2f} s, {o['ct_products']} "
+              f"ct products {o['ct_product_s']:.2f} s, {o['rescales']} rescales "
+              f"{o['rescale_s']:.2f} s; N={o['N']}, layout {o['layout']}")
+        target = TARGETS.get(name)
+        if target:
+            t_eval, t_rss, t_setup, t_speed = target
+            checks = [f"evaluate <= {t_eval} s: {'PASS' if o['evaluate_s'] <= t_eval else 'FAIL'}"]
+            if t_rss:
+                checks.append(f"RSS <= {t_rss} GB: "
+                              f"{'PASS' if o['peak_rss_gb'] <= t_rss else 'FAIL'}")
+            if t_setup:
+                checks.append(f"compile+keygen <= {t_setup} s: "
+                              f"{'PASS' if o['compile_s'] + o['setup_s'] <= t_setup else 'FAIL'}")
+            for a in anchors:
+                if t_speed and "skipped" not in row[a]:
+                    speed = row[a]["evaluate_s"] / o["evaluate_s"]
+                    checks.append(f"{speed:.1f}x {a} (>= {t_speed}x: "
+                                  f"{'PASS' if speed >= t_speed else 'FAIL'})")
+            checks.append(f"within 1.5x of the floor: "
+                          f"{'PASS' if o['evaluate_s'] <= 1.5 * o['floor_s'] else 'FAIL'}")
+            print("  " + "; ".join(checks))
+    return dict(rows)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--latency-runs", type=int, default=10)
     ap.add_argument("--tutorial-runs", type=int, default=5)
     ap.add_argument("--out", help="write the figures as JSON to this file")
+    ap.add_argument("--networks", help="issue 11: comma-separated networks "
+                    "(tenseal_cnn, lenet5, lenet, alexnet64)")
+    ap.add_argument("--vs", default="", help="anchors: orion, helayers")
+    ap.add_argument("--runs", type=int, default=3, help="evaluations per system (median)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per system")
+    ap.add_argument("--anchors-python", default="/work/venvs/anchors/bin/python",
+                    help="interpreter of the venv holding orion-fhe and pyhelayers")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.child:
+        import _cnn
+
+        _cnn.child_main(args.child)
+        return {}
+    if args.networks:
+        return networks_main(args)
     results: dict[str, Any] = {}
 
     digits, digits28 = data.load("digits"), data.load("digits28")

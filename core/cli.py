@@ -267,7 +267,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                    "on first use")
     p.add_argument("--dataset", default="digits",
                    help="digits (default, embedded), digits28, or npz:PATH")
-    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"),
+    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn", "lenet5", "alexnet"),
                    help="architecture of the default model (with no --model)")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="run only the first N test samples (N >= 1; default: all)")

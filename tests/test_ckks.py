@@ -21,7 +21,7 @@ from secureinfer.errors import (
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
 from secureinfer.model import compile_layers
 from secureinfer.plugins.ckks.backend import galois_element, sealapi
-from secureinfer.plugins.ckks.layers import AffineSingle
+from secureinfer.plugins.ckks.layers import _Kernel
 
 TOL = 1e-2
 
@@ -243,15 +243,20 @@ def test_input_outside_the_planned_range_is_refused(cnn_single) -> None:
 # ----- keys and messages -----------------------------------------------------------------
 
 
-def test_galois_keys_only_for_used_rotations(cnn_single) -> None:
-    sm, (_, server, _) = cnn_single
+def test_galois_keys_only_for_used_rotations(cnn_single, monkeypatch) -> None:
+    sm, (client, server, _) = cnn_single
     steps = sm.plan["rotation_steps"]
-    used = set()
-    for layer in server.layers:
-        if isinstance(layer.kernel, AffineSingle):
-            used |= set(layer.kernel.babies) | {g for g, _ in layer.kernel.groups if g}
-            used |= set(layer.kernel.rotsum)
-    assert steps and sorted(used) == steps
+    used: list[int] = []
+    original = _Kernel._rotate
+
+    def record(self, ct, step):
+        used.append(step % sm.plan["slots"])
+        return original(self, ct, step)
+
+    monkeypatch.setattr(_Kernel, "_rotate", record)
+    server.evaluate(client.encrypt(_calib(sm.layers, 1, seed=3)))
+    assert len(used) == sm.plan["rotations_per_input"]
+    assert steps and sorted(set(used)) == steps
     degree = sm.plan["poly_modulus_degree"]
     galois = server.ctx.galois
     assert all(galois.has_key(galois_element(s, degree)) for s in steps)

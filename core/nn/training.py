@@ -23,7 +23,7 @@ from ..data import Dataset
 from ..data import load as load_dataset
 from ..errors import ConfigError, SecureInferError
 from .activations import PolyAct
-from .arch import ACTIVATIONS, build, default_hidden
+from .arch import ACTIVATIONS, build, conv_activations, default_hidden
 from .convert import make_he_friendly
 from .ranges import RangeRegularizer, calibrate
 
@@ -254,7 +254,7 @@ def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str 
 
     Args:
         dataset: a ``secureinfer.data`` name or a loaded ``Dataset``.
-        arch: ``mlp`` or ``cnn`` (see ``secureinfer.nn.arch``).
+        arch: ``mlp``, ``cnn``, ``lenet5`` or ``alexnet`` (see ``secureinfer.nn.arch``).
         activation: ``relu``, ``square`` or ``poly``.
         distill_from: ``"relu"`` (a ReLU teacher of the same arch, trained here with the
             same seed and epochs), a model file path, or a teacher module.
@@ -282,7 +282,7 @@ def train(dataset: str | Dataset = "digits", arch: str = "mlp", activation: str 
     _check_combination(activation, distill_from, gradual)
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     hidden = tuple(hidden) if hidden is not None else default_hidden(arch)
-    norm = len(hidden) + (arch == "cnn") > 2 if norm is None else norm
+    norm = len(hidden) + conv_activations(arch) > 2 if norm is None else norm
     epochs = DEFAULTS["epochs"] if epochs is None else int(epochs)
     degree = 2 if activation == "square" else degree
     started = time.perf_counter()

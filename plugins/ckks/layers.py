@@ -20,9 +20,11 @@ from secureinfer.layers import LayerSpec
 from secureinfer.scheme import SecureLayer
 
 from .backend import Seal
-from .program import Affine, Polynomial, Program
+from .grid import GridPlan, RotPlan
+from .program import Affine, Polynomial, Program, SingleLayout
+from .search import DenseLayouts
 
-__all__ = ["CKKSLayer", "ServerContext", "Step", "Value", "schedule"]
+__all__ = ["CKKSLayer", "RotationKernel", "ServerContext", "Step", "Value", "schedule"]
 
 _CLOSE = 1e-9
 
@@ -97,6 +99,8 @@ class ServerContext:
     program: Program
     steps: list[Step]
     packing: str
+    grid: GridPlan | None = None
+    dense: DenseLayouts | None = None
 
 
 @dataclass
@@ -171,10 +175,9 @@ class AffineSingle(_Kernel):
     steps rotate the input itself.
     """
 
-    def __init__(self, ctx: ServerContext, stage: Affine, step: Step) -> None:
+    def __init__(self, ctx: ServerContext, stage: Affine, step: Step,
+                 lay: SingleLayout) -> None:
         super().__init__(ctx, stage, step)
-        lay = stage.single
-        assert lay is not None
         slots, width, baby = ctx.seal.slots, lay.width, lay.baby
         reps = slots // width
         self.babies = lay.baby_steps()
@@ -221,6 +224,76 @@ class AffineSingle(_Kernel):
         for s in self.rotsum:
             self.ev.add_inplace(acc, self._rotate(acc, s))
         return self._finish(acc, self.bias)
+
+
+class RotationKernel(_Kernel):
+    """A ``RotPlan``: rotate-and-add passes, masked baby/giant rotations, rotate-and-sum.
+
+    Plaintexts are the plan's diagonals pre-rotated by their giant step, tiled over the
+    slots and encoded once at the level where they are used; the bias at the output level.
+    """
+
+    def __init__(self, ctx: ServerContext, stage: Affine, step: Step, plan: RotPlan) -> None:
+        super().__init__(ctx, stage, step)
+        slots = ctx.seal.slots
+        reps = slots // plan.width
+        self.plan = plan
+        groups: dict[int, list[tuple[int, Any]]] = {}
+        for (g, a), diag in sorted(plan.diagonals().items()):
+            if not _nonzero(diag, step.plain_scale):
+                continue
+            pt = ctx.seal.encode(np.tile(np.roll(diag, g), reps), step.level_in,
+                                 step.plain_scale)
+            groups.setdefault(g, []).append((a, pt))
+        self.groups = groups
+        self.tree = plan.baby_tree()
+        self.chain = plan.giant_chain()
+        bias = plan.bias()
+        self.bias = None
+        if _nonzero(bias, step.scale_out):
+            self.bias = ctx.seal.encode(np.tile(bias, slots // len(bias)), step.level_out,
+                                        step.scale_out)
+
+    def _passes(self, ct: Any, passes: tuple[tuple[int, ...], ...]) -> Any:
+        for steps in passes:
+            acc = ct
+            for s in steps:
+                rotated = self._rotate(ct, s % self.plan.width)
+                if acc is ct:
+                    acc = self._new()
+                    self.ev.add(ct, rotated, acc)
+                else:
+                    self.ev.add_inplace(acc, rotated)
+            ct = acc
+        return ct
+
+    def __call__(self, ct: Any) -> Any:
+        ct = self._passes(ct, self.plan.pre)
+        rotated = {0: ct}
+        for a, parent, key in self.tree:
+            rotated[a] = self._rotate(rotated[parent], key)
+        acc = None
+        prod = self._new()
+        for g, key in self.chain:  # Horner over the giant steps, largest first
+            inner = acc
+            for a, pt in self.groups.get(g, ()):
+                if inner is None:
+                    inner = self._new()
+                    self.ev.multiply_plain(rotated[a], pt, inner)
+                else:
+                    self.ev.multiply_plain(rotated[a], pt, prod)
+                    self.ev.add_inplace(inner, prod)
+            acc = self._rotate(inner, key) if key and inner is not None else inner
+        if acc is None:
+            acc = self._tiny(ct)
+        for s in self.plan.rotsum:
+            self.ev.add_inplace(acc, self._rotate(acc, s))
+        self.ev.rescale_to_next_inplace(acc)
+        _set_scale(acc, self.step.scale_out, self.stage.describe())
+        acc = self._passes(acc, self.plan.post)
+        if self.bias is not None:
+            self.ev.add_plain_inplace(acc, self.bias)
+        return acc
 
 
 class AffineBatch(_Kernel):
@@ -355,8 +428,16 @@ def make_kernel(ctx: ServerContext, index: int) -> _Kernel | None:
     if isinstance(stage, Affine):
         if stage.is_noop:
             return None
-        return AffineSingle(ctx, stage, step) if ctx.packing == "single" \
-            else AffineBatch(ctx, stage, step)
+        if ctx.packing == "single" and ctx.grid is not None:
+            plan = ctx.grid.stages[index]
+            assert plan is not None
+            return RotationKernel(ctx, stage, step, plan)
+        if ctx.packing == "single":
+            assert ctx.dense is not None
+            single = ctx.dense.stages[index]
+            assert single is not None
+            return AffineSingle(ctx, stage, step, single)
+        return AffineBatch(ctx, stage, step)
     return FoldedSquare(ctx, stage, step) if stage.folded else GenericPoly(ctx, stage, step)
 
 

@@ -192,8 +192,7 @@ def stage_bounds(program: Program, calibration: Calibration | None,
     bound, out = input_bound(None), []
     for stage in program.stages:
         if isinstance(stage, Affine):
-            bound = float(np.max(np.abs(stage.matrix).sum(axis=1) * bound + np.abs(stage.bias),
-                                 initial=0.0))
+            bound = stage.abs_bound(bound)
         else:
             bound = _poly_bound(stage.coeffs, bound)
         out.append(max(bound, 1e-6))
@@ -213,7 +212,7 @@ def _poly_slopes(program: Program, calibration: Calibration | None) -> dict[int,
     slopes = {}
     for k, stage in enumerate(program.stages):
         if isinstance(stage, Affine):
-            x = x @ stage.matrix.T + stage.bias
+            x = stage.apply(x)
             continue
         deriv = sum(i * c * x ** (i - 1) for i, c in enumerate(stage.coeffs) if i)
         slopes[k] = float(np.sqrt(np.mean(np.square(deriv))))
@@ -235,7 +234,7 @@ def amplification(program: Program, calibration: Calibration | None) -> list[flo
     amps = []
     for k, (stage, bound) in enumerate(zip(program.stages, bounds)):
         if isinstance(stage, Affine):
-            amps.append(float(np.max(np.linalg.norm(stage.matrix, axis=1), initial=0.0)))
+            amps.append(stage.row_norm_max())
         else:
             amp = slopes.get(k, _poly_slope(stage.coeffs, prev))
             if stage.folded:  # noise lands on sqrt(|a|) x (program.build_program)
