@@ -71,7 +71,7 @@ def plan_summary(sm: SecureModel) -> dict[str, Any]:
 
 def run_all(sm: SecureModel, x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """Every input through the secure pipeline in messages of ``batch_size``."""
-    (client, server, authority), setup_s = timed(sm.setup)
+    (client, server, _), setup_s = timed(sm.setup)
     step = sm.scheme.batch_size()
     outs, evals = [], []
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def run_all(sm: SecureModel, x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]
     return np.concatenate(outs), {
         "setup_s": round(setup_s, 3), "messages": len(evals),
         "evaluate_s_total": round(sum(evals), 3), "wall_s": round(wall, 3),
-        "input_bytes_per_message": len(msg), "public_key_bytes": len(authority.public_keys())}
+        "input_bytes_per_message": len(msg), "public_key_bytes": len(client.public_keys())}
 
 
 class _TimedBackend:
@@ -178,10 +178,10 @@ def _latency_pair(layers: list, calib: np.ndarray, x: np.ndarray, y: np.ndarray,
     for config in configs:
         sm = compile_layers(layers, config, calibration=calib)
         parties, setup_s = timed(sm.setup)
-        client, server, authority = parties
+        client, server, _ = parties
         server.evaluate(client.encrypt(x[:1]))  # warm-up
         setups[config] = (sm, client, server, {
-            "setup_s": round(setup_s, 3), "public_key_bytes": len(authority.public_keys()),
+            "setup_s": round(setup_s, 3), "public_key_bytes": len(client.public_keys()),
             "plan": plan_summary(sm)})
     times: dict[str, list[float]] = {c: [] for c in configs}
     errors: dict[str, float] = {c: 0.0 for c in configs}
@@ -240,7 +240,7 @@ def cnn_throughput(model: nn.Module, ds: data.Dataset) -> dict[str, Any]:
     calib = ds.x_train.astype(np.float64)
     x = ds.x_test.astype(np.float64)
     sm = compile_layers(layers, "bfv?packing=batch", calibration=calib)
-    (client, server, authority), setup_s = timed(sm.setup)
+    (client, server, _), setup_s = timed(sm.setup)
     msg, enc_s = timed(client.encrypt, x)
     out, eval_s = timed(server.evaluate, msg)
     got, dec_s = timed(client.decrypt, out)
@@ -255,7 +255,7 @@ def cnn_throughput(model: nn.Module, ds: data.Dataset) -> dict[str, Any]:
             "capacity_images_per_message": capacity,
             "images_per_s_evaluate_at_capacity": round(capacity / eval_s, 1),
             "input_bytes": len(msg), "output_bytes": len(out),
-            "public_key_bytes": len(authority.public_keys())}
+            "public_key_bytes": len(client.public_keys())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

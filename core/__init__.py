@@ -2,7 +2,7 @@
 
     >>> import secureinfer
     >>> sm = secureinfer.compile(model, scheme="ckks", input_shape=(1, 28, 28))
-    >>> client, server, _ = sm.setup()
+    >>> client, server, _ = sm.setup()       # the third: the FE authority (None for HE)
     >>> logits = client.decrypt(server.evaluate(client.encrypt(x)))
 """
 
@@ -16,9 +16,13 @@ from .errors import (
     ConfigError,
     EnvelopeError,
     EvaluationError,
+    InputError,
+    InvalidLayerError,
+    ModelFileError,
     PluginError,
     RangeError,
     RangeWarning,
+    RoleError,
     SecureInferError,
     UnknownOptionError,
     UnknownSchemeError,
@@ -35,8 +39,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "Authority", "AvgPool2d", "BackendNotInstalledError", "Calibration",
-    "Capabilities", "Client", "ClientModel", "CompileError", "ConfigError", "Conv2d", "EnvelopeError", "EvaluationError", "Flatten",
-    "LayerSpec", "Linear", "Option", "PluginError", "Poly", "RangeError", "RangeWarning", "Scheme",
+    "Capabilities", "Client", "ClientModel", "CompileError", "ConfigError", "Conv2d",
+    "EnvelopeError", "EvaluationError", "Flatten", "InputError", "InvalidLayerError",
+    "LayerSpec", "Linear", "ModelFileError", "Option", "PluginError", "Poly", "RangeError",
+    "RangeWarning", "RoleError", "Scheme",
     "SchemeConfig", "SecureInferError", "SecureLayer", "SecureModel", "Server",
     "UnknownOptionError", "UnknownSchemeError", "UnsupportedLayerError", "__version__",
     "compile", "compile_layers", "get_registry", "hookimpl", "list_schemes", "load_client",

@@ -39,13 +39,15 @@ def scheme_rows() -> list[dict[str, Any]]:
             "aliases": sorted(a for a, n in reg.aliases.items() if n == name),
             "backend": cls.backend,
             "description": cls.description,
-            "output": caps.output,
+            "output": caps.output if caps.encrypts else "clear",
+            "encrypts": caps.encrypts,
             "exact": caps.exact,
             "max_degree": caps.max_degree,
             "layers": sorted(caps.layers),
             "installed": reason is None,
             "why_not": reason,
             "extra": cls.extra,
+            "security_basis": cls.security_basis or None,
             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default,
                          "help": o.help} for o in cls.options],
         })
@@ -66,6 +68,8 @@ def cmd_schemes(args: argparse.Namespace) -> int:
               + f"; layers: {', '.join(r['layers'])}")
         if r["description"]:
             print(f"    {r['description']}")
+        if r["security_basis"]:
+            print(f"    security: {r['security_basis']}")
         for o in r["options"]:
             print(f"    ?{o['name']}=<{o['type']}>  default {o['default']}  {o['help']}")
     return 0
@@ -112,29 +116,6 @@ def _config(args: argparse.Namespace) -> str:
     if os.environ.get(ENV_VAR):
         return os.environ[ENV_VAR]
     raise ConfigError(f"no scheme given: use --scheme CONFIG, --config FILE or {ENV_VAR}")
-
-
-def _print_human(r: dict[str, Any]) -> None:
-    lat = r["latency_s"]
-    sec = "none (reference)" if r["security_bits"] is None else f"{r['security_bits']}-bit" + (
-        "  ** INSECURE (allow_insecure) **" if r["insecure"] else "")
-    print(f"scheme      {r['config']}  ({r['backend']} {r['backend_version'] or ''})")
-    print(f"security    {sec}")
-    print(f"plan        {json.dumps(r['plan'], default=str)[:2000]}")
-    print(f"secure      {'; '.join(r['secure_layers'])}")
-    if r["clear_layers"]:
-        print(f"clear       {'; '.join(r['clear_layers'])}")
-    print(f"output      {r['output']}; server learns: {r['reveals'] or 'nothing'}")
-    print(f"dataset     {r['dataset']}, model {r['model']}, {r['samples']} samples")
-    print(f"accuracy    {r['accuracy']:.4f} (float model {r['clear_accuracy']:.4f}), "
-          f"agreement {r['agreement']:.4f}, max |error| {r['max_abs_error']:.3g}")
-    print("latency     " + ", ".join(
-        f"{p} {v * 1e3:.3f} ms" for p, v in lat.items() if v is not None)
-        + "  (keygen once, others per image)")
-    print(f"throughput  {r['throughput_per_s']:.4g} images/s")
-    b = r["bytes"]
-    print("bytes       " + ", ".join(f"{k} {v}" for k, v in b.items() if v))
-    print(f"peak RSS    {r['peak_rss_mb']} MB")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -190,7 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=str))
     else:
-        _print_human(result)
+        from .report import human_report
+
+        print(human_report(result))
     return 0
 
 
@@ -264,6 +247,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ----- parser -------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a sample count: give N >= 1, or "
+                                         "leave --limit out to run every test sample")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model file (secureinfer train --out); default: the "
                                    "dataset's default model, trained on first use")
@@ -271,7 +265,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="digits (default, embedded), digits28, or npz:PATH")
     p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"),
                    help="architecture of the default model (with no --model)")
-    p.add_argument("--limit", type=int, help="run only the first N test samples")
+    p.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="run only the first N test samples (N >= 1; default: all)")
     p.add_argument("--allow-insecure", action="store_true",
                    help="accept parameters below 128-bit security (reported as such)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -27,6 +27,8 @@ from .errors import EnvelopeError
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_DIM",
+    "MAX_NDIM",
     "Envelope",
     "Kind",
     "open_envelope",
@@ -40,6 +42,8 @@ MAGIC = b"secureinfer"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct("<HBB")  # version, kind, name length
 _DIGEST_LEN = 16
+MAX_NDIM = 32  # dimensions of an array field (numpy itself stops at 64)
+MAX_DIM = 2**32  # size of one dimension of an array field
 
 
 class Kind(enum.IntEnum):
@@ -176,6 +180,16 @@ class _Reader:
         return self.take(self.unpack("<Q")[0])
 
 
+def _shape(r: _Reader, name: str) -> tuple[int, ...]:
+    ndim = r.take(1)[0]
+    if ndim > MAX_NDIM:
+        raise EnvelopeError(f"field {name!r}: {ndim} dimensions (at most {MAX_NDIM})")
+    shape = r.unpack(f"<{ndim}Q")
+    if any(d > MAX_DIM for d in shape):
+        raise EnvelopeError(f"field {name!r}: shape {shape} has a dimension over {MAX_DIM}")
+    return shape
+
+
 def unpack_fields(data: bytes) -> dict[str, Any]:
     """Parse what ``pack_fields`` wrote; raise ``EnvelopeError`` on malformed input."""
     r = _Reader(bytes(data))
@@ -195,19 +209,17 @@ def unpack_fields(data: bytes) -> dict[str, Any]:
             spec = r.take(r.take(1)[0]).decode("ascii", "replace")
             try:
                 dt = np.dtype(spec)
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - numpy parses some specs with ast (SyntaxError)
                 raise EnvelopeError(f"field {name!r}: unknown dtype {spec!r}") from None
             if dt.kind not in _ARRAY_KINDS:
                 raise EnvelopeError(f"field {name!r}: dtype {dt} is not numeric")
-            ndim = r.take(1)[0]
-            shape = r.unpack(f"<{ndim}Q")
+            shape = _shape(r, name)
             raw = r.blob()
             if math.prod(shape) * dt.itemsize != len(raw):
                 raise EnvelopeError(f"field {name!r}: {len(raw)} bytes do not fill shape {shape}")
             fields[name] = np.frombuffer(raw, dtype=dt).reshape(shape).copy()
         elif tag == _T_BIGINTS:
-            ndim = r.take(1)[0]
-            shape = r.unpack(f"<{ndim}Q")
+            shape = _shape(r, name)
             text = r.blob().decode("ascii", "replace")
             try:
                 vals = [int(v) for v in text.split(",")] if text else []

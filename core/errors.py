@@ -5,6 +5,8 @@ Every error says what was wrong, where (the layer, the key, the value) and what 
 
 from __future__ import annotations
 
+import difflib
+
 __all__ = [
     "ArtifactError",
     "BackendNotInstalledError",
@@ -12,9 +14,13 @@ __all__ = [
     "ConfigError",
     "EnvelopeError",
     "EvaluationError",
+    "InputError",
+    "InvalidLayerError",
+    "ModelFileError",
     "PluginError",
     "RangeError",
     "RangeWarning",
+    "RoleError",
     "SecureInferError",
     "UnknownOptionError",
     "UnknownSchemeError",
@@ -30,6 +36,19 @@ class ConfigError(SecureInferError, ValueError):
     """A config string, TOML file or option value is malformed."""
 
 
+def did_you_mean(word: str, valid: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` when ``valid`` holds a near match of ``word``, else ``""``.
+
+    Spelling differences of ``-`` and ``_`` and of case do not count.
+    """
+    norm = {v.lower().replace("-", "_"): v for v in valid}
+    near = difflib.get_close_matches(word.strip().lower().replace("-", "_"), list(norm),
+                                     n=2, cutoff=0.6)
+    if not near:
+        return ""
+    return " (did you mean " + " or ".join(repr(norm[n]) for n in near) + "?)"
+
+
 class UnknownSchemeError(ConfigError):
     """No registered scheme has this name or alias."""
 
@@ -37,7 +56,8 @@ class UnknownSchemeError(ConfigError):
         self.name = name
         self.valid = sorted(valid)
         super().__init__(
-            f"unknown scheme {name!r}; valid schemes: {', '.join(self.valid) or '(none registered)'}"
+            f"unknown scheme {name!r}{did_you_mean(name, self.valid)}; valid schemes: "
+            f"{', '.join(self.valid) or '(none registered)'}"
         )
 
 
@@ -49,9 +69,22 @@ class UnknownOptionError(ConfigError):
         self.key = key
         self.valid = sorted(valid)
         super().__init__(
-            f"scheme {scheme!r} has no option {key!r}; valid options: "
-            f"{', '.join(self.valid) or '(none)'}"
+            f"scheme {scheme!r} has no option {key!r}{did_you_mean(key, self.valid)}; valid "
+            f"options: {', '.join(self.valid) or '(none)'}"
         )
+
+
+class InputError(SecureInferError, ValueError):
+    """An input given to a role call is malformed: wrong shape, NaN, not numbers."""
+
+
+class RoleError(SecureInferError, ValueError):
+    """A role was asked for what it cannot do: it lacks the key, or the scheme's kind of
+    output rules it out (e.g. an FE client without the authority's public keys)."""
+
+
+class ModelFileError(ConfigError):
+    """A file given as a model is not a secureinfer model file (or is damaged)."""
 
 
 class BackendNotInstalledError(SecureInferError, ImportError):
@@ -73,6 +106,10 @@ class UnsupportedLayerError(CompileError):
 class ArtifactError(SecureInferError, ValueError):
     """A compiled artifact is missing, corrupt, foreign or of another format version (the
     message names the file and the field)."""
+
+
+class InvalidLayerError(CompileError, ValueError):
+    """A LayerSpec is inconsistent: its weights do not fit its input shape."""
 
 
 class EnvelopeError(SecureInferError, ValueError):

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .errors import InvalidLayerError
+
 __all__ = [
     "AvgPool2d",
     "Conv2d",
@@ -75,9 +77,9 @@ class Linear(LayerSpec):
         self.bias = np.asarray(self.bias, dtype=np.float64)
         out_f, in_f = self.weight.shape
         if self.in_shape != (in_f,):
-            raise ValueError(f"layer {self.name}: input shape {self.in_shape} != ({in_f},)")
+            raise InvalidLayerError(f"layer {self.name}: input shape {self.in_shape} != ({in_f},)")
         if self.bias.shape != (out_f,):
-            raise ValueError(f"layer {self.name}: bias shape {self.bias.shape} != ({out_f},)")
+            raise InvalidLayerError(f"layer {self.name}: bias shape {self.bias.shape} != ({out_f},)")
         return (out_f,)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -123,12 +125,12 @@ class Conv2d(LayerSpec):
         self.padding = tuple(int(p) for p in self.padding)  # type: ignore[assignment]
         oc, ic, kh, kw = self.weight.shape
         if len(self.in_shape) != 3 or self.in_shape[0] != ic:
-            raise ValueError(f"layer {self.name}: input shape {self.in_shape} is not ({ic}, H, W)")
+            raise InvalidLayerError(f"layer {self.name}: input shape {self.in_shape} is not ({ic}, H, W)")
         _, h, w = self.in_shape
         oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
         ow = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
         if oh < 1 or ow < 1:
-            raise ValueError(f"layer {self.name}: kernel {kh}x{kw} larger than input {h}x{w}")
+            raise InvalidLayerError(f"layer {self.name}: kernel {kh}x{kw} larger than input {h}x{w}")
         return (oc, oh, ow)
 
     def forward(self, x: np.ndarray) -> np.ndarray:

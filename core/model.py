@@ -19,12 +19,13 @@ import numpy as np
 from . import codec
 from .codec import Kind
 from .config import SchemeConfig
-from .errors import (CompileError, EnvelopeError, EvaluationError, RangeError,
-                     RangeWarning, SecureInferError)
+from .errors import (CompileError, ConfigError, EnvelopeError, EvaluationError, InputError,
+                     RangeError, RangeWarning, RoleError, SecureInferError)
 from .layers import LayerSpec, forward, nonfinite_parameters
 from .metrics import Meter
 from .partition import Partition, partition
 from .registry import resolve
+from .report import server_learns
 from .scheme import Calibration, Scheme, _violation
 
 #: Accepted excess past a calibrated range, as a fraction of its width, before
@@ -74,8 +75,10 @@ class _Roles:
 
     @property
     def output(self) -> str:
-        """``"encrypted"`` or ``"plaintext"``."""
-        return self.scheme.capabilities.output
+        """``"encrypted"`` (HE), ``"plaintext"`` (FE) or ``"clear"`` (a scheme that
+        encrypts nothing: the ``clear`` reference)."""
+        caps = self.scheme.capabilities
+        return caps.output if caps.encrypts else "clear"
 
     def check_input_range(self, x: np.ndarray) -> list[str]:
         """The client's check: ``x`` against the calibrated input range (no model needed).
@@ -106,7 +109,7 @@ class _Roles:
         if x.shape == self.input_shape:
             x = x[None]
         if x.shape[1:] != self.input_shape:
-            raise ValueError(f"input of shape {x.shape} does not match the model's input "
+            raise InputError(f"input of shape {x.shape} does not match the model's input "
                              f"{self.input_shape} (with or without a batch dimension)")
         return x
 
@@ -126,8 +129,8 @@ class _Roles:
         FE: encrypts with the authority's master public key ``public_keys`` only."""
         if self.output == "plaintext":
             if public_keys is None:
-                raise ValueError("an FE client encrypts with the authority's public keys: "
-                                 "model.client(authority.public_keys())")
+                raise RoleError("an FE client encrypts with the authority's public keys: "
+                                "model.client(authority.public_keys())")
             return Client(self, None, public_keys)
         return Client(self, Authority(self), None)
 
@@ -155,7 +158,7 @@ class SecureModel(_Roles):
     def __init__(self, layers: Sequence[LayerSpec], scheme: Scheme,
                  calibration: Calibration | None = None, range_check: str = "warn") -> None:
         if range_check not in ("warn", "error", "off"):
-            raise ValueError(f"range_check={range_check!r}: use 'warn', 'error' or 'off'")
+            raise ConfigError(f"range_check={range_check!r}: use 'warn', 'error' or 'off'")
         self.layers = list(layers)
         bad = nonfinite_parameters(self.layers)
         if bad:
@@ -201,7 +204,13 @@ class SecureModel(_Roles):
 
     @property
     def reveals(self) -> str | None:
-        """What the server learns in plaintext, or ``None``."""
+        """What the server learns in plaintext.
+
+        Plaintext-output schemes (FE): the values of the secure prefix's outputs, e.g.
+        ``"the 32 outputs of layer fc1 (Linear 64->32)"``. Encrypted-output schemes (HE):
+        ``None``, the server learns nothing. A scheme that encrypts nothing (``clear``)
+        says so: the server learns everything.
+        """
         return self.scheme.reveals(self.secure_layers)
 
     def summary(self) -> str:
@@ -213,8 +222,9 @@ class SecureModel(_Roles):
                  "secure: " + "; ".join(l.describe() for l in self.secure_layers)]
         if self.clear_layers:
             lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
-        if self.reveals:
-            lines.append(f"server learns: {self.reveals}")
+        if self.scheme.security_source:
+            lines.append(f"security from: {self.scheme.security_source}")
+        lines.append(f"server learns: {server_learns(self.output, self.reveals)}")
         return "\n".join(lines)
 
     # ----- references ----------------------------------------------------------------
@@ -273,15 +283,19 @@ class SecureModel(_Roles):
         return Server(self, public_keys, functional_keys)
 
     def setup(self) -> "Parties":
-        """Keys for everyone, the client as authority (the usual single-owner setting).
+        """Keys for everyone: ``(client, server, authority)``.
 
-        For FE the client then holds the master secret key, which some schemes use for a
-        faster encryption; ``client(authority.public_keys())`` is a client without it."""
+        FE: the client is the authority (the usual single-owner setting) and holds the
+        master secret key, which some schemes use for a faster encryption;
+        ``client(authority.public_keys())`` is a client without it. HE: there is no
+        authority (``None``); the client generates and holds its own secret key and
+        ``client.public_keys()`` is what the server got."""
         client = self.owner()
-        keys = client.keys
-        server = self.server(keys.public_keys(), keys.functional_keys()
-                             if self.output == "plaintext" else None)
-        return Parties(client, server, keys)
+        if self.output == "plaintext":
+            authority = client.keys
+            server = self.server(authority.public_keys(), authority.functional_keys())
+            return Parties(client, server, authority)
+        return Parties(client, self.server(client.public_keys()), None)
 
 
 class ClientModel(_Roles):
@@ -323,11 +337,16 @@ class ClientModel(_Roles):
 
 
 class Parties(NamedTuple):
-    """What ``SecureModel.setup`` hands out."""
+    """What ``SecureModel.setup`` hands out; ``authority`` is ``None`` for HE schemes."""
 
     client: "Client"
     server: "Server"
-    authority: "Authority"
+    authority: "Authority | None"
+
+    @property
+    def key_owner(self) -> "Authority":
+        """Who holds the secret key: the FE authority, or the HE client's own keys."""
+        return self.authority if self.authority is not None else self.client.keys
 
 
 class Authority:
@@ -374,7 +393,7 @@ class Client:
     def public_keys(self) -> bytes:
         """HE: the public and evaluation keys to send to the server."""
         if self.keys is None:
-            raise ValueError("this FE client holds no keys of its own: the authority does")
+            raise RoleError("this FE client holds no keys of its own: the authority does")
         return self.keys.public_keys()
 
     def encrypt(self, x: np.ndarray) -> bytes:
@@ -398,7 +417,7 @@ class Client:
         if env.kind not in (Kind.OUTPUT, Kind.PLAINTEXT_OUTPUT):
             raise EnvelopeError(f"expected the server's output, got a {env.kind.name} message")
         if env.kind == Kind.OUTPUT and self.keys is None:
-            raise ValueError("this client holds no secret key and cannot decrypt")
+            raise RoleError("this client holds no secret key and cannot decrypt")
         with model.meter.phase("decrypt", 1):
             if env.kind == Kind.PLAINTEXT_OUTPUT:
                 y = codec.unpack_fields(env.payload)["y"]
@@ -420,7 +439,7 @@ class Server:
         functional = (model._open(functional_keys, Kind.FUNCTIONAL_KEYS)
                       if functional_keys is not None else b"")
         if model.output == "plaintext" and not functional:
-            raise ValueError("an FE server needs the authority's functional keys")
+            raise RoleError("an FE server needs the authority's functional keys")
         self.ctx = scheme.open_server(public, functional)
         self.layers = scheme.build_layers(model.secure_layers, self.ctx)
 
@@ -452,8 +471,9 @@ class Server:
     def infer(self, ciphertext: bytes) -> np.ndarray:
         """Plaintext-output schemes: evaluate and read the result on the server."""
         if self._model.output != "plaintext":
-            raise ValueError(f"scheme {self._model.scheme.name} has encrypted output: "
-                             "only the client can decrypt it")
+            raise RoleError(f"scheme {self._model.scheme.name} has {self._model.output} "
+                            "output, not plaintext for the server: the client reads the "
+                            "result (client.decrypt)")
         env = codec.open_envelope(self.evaluate(ciphertext))
         return codec.unpack_fields(env.payload)["y"].astype(np.float64)
 
@@ -508,14 +528,17 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     Raises:
         UnsupportedLayerError: a layer with no HE-friendly form (e.g. ReLU), named.
         CompileError: the scheme cannot run the network; the message says what to change.
-        ConfigError: unknown scheme or option (the message lists the valid ones).
+        ConfigError: unknown scheme or option (the message lists the valid ones), or no
+            ``input_shape`` given and none on the model.
     """
     from .compiler import lower
 
     if input_shape is None:
         input_shape = getattr(model, "secureinfer_input_shape", None)
         if input_shape is None:
-            raise ValueError("compile() needs input_shape=(...) (one input, no batch dimension)")
+            raise ConfigError("compile() needs input_shape=(...) (one input, no batch "
+                              "dimension, e.g. (1, 28, 28)), or a model with a "
+                              "secureinfer_input_shape attribute (secureinfer.nn sets it)")
     layers = lower(model, input_shape)
     if calibration is None:
         calibration = getattr(model, "secureinfer_calibration", None)

@@ -6,9 +6,115 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["load_results", "markdown_table", "plot", "write_reports"]
+__all__ = ["human_bytes", "human_report", "load_results", "markdown_table", "plan_summary", "plot",
+           "server_learns", "write_reports"]
 
 PHASES = ("keygen", "encrypt", "evaluate", "decrypt")
+
+
+def server_learns(output: str, reveals: str | None) -> str:
+    """What the server learns, in words, from a model's ``output`` and ``reveals``."""
+    if reveals:
+        return reveals
+    if output == "clear":
+        return "everything (no encryption)"
+    return "nothing (encrypted output)"
+
+
+def human_bytes(n: int | None) -> str:
+    """``1234`` as ``"1.23 kB"``, ``3_400_000`` as ``"3.4 MB"``; ``"-"`` for none."""
+    if n is None or n == 0:
+        return "-"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n} B"
+
+
+def _bits(values: Sequence[Any]) -> str:
+    return "+".join(map(str, values)) + f" = {sum(values)} bits"
+
+
+def _ring(plan: dict[str, Any]) -> str | None:
+    if not plan.get("poly_modulus_degree"):
+        return None
+    slots = plan.get("slots")
+    return f"N = {plan['poly_modulus_degree']}" + (f" ({slots} slots)" if slots else "")
+
+
+def _group(plan: dict[str, Any]) -> str | None:
+    if not plan.get("curve"):
+        return None
+    return " ".join(str(plan[k]) for k in ("curve", "group") if plan.get(k))
+
+
+def _chain(plan: dict[str, Any]) -> str | None:
+    parts = []
+    coeff = plan.get("coeff_mod_bits") or plan.get("coeff_modulus_bits")
+    if coeff:
+        parts.append("ciphertext modulus " + _bits(coeff)
+                     + (f" (at most {plan['max_bits_128']} at 128-bit)"
+                        if plan.get("max_bits_128") else ""))
+    if plan.get("plain_modulus_bits"):
+        parts.append("plaintext moduli " + _bits(plan["plain_modulus_bits"]))
+    return "; ".join(parts) or None
+
+
+def _scale(plan: dict[str, Any]) -> str | None:
+    if plan.get("scale_bits"):
+        return f"2^{plan['scale_bits']}"
+    if plan.get("bits"):
+        return f"{plan['bits']}-bit integers"
+    return "float64" if "bits" in plan else None
+
+
+def _packing(plan: dict[str, Any]) -> str | None:
+    if not plan.get("packing"):
+        return None
+    n = plan.get("batch_size")
+    return plan["packing"] + (f", {n} input(s) per message" if n else "")
+
+
+def _depth(plan: dict[str, Any]) -> str | None:
+    if plan.get("depth_available") is not None:
+        return f"{plan.get('depth_needed', '?')} used of {plan['depth_available']} levels"
+    if plan.get("noise_budget_left_bits") is not None:
+        return f"noise budget left after the network: {plan['noise_budget_left_bits']} bits"
+    return None
+
+
+def _keys(plan: dict[str, Any]) -> str | None:
+    parts = []
+    if plan.get("galois_keys"):
+        parts.append(f"{plan['galois_keys']} Galois (rotation) keys")
+    if plan.get("relin_keys"):
+        parts.append("relinearization keys")
+    if isinstance(plan.get("functional_keys"), int):
+        parts.append(f"{plan['functional_keys']} functional keys")
+    return ", ".join(parts) or None
+
+
+_PLAN_ROWS = (("ring", _ring), ("group", _group), ("chain", _chain), ("scale", _scale), ("packing", _packing),
+              ("depth", _depth), ("keys", _keys))
+
+
+def plan_summary(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """A plan's main parameters as ``(label, text)`` rows, for human output.
+
+    Rows (each only when the plan has its keys): ``ring`` (``poly_modulus_degree`` and
+    ``slots``), ``group`` (``curve`` and ``group``), ``chain`` (``coeff_mod_bits`` or
+    ``coeff_modulus_bits``, ``max_bits_128``, ``plain_modulus_bits``), ``scale``
+    (``scale_bits`` or quantization ``bits``), ``packing`` (``packing``, ``batch_size``),
+    ``depth`` (``depth_needed`` of ``depth_available``, or ``noise_budget_left_bits``) and
+    ``keys`` (``galois_keys``, ``relin_keys``, ``functional_keys``). The full plan is in
+    the JSON report.
+    """
+    rows = []
+    for label, fn in _PLAN_ROWS:
+        text = fn(plan)
+        if text:
+            rows.append((label, text))
+    return rows
 
 
 def _ms(v: float | None) -> str:
@@ -17,13 +123,36 @@ def _ms(v: float | None) -> str:
     return f"{v * 1e3:.3g}" if v < 10 else f"{v * 1e3:.0f}"
 
 
-def _size(n: int | None) -> str:
-    if n is None or n == 0:
-        return "-"
-    for unit, div in (("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.3g} {unit}"
-    return f"{n} B"
+def human_report(r: dict[str, Any]) -> str:
+    """A ``run`` report dict (``secureinfer.runner.REPORT_FIELDS``) as terminal lines:
+    the plan summarized (the full plan is in ``--json``), byte counts in kB/MB."""
+    sec = "none (reference)" if r["security_bits"] is None else f"{r['security_bits']}-bit" + (
+        "  ** INSECURE (allow_insecure) **" if r["insecure"] else "")
+    lines = [f"scheme      {r['config']}  ({r['backend']} {r['backend_version'] or ''})",
+             f"security    {sec}"]
+    if r.get("security_source"):
+        lines.append(f"            from: {r['security_source']}")
+    plan = plan_summary(r.get("plan") or {})
+    lines += [f"{'plan' if i == 0 else '':<12}{label:<9}{text}"
+              for i, (label, text) in enumerate(plan)]
+    lines.append(f"{'' if plan else 'plan':<12}(full plan: --json)")
+    lines.append(f"secure      {'; '.join(r['secure_layers'])}")
+    if r["clear_layers"]:
+        lines.append(f"clear       {'; '.join(r['clear_layers'])}")
+    lines += [
+        f"output      {r['output']}; server learns: {server_learns(r['output'], r['reveals'])}",
+        f"dataset     {r['dataset']}, model {r['model']}, {r['samples']} samples",
+        f"accuracy    {r['accuracy']:.4f} (float model {r['clear_accuracy']:.4f}), "
+        f"agreement {r['agreement']:.4f}, max |error| {r['max_abs_error']:.3g}",
+        "latency     " + ", ".join(f"{p} {v * 1e3:.3f} ms" for p, v in r["latency_s"].items()
+                                   if v is not None) + "  (keygen once, others per image)",
+        f"throughput  {r['throughput_per_s']:.4g} images/s",
+        "bytes       " + ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}"
+                                   for k, v in r["bytes"].items() if v)
+        + "  (input and output per image)",
+        f"peak RSS    {r['peak_rss_mb']} MB",
+    ]
+    return "\n".join(lines)
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
@@ -38,14 +167,14 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             f"{r['security_bits']}-bit" + (" INSECURE" if r.get("insecure") else "")
         b = r.get("bytes", {})
         output, learns = r["output"], r.get("reveals") or "nothing"
-        if r["security_bits"] is None:  # a scheme that encrypts nothing (the reference)
+        if r["security_bits"] is None and output != "clear":  # reports before "clear" output
             output, learns = "clear", "everything (reference, no encryption)"
         rows.append("| " + " | ".join([
             f"`{r['config']}`", sec, output, learns,
             f"{r['accuracy']:.4f}", f"{r['clear_accuracy']:.4f}", f"{r['agreement']:.4f}",
             f"{r['max_abs_error']:.2e}", *(_ms(lat.get(p)) for p in PHASES),
-            f"{r['throughput_per_s']:.4g}", _size(b.get("input")), _size(b.get("public_keys")),
-            _size(b.get("functional_keys")), f"{r['peak_rss_mb']:.0f}"]) + " |")
+            f"{r['throughput_per_s']:.4g}", human_bytes(b.get("input")), human_bytes(b.get("public_keys")),
+            human_bytes(b.get("functional_keys")), f"{r['peak_rss_mb']:.0f}"]) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -99,6 +228,9 @@ def write_reports(results: Sequence[dict[str, Any]], out_dir: str | Path,
     paths[0].write_text(json.dumps(list(results), indent=2, default=str) + "\n")
     notes = []
     for r in results:
+        if r.get("security_source"):
+            notes.append(f"- `{r['config']}`: {r['security_bits']}-bit figure from "
+                         f"{r['security_source']}.")
         if r.get("insecure"):
             notes.append(f"- **{r['config']} runs below 128-bit security** "
                          f"({r['security_bits']} bits, allow_insecure).")

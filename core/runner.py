@@ -30,7 +30,9 @@ REPORT_FIELDS = {
     "backend_version": "its version",
     "security_bits": "security level of the planned parameters (null: no encryption)",
     "insecure": "true when the parameters are below 128 bits (allow_insecure)",
-    "output": "encrypted (HE) or plaintext (FE)",
+    "security_source": "how security_bits was obtained: the standard's table row or the "
+                       "estimate used (null: no encryption)",
+    "output": "encrypted (HE), plaintext (FE) or clear (no encryption: the reference)",
     "dataset": "dataset name",
     "model": "model file, or the default model's name",
     "samples": "test samples run",
@@ -41,12 +43,13 @@ REPORT_FIELDS = {
     "reference_max_abs_error": "largest |logit - scheme reference| (0 for exact schemes)",
     "secure_layers": "layers run under the scheme",
     "clear_layers": "layers run in the clear by the server",
-    "reveals": "what the server learns in plaintext, or null",
-    "plan": "the scheme's chosen parameters",
+    "reveals": "what the server learns in plaintext: null under HE (nothing), the prefix "
+               "outputs under FE, everything for clear",
+    "plan": "the scheme's chosen parameters (all of them; human output summarizes them)",
     "batch_size": "inputs per encrypted message",
     "latency_s": "keygen once; encrypt, evaluate, decrypt per sample (median)",
     "throughput_per_s": "samples per second through encrypt + evaluate + decrypt",
-    "bytes": "input and output per sample; public and functional keys",
+    "bytes": "input and output per sample; public and functional keys (raw byte counts)",
     "peak_rss_mb": "peak resident memory of the process",
 }
 
@@ -103,15 +106,19 @@ def run(config: str, *, model: Any = None, dataset: str | Dataset = "digits",
         config: scheme config string.
         model: see ``load_network``.
         dataset: a dataset name (``digits``, ``digits28``, ``npz:PATH``) or a ``Dataset``.
-        limit: run only the first ``limit`` test samples.
+        limit: run only the first ``limit`` test samples (at least 1; ``None``: all).
         allow_insecure: accept parameters below 128-bit security.
         progress: show progress bars on stderr.
         arch: architecture of the default model when ``model`` is None.
     """
     from tqdm.auto import tqdm
 
+    from .errors import ConfigError
     from .registry import resolve
 
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit={limit} is not a sample count: give at least 1, or None "
+                          "for every test sample")
     scheme = resolve(config, allow_insecure=allow_insecure)  # config errors before any work
     reason = scheme.availability()
     if reason:
@@ -121,7 +128,7 @@ def run(config: str, *, model: Any = None, dataset: str | Dataset = "digits",
     ds = load(dataset) if isinstance(dataset, str) else dataset
     layers, calib, model_name = load_network(model, ds, arch=arch, progress=progress)
     sm = compile_layers(layers, scheme, calibration=calib)
-    x = np.asarray(ds.x_test[:limit] if limit else ds.x_test, dtype=np.float64)
+    x = np.asarray(ds.x_test[:limit], dtype=np.float64)
     y = ds.y_test[: len(x)]
     client, server, _ = sm.setup()
     outs = []
@@ -155,6 +162,7 @@ def report(sm: SecureModel, config: str, dataset: str, model_name: str, x: np.nd
         "backend_version": scheme.backend_version(),
         "security_bits": scheme.security_bits,
         "insecure": scheme.security_bits is not None and scheme.security_bits < 128,
+        "security_source": scheme.security_source,
         "output": sm.output,
         "dataset": dataset,
         "model": model_name,

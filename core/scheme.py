@@ -42,9 +42,13 @@ import numpy as np
 from .errors import ConfigError, UnknownOptionError
 from .layers import LayerSpec
 
+#: What the server learns under a scheme that encrypts nothing (``Scheme.reveals``).
+NOTHING_ENCRYPTED = "everything (reference, no encryption)"
+
 __all__ = [
     "Calibration",
     "Capabilities",
+    "NOTHING_ENCRYPTED",
     "Option",
     "Scheme",
     "SecureLayer",
@@ -67,6 +71,9 @@ class Capabilities:
         tolerance: for inexact schemes, the absolute error on logits the conformance
             suite accepts.
         batch: ``encrypt`` accepts many inputs in one message.
+        encrypts: ``False`` for a reference that encrypts nothing (``clear``): it runs the
+            whole network like an HE scheme, but reports call its output ``clear`` and say
+            the server learns everything.
     """
 
     layers: frozenset[str]
@@ -75,6 +82,7 @@ class Capabilities:
     exact: bool = False
     tolerance: float = 0.0
     batch: bool = True
+    encrypts: bool = True
 
 
 @dataclass(frozen=True)
@@ -172,10 +180,10 @@ class Calibration:
         excess as a fraction of a range's width.
 
         Raises:
-            ValueError: the calibration does not have one range per layer.
+            ConfigError: the calibration does not have one range per layer.
         """
         if len(self.layer_ranges) != len(layers):
-            raise ValueError(f"the calibration has {len(self.layer_ranges)} layer ranges for "
+            raise ConfigError(f"the calibration has {len(self.layer_ranges)} layer ranges for "
                              f"{len(layers)} layers; recalibrate this model")
         y = np.asarray(x, dtype=np.float64)
         problems = []
@@ -244,6 +252,9 @@ class Scheme(abc.ABC):
     capabilities: ClassVar[Capabilities]
     options: ClassVar[tuple[Option, ...]] = ()
     layer_types: ClassVar[dict[str, type[SecureLayer]]] = {}
+    security_basis: ClassVar[str] = ""
+    """How ``security_bits`` is obtained (which standard's table, which estimate), for
+    ``secureinfer schemes``; a plan refines it as ``plan_["security_source"]``."""
 
     def __init__(self, options: dict[str, Any] | None = None, *,
                  allow_insecure: bool = False) -> None:
@@ -275,6 +286,15 @@ class Scheme(abc.ABC):
         scheme that encrypts nothing (``clear``)."""
         return int(self.plan_.get("security_bits", 128))
 
+    @property
+    def security_source(self) -> str | None:
+        """How this plan's ``security_bits`` was obtained (after ``plan``): the table row or
+        estimate used; ``None`` for a scheme that encrypts nothing."""
+        if self.security_bits is None:
+            return None
+        return str(self.plan_.get("security_source") or self.security_basis
+                   or "not stated by the scheme")
+
     def batch_size(self) -> int:
         """How many inputs one ``encrypt`` call should carry (after ``plan``).
 
@@ -284,8 +304,13 @@ class Scheme(abc.ABC):
         return 1
 
     def reveals(self, prefix: Sequence[LayerSpec]) -> str | None:
-        """What the server learns in plaintext (plaintext-output schemes); else ``None``."""
-        return None
+        """What the server learns in plaintext.
+
+        Plaintext-output schemes must override it (the prefix outputs the server sees).
+        The default: ``None`` (the server learns nothing) when the scheme encrypts, and
+        ``"everything (no encryption)"`` when ``capabilities.encrypts`` is false.
+        """
+        return None if self.capabilities.encrypts else NOTHING_ENCRYPTED
 
     # ----- compile time ------------------------------------------------------------
 

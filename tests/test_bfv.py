@@ -17,19 +17,7 @@ from secureinfer import codec  # noqa: E402
 from secureinfer.errors import CompileError, EnvelopeError, RangeError, RangeWarning  # noqa: E402
 from secureinfer.plugins.bfv.primes import (  # noqa: E402
     batching_primes, choose_plain_moduli, crt_combine, is_prime)
-from secureinfer.testing import NETWORKS, SchemeConformance, inputs  # noqa: E402
-
-
-class TestBfvConformance(SchemeConformance):
-    config = "bfv"
-
-
-class TestBfvBatchConformance(SchemeConformance):
-    config = "bfv?packing=batch"
-
-
-class TestBfvWorkersConformance(SchemeConformance):
-    config = "bfv?workers=2"
+from secureinfer.testing import NETWORKS, inputs  # noqa: E402
 
 
 def _compiled(net: str = "mlp_square", config: str = "bfv"):
@@ -297,10 +285,11 @@ def test_galois_keys_only_for_the_rotations_used(cnn_single):
 
 def test_server_holds_no_secret_key(cnn_single):
     _, _, (client, server, authority) = cnn_single
+    assert authority is None  # HE: the client owns its keys
     assert all(p.he.is_secret_key_empty() for p in server.ctx.primes)
-    assert not any(p.he.is_secret_key_empty() for p in authority.secret.primes)
-    public = authority.public_keys()
-    for p in authority.secret.primes:
+    assert not any(p.he.is_secret_key_empty() for p in client.keys.secret.primes)
+    public = client.public_keys()
+    for p in client.keys.secret.primes:
         secret = p.he.to_bytes_secret_key("none")
         chunk = secret[len(secret) // 2: len(secret) // 2 + 64]
         assert chunk not in public

@@ -22,17 +22,8 @@ from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
 from secureinfer.model import compile_layers
 from secureinfer.plugins.ckks.backend import galois_element, sealapi
 from secureinfer.plugins.ckks.layers import AffineSingle
-from secureinfer.testing import SchemeConformance
 
 TOL = 1e-2
-
-
-class TestCKKSConformance(SchemeConformance):
-    config = "ckks"
-
-
-class TestCKKSBatchConformance(SchemeConformance):
-    config = "ckks?packing=batch"
 
 
 # ----- networks --------------------------------------------------------------------------
@@ -278,8 +269,9 @@ def test_batch_packing_sends_no_galois_keys() -> None:
 
 def test_server_cannot_decrypt(cnn_single) -> None:
     sm, (client, server, authority) = cnn_single
+    assert authority is None  # HE: the client owns its keys
     api = sealapi()
-    public = codec.unpack_fields(codec.open_envelope(authority.public_keys()).payload)
+    public = codec.unpack_fields(codec.open_envelope(client.public_keys()).payload)
     assert set(public) == {"parms", "relin", "galois", "steps"}
     held = list(vars(server.ctx).values()) + list(vars(server.ctx.seal).values())
     forbidden = (api.SecretKey, api.Decryptor, api.Encryptor, api.PublicKey)
@@ -299,18 +291,18 @@ def test_server_cannot_decrypt(cnn_single) -> None:
 
 
 def test_messages_round_trip_through_bytes(tutorial_single) -> None:
-    sm, (client, _, authority) = tutorial_single
+    sm, (client, _, _) = tutorial_single
     x = _calib(sm.layers, 2, seed=11)
     msg = client.encrypt(x)
     assert isinstance(msg, bytes) and len(msg) / len(x) <= 500_000  # <= 0.5 MB per image
     # A fresh server from the public-key bytes alone computes the same result.
-    other = sm.server(bytes(authority.public_keys()))
+    other = sm.server(bytes(client.public_keys()))
     y = client.decrypt(bytes(other.evaluate(bytes(msg))))
     np.testing.assert_allclose(y, sm.reference(x), atol=TOL)
 
 
 def test_malformed_ciphertexts_are_envelope_errors(cnn_single) -> None:
-    sm, (client, server, authority) = cnn_single
+    sm, (client, server, _) = cnn_single
     env = codec.open_envelope(client.encrypt(_calib(sm.layers, 1)))
     outer = codec.unpack_fields(env.payload)
     inner = codec.unpack_fields(outer["ct"])
@@ -326,7 +318,7 @@ def test_malformed_ciphertexts_are_envelope_errors(cnn_single) -> None:
             server.evaluate(with_cts(bad))
     with pytest.raises(EnvelopeError, match="packing"):
         server.evaluate(with_cts([blob], packing="batch"))
-    public = codec.unpack_fields(codec.open_envelope(authority.public_keys()).payload)
+    public = codec.unpack_fields(codec.open_envelope(client.public_keys()).payload)
     with pytest.raises(EnvelopeError, match="Galois"):  # relinearization key as Galois keys
         sm.scheme.open_server(codec.pack_fields({**public, "galois": public["relin"]}), b"")
     with pytest.raises(EnvelopeError, match="public context"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,55 @@ def test_run_clear_json_has_every_field(clear_run):
     assert clear_run["samples"] == 100
     assert clear_run["agreement"] == 1.0
     assert clear_run["accuracy"] >= 0.9
-    assert clear_run["security_bits"] is None and clear_run["reveals"] is None
+    assert clear_run["security_bits"] is None
+    # clear encrypts nothing: it never claims an encrypted output or a server that learns nothing
+    assert clear_run["output"] == "clear"
+    assert clear_run["reveals"] == "everything (reference, no encryption)"
+
+
+def test_run_human_report_is_short_and_honest():
+    out = sh("run", "--scheme", "clear?bits=8", "--limit", "5", "--no-progress",
+             check=True).stdout
+    lines = out.splitlines()
+    assert "output      clear; server learns: everything (reference, no encryption)" in lines
+    assert not any("encrypted" in line for line in lines)
+    assert "plan        scale    8-bit integers" in lines and "(full plan: --json)" in out
+    assert "{" not in out and max(map(len, lines)) < 200  # no JSON dump of the plan
+    sizes = next(line for line in lines if line.startswith("bytes"))[len("bytes"):]
+    fields = sizes.split("  (")[0].split(",")
+    assert len(fields) >= 2
+    assert all(re.fullmatch(r"[a-z ]+ \d[\d.]* (B|kB|MB|GB)", f.strip()) for f in fields), sizes
+
+
+def test_schemes_lists_clear_output_as_clear():
+    lines = sh("schemes", check=True).stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("clear "))
+    assert lines[at + 1].strip().startswith("output clear,")
+    rows = json.loads(sh("schemes", "--json", check=True).stdout)
+    clear = next(r for r in rows if r["name"] == "clear")
+    assert clear["output"] == "clear" and clear["encrypts"] is False
+
+
+@pytest.mark.parametrize("config, hint", [("ckk", "did you mean 'ckks'?"),
+                                          ("clear?bit=8", "did you mean 'bits'?")])
+def test_unknown_name_suggests_a_near_match(config, hint):
+    proc = sh("run", "--scheme", config)
+    assert proc.returncode == 2 and hint in proc.stderr
+
+
+def test_limit_zero_is_an_error():
+    proc = sh("run", "--scheme", "clear", "--limit", "0")
+    assert proc.returncode == 2 and "N >= 1" in proc.stderr
+
+
+def test_random_bytes_as_model_say_how_to_make_one(tmp_path):
+    junk = tmp_path / "m.npz"
+    junk.write_bytes(bytes(range(256)) * 4)
+    proc = sh("run", "--scheme", "clear", "--model", str(junk), "--no-progress")
+    assert proc.returncode == 2
+    assert "is not a secureinfer model file" in proc.stderr
+    assert "secureinfer train" in proc.stderr and "secureinfer.nn.save" in proc.stderr
+    assert "pickle" not in proc.stderr
 
 
 def test_unknown_scheme_exits_2_and_lists_clear():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -58,14 +56,12 @@ def test_random_values_round_trip(fresh):
 def test_out_of_range_raises_instead_of_hanging(ops, fresh):
     g = ops.generator()
     table = DlogTable(ops, g, BOUND)
-    start = time.perf_counter()
-    for value in (BOUND + 1, -BOUND - 1, 10**12, -(10**15)):
+    for value in (BOUND + 1, -BOUND - 1, 10**12, -(10**15)):  # timed: bench_refusals.py
         with pytest.raises(DlogOutOfRange) as info:
             table.solve_many([ops.pow(g, 3), ops.pow(g, value)])
         assert info.value.index == 1
         assert info.value.bound == BOUND
         assert isinstance(info.value, RangeError)
-    assert time.perf_counter() - start < 10
 
 
 def test_not_a_power_of_the_generator_raises(fresh):

@@ -18,13 +18,8 @@ from secureinfer.plugins.fe_quadratic import QuadraticFE, dgp  # noqa: E402
 from secureinfer.plugins.fe_quadratic.function import lower  # noqa: E402
 from secureinfer.quant import quantize  # noqa: E402
 from secureinfer.registry import resolve  # noqa: E402
-from secureinfer.testing import SchemeConformance  # noqa: E402
 
 FAST = "fe-quad?dlog_table_bits=16"  # a small discrete-log table: quick to build in tests
-
-
-class TestFeQuadConformance(SchemeConformance):
-    config = "fe-quad"
 
 
 def _mlp(rng: np.random.Generator, n_in: int = 16, hidden: int = 8, out: int = 4,

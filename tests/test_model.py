@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 import secureinfer
+from secureinfer.plugins.clear import ClearScheme
 from secureinfer.testing import NETWORKS, inputs
 
 
@@ -138,8 +141,9 @@ def test_fe_client_needs_public_keys(net):
     if get_registry().get("fe-ip").availability():
         pytest.skip("fe-ip not installed: pip install secureinfer[fe]")
     sm = secureinfer.compile_layers(layers, "fe-ip", calibration=calib)
-    with pytest.raises(ValueError, match="authority"):
+    with pytest.raises(secureinfer.RoleError, match="authority") as info:
         sm.client()
+    assert isinstance(info.value, ValueError)
 
 
 def test_nonfinite_weights_are_a_compile_error_naming_the_layer(net):
@@ -188,3 +192,67 @@ def test_secureinfer_errors_inside_a_layer_pass_through(net, monkeypatch):
     monkeypatch.setattr(server.layers[0], "forward", refuse)
     with pytest.raises(secureinfer.EnvelopeError, match="wrong key set"):
         server.evaluate(client.encrypt(calib[:1]))
+
+
+# ----- errors inside the hierarchy, setup's parties, what the server learns ---------------
+
+def test_compile_without_input_shape_is_a_config_error():
+    torch = pytest.importorskip("torch", reason="compile() of a torch model needs torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with pytest.raises(secureinfer.ConfigError, match=r"input_shape=\(\.\.\.\)") as info:
+        secureinfer.compile(model, "clear")
+    assert isinstance(info.value, ValueError)  # old `except ValueError` code still works
+
+
+def test_encrypt_of_a_wrong_shape_is_an_input_error(net):
+    layers, calib = net
+    client, _, _ = secureinfer.compile_layers(layers, "clear", calibration=calib).setup()
+    with pytest.raises(secureinfer.InputError, match=r"input of shape \(2, 5\) does not "
+                                                     r"match the model.s input \(1, 4, 4\)") as info:
+        client.encrypt(np.zeros((2, 5)))
+    assert isinstance(info.value, secureinfer.SecureInferError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_range_check_and_roles_are_secureinfer_errors(net):
+    layers, calib = net
+    with pytest.raises(secureinfer.ConfigError, match="range_check='loud'"):
+        secureinfer.compile_layers(layers, "clear", calibration=calib, range_check="loud")
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    client, server, _ = sm.setup()
+    with pytest.raises(secureinfer.RoleError, match="clear output.*client.decrypt"):
+        server.infer(client.encrypt(calib[:1]))
+
+
+def test_layer_spec_of_wrong_shape_is_an_invalid_layer_error():
+    with pytest.raises(secureinfer.InvalidLayerError, match=r"layer fc: input shape \(3,\)"):
+        secureinfer.Linear("fc", (3,), weight=np.zeros((2, 4)), bias=np.zeros(2))
+
+
+class _EncryptingClear(ClearScheme):
+    """The clear arithmetic declared as encrypting: the core's HE paths, no cryptography."""
+
+    name = "he_like"
+    capabilities = replace(ClearScheme.capabilities, encrypts=True)
+
+
+def test_he_setup_has_no_authority_and_says_the_server_learns_nothing(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, _EncryptingClear(), calibration=calib)
+    client, server, authority = sm.setup()
+    assert authority is None and client.keys is not None
+    assert sm.output == "encrypted" and sm.reveals is None
+    assert sm.summary().splitlines()[-1] == "server learns: nothing (encrypted output)"
+    x = calib[:2]
+    np.testing.assert_allclose(client.decrypt(server.evaluate(client.encrypt(x))),
+                               sm.reference(x))
+
+
+def test_clear_says_it_encrypts_nothing(net):
+    layers, calib = net
+    sm = secureinfer.compile_layers(layers, "clear", calibration=calib)
+    _, _, authority = sm.setup()
+    assert authority is None
+    assert sm.output == "clear"
+    assert sm.reveals == "everything (reference, no encryption)"
+    assert sm.summary().splitlines()[-1] == "server learns: everything (reference, no encryption)"

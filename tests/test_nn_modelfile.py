@@ -160,7 +160,7 @@ def test_malformed_archives_raise_config_error(good_file, tmp_path):
     cases["truncated"] = (truncated, "readable")
     garbage = tmp_path / "g.npz"
     garbage.write_bytes(b"not a zip at all")
-    cases["garbage"] = (garbage, "readable")
+    cases["garbage"] = (garbage, "not a secureinfer model file.*secureinfer train")
     cases["missing file"] = (tmp_path / "nope.npz", "does not exist")
     for path, message in cases.values():
         with pytest.raises(ConfigError, match=message):

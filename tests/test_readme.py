@@ -1,4 +1,6 @@
-"""The README's plugin example is a working third-party plugin that passes the suite."""
+"""The README's plugin example: a working third-party plugin, and the conformance suite's
+negative example. It passes every test but "the server can decrypt nothing", which it fails
+as it must (its server holds the secret factor)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def _example() -> str:
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
 
 
-def test_readme_plugin_passes_conformance(tmp_path):
+def test_readme_plugin_fails_only_the_no_decryption_test(tmp_path):
     pkg = tmp_path / "site"
     pkg.mkdir()
     (pkg / "secureinfer_toy.py").write_text(_example())
@@ -29,15 +31,52 @@ def test_readme_plugin_passes_conformance(tmp_path):
                      "class TestToy(SchemeConformance):\n"
                      "    config = 'toy'\n    allow_insecure = True\n")
     env = {"PYTHONPATH": str(pkg), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(tests)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p",
+                           "no:cacheprovider", str(tests)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
+    from secureinfer.testing import NETWORKS
+
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert sorted(failed) == sorted(f"test_toy.py::TestToy::test_server_can_decrypt_nothing"
+                                    f"[{net}]" for net in NETWORKS), proc.stdout[-3000:]
+    assert "the server decrypts the output with what it holds: server.ctx" in proc.stdout
+    assert re.search(r"\b\d{2,} passed", proc.stdout), proc.stdout[-3000:]
 
     run = subprocess.run([sys.executable, "-m", "secureinfer", "schemes"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert "toy (aliases: toy_scale)" in run.stdout
+
+
+def test_toy_server_decrypts_with_what_it_holds(tmp_path, monkeypatch):
+    """In process: the holdings check finds the factor the toy hands its server."""
+    import importlib
+
+    import numpy as np
+
+    import secureinfer
+    from secureinfer import registry
+    from secureinfer.testing import decrypting_holdings, leaked_secrets
+
+    (tmp_path / "secureinfer_toy.py").write_text(_example())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("secureinfer_toy")
+    try:
+        layers = [secureinfer.Linear("fc", (3,), weight=np.arange(6.0).reshape(2, 3),
+                                     bias=np.ones(2))]
+        sm = secureinfer.compile_layers(layers, mod.ToyScheme(allow_insecure=True))
+        parties = sm.setup()
+        x = np.random.default_rng(0).random((2, 3))
+        out = parties.server.evaluate(parties.client.encrypt(x))
+        want = parties.client.decrypt(out)
+        found = decrypting_holdings(sm, parties, out, want)
+        assert found == ["server.ctx", "received['public_keys_fields']['k']"]
+        assert leaked_secrets(sm, parties) == ["secret == server.ctx"]
+        # a wrong answer is not a decryption: a different "want" is not recovered
+        assert decrypting_holdings(sm, parties, out, want + 1) == []
+    finally:
+        sys.modules.pop("secureinfer_toy", None)
+        registry.reset()
 
 
 def test_insecure_plugin_refused_without_opt_in(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UnsupportedLayerError
+from ..errors import ConfigError, UnsupportedLayerError
 
 __all__ = ["DEFAULT_RANGE", "PolyAct", "Square", "relu_fit"]
 
@@ -30,7 +30,7 @@ _INITS = ("relu", "square")
 def _check_range(input_range: Sequence[float]) -> tuple[float, float]:
     lo, hi = (float(v) for v in input_range)
     if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-        raise ValueError(f"input_range must be finite with lo < hi, got ({lo}, {hi})")
+        raise ConfigError(f"input_range must be finite with lo < hi, got ({lo}, {hi})")
     return lo, hi
 
 
@@ -41,7 +41,7 @@ def relu_fit(degree: int, input_range: Sequence[float] = DEFAULT_RANGE,
     Example: on ``(-1, 1)`` at degree 2 it is ``0.094 + 0.5 x + 0.469 x**2`` (rounded).
     """
     if degree < 1:
-        raise ValueError(f"degree must be at least 1, got {degree}")
+        raise ConfigError(f"degree must be at least 1, got {degree}")
     lo, hi = _check_range(input_range)
     # Fit on [-1, 1] for conditioning, then map the coefficients back to [lo, hi].
     t = np.linspace(-1.0, 1.0, points)
@@ -90,9 +90,9 @@ class PolyAct(nn.Module):
                  coeffs: Sequence[float] | None = None) -> None:
         super().__init__()
         if int(degree) < 1:
-            raise ValueError(f"PolyAct degree must be at least 1, got {degree}")
+            raise ConfigError(f"PolyAct degree must be at least 1, got {degree}")
         if init not in _INITS:
-            raise ValueError(f"PolyAct init {init!r} is not one of {', '.join(_INITS)}")
+            raise ConfigError(f"PolyAct init {init!r} is not one of {', '.join(_INITS)}")
         self.degree = int(degree)
         self.init = init
         self.input_range = _check_range(input_range)
@@ -100,7 +100,7 @@ class PolyAct(nn.Module):
         if coeffs is None:
             coeffs = self._initial_coeffs()
         if len(coeffs) != self.degree + 1:
-            raise ValueError(f"PolyAct of degree {degree} needs {degree + 1} coefficients, "
+            raise ConfigError(f"PolyAct of degree {degree} needs {degree + 1} coefficients, "
                              f"got {len(coeffs)}")
         self.coeffs = nn.Parameter(torch.tensor([float(c) for c in coeffs]))
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .activations import DEFAULT_RANGE, PolyAct, Square
+from ..errors import ConfigError
 
 __all__ = ["ACTIVATIONS", "ARCHS", "activation_module", "build", "cnn_geometry",
            "default_hidden"]
@@ -35,7 +36,7 @@ def activation_module(kind: str, degree: int = 2,
         return Square(input_range)
     if kind == "poly":
         return PolyAct(degree, "relu", input_range)
-    raise ValueError(f"unknown activation {kind!r}; valid: {', '.join(ACTIVATIONS)}")
+    raise ConfigError(f"unknown activation {kind!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
 def default_hidden(arch: str) -> tuple[int, ...]:
@@ -77,10 +78,10 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
     """
     hidden = tuple(int(h) for h in (default_hidden(arch) if hidden is None else hidden))
     if any(h < 1 for h in hidden):
-        raise ValueError(f"hidden widths must be positive, got {hidden}")
+        raise ConfigError(f"hidden widths must be positive, got {hidden}")
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3:
-        raise ValueError(f"input shape {shape} is not (channels, height, width)")
+        raise ConfigError(f"input shape {shape} is not (channels, height, width)")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     n_act = 0
 
@@ -93,7 +94,7 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
 
     if arch == "mlp":
         if not hidden:
-            raise ValueError("mlp needs at least one hidden layer (e.g. hidden=(32,))")
+            raise ConfigError("mlp needs at least one hidden layer (e.g. hidden=(32,))")
         layers["flatten"] = nn.Flatten()
         features = shape[0] * shape[1] * shape[2]
     elif arch == "cnn":
@@ -105,7 +106,7 @@ def build(arch: str, input_shape: Sequence[int], num_classes: int, activation: s
         ow = (shape[2] - kernel) // stride + 1
         features = _CNN_CHANNELS * oh * ow
     else:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     for i, width in enumerate(hidden, start=1):
         layers[f"fc{i}"] = nn.Linear(features, width)
         act(width)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .activations import DEFAULT_RANGE, PolyAct, Square
 
 __all__ = ["make_he_friendly", "observe_activation_inputs"]
@@ -35,14 +36,14 @@ def _factory(activation: str | Callable[[], nn.Module], degree: int,
         return lambda: PolyAct(degree, "relu", input_range)
     if activation == "square":
         return lambda: Square(input_range)
-    raise ValueError(f"activation {activation!r} is not 'poly', 'square' or a callable "
+    raise ConfigError(f"activation {activation!r} is not 'poly', 'square' or a callable "
                      "returning a module")
 
 
 def _avgpool(kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
              ceil_mode: bool = False, where: str = "") -> nn.AvgPool2d:
     if dilation not in (1, (1, 1), [1, 1]):
-        raise ValueError(f"max-pool {where} has dilation {dilation}; average pooling has none")
+        raise ConfigError(f"max-pool {where} has dilation {dilation}; average pooling has none")
     return nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=ceil_mode)
 
 

@@ -1,6 +1,8 @@
 """The model file: weights, architecture, activation ranges, quantization and training record.
 
-A model file is an ``.npz`` archive read with ``allow_pickle=False``: one array per tensor of
+A model file is an ``.npz`` archive (written by numpy, read entry by entry here: each ``.npy``
+header is checked against its entry's size before any data is read, object arrays are
+refused, and the whole file is at most ``MAX_FILE_BYTES``): one array per tensor of
 the model's ``state_dict`` (``p:<name>``) and a UTF-8 JSON document (``secureinfer.json``)
 holding the architecture as a tree of module descriptors, the input shape, the calibration
 and the training record (``meta``). Loading parses and validates all of it; nothing is
@@ -20,6 +22,7 @@ import os
 import re
 import secrets
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SecureInferError
+from ..errors import ConfigError, ModelFileError, SecureInferError
 from ..scheme import Calibration
 from .activations import PolyAct, Square
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MODULES", "load", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "MODULES", "load", "save"]
 
 FORMAT = "secureinfer-model"
 FORMAT_VERSION = 1
@@ -40,6 +43,9 @@ _DOC = "secureinfer.json"
 _PARAM = "p:"
 _MAX_DOC_BYTES = 16 * 2**20
 _MAX_DIM = 1 << 24
+MAX_FILE_BYTES = 2**30  # all entries of a model file together, uncompressed
+_MAX_ENTRIES = 4096
+_MAX_NDIM = 8
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
@@ -257,18 +263,62 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, meta: dict[str, Any]
 
 # ----- load ---------------------------------------------------------------------------
 
+#: How to produce a model file, for error messages.
+HOW_TO_MAKE = ("make one with `secureinfer train --dataset digits --out m.npz`, or "
+               "secureinfer.nn.save(model, 'm.npz') from Python")
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (or an empty one)
+
+
+def _check_magic(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head not in _ZIP_MAGIC:
+        raise ModelFileError(f"{path} is not a secureinfer model file (an .npz archive; this "
+                             f"file starts with bytes {head!r}): {HOW_TO_MAKE}")
+
+
+def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` entry, its header checked against the entry's size before the data is
+    read (a header claiming a huge shape is refused, not allocated)."""
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or dtype.fields is not None or len(shape) > _MAX_NDIM:
+            raise _Bad(f"entry {info.filename}: dtype {dtype} of shape {shape} is not a plain "
+                       "numeric array (object arrays are never read)")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != info.file_size - f.tell():
+            raise _Bad(f"entry {info.filename}: its header claims {nbytes} bytes of data, "
+                       f"the entry holds {info.file_size - f.tell()}")
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise _Bad(f"entry {info.filename} is truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as f:
-        if _DOC not in f.files:
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        total = sum(info.file_size for info in infos)
+        if len(infos) > _MAX_ENTRIES or total > MAX_FILE_BYTES:
+            raise _Bad(f"{len(infos)} entries of {total} bytes in all; a model file holds at "
+                       f"most {_MAX_ENTRIES} entries and {MAX_FILE_BYTES} bytes")
+        names = [info.filename.removesuffix(".npy") for info in infos]
+        if _DOC not in names:
             raise _Bad(f"no {_DOC} entry: not a secureinfer model file")
-        raw = f[_DOC]
-        if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > _MAX_DOC_BYTES:
-            raise _Bad(f"{_DOC} is not a UTF-8 byte string")
-        doc = json.loads(raw.tobytes().decode("utf-8"))
-        params = {k[len(_PARAM):]: f[k] for k in f.files if k.startswith(_PARAM)}
-        extra = [k for k in f.files if k != _DOC and not k.startswith(_PARAM)]
-    if extra:
-        raise _Bad(f"unexpected entries {extra[:5]}")
+        extra = [n for n, i in zip(names, infos)
+                 if not i.filename.endswith(".npy") or n != _DOC and not n.startswith(_PARAM)]
+        if extra:
+            raise _Bad(f"unexpected entries {extra[:5]}")
+        arrays = {n: _read_npy(archive, i) for n, i in zip(names, infos)}
+    raw = arrays.pop(_DOC)
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > _MAX_DOC_BYTES:
+        raise _Bad(f"{_DOC} is not a UTF-8 byte string")
+    doc = json.loads(raw.tobytes().decode("utf-8"))
+    params = {k[len(_PARAM):]: v for k, v in arrays.items()}
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _Bad(f"{_DOC} does not declare format {FORMAT!r}")
     if doc.get("version") != FORMAT_VERSION:
@@ -321,12 +371,13 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     other argument.
 
     Raises:
-        ConfigError: the file is missing, not a model file, or malformed; the message says
-            which part.
+        ModelFileError: the file is missing, not a model file, or malformed; the message
+            says which part (a ``ConfigError``).
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"model file {path} does not exist")
+        raise ModelFileError(f"model file {path} does not exist: {HOW_TO_MAKE}")
+    _check_magic(path)
     try:
         doc, params = _read(path)
         model = _build(doc.get("architecture"), "(root)")
@@ -342,9 +393,13 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         model.eval()
         cal = _calibration(doc.get("calibration"), model, shape)
     except _Bad as exc:
-        raise ConfigError(f"{path}: malformed model file: {exc}") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a readable secureinfer model file ({exc})") from None
+        raise ModelFileError(f"{path}: malformed model file: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError,
+            NotImplementedError, RuntimeError, zlib.error) as exc:  # what zipfile raises
+        if "pickle" in str(exc):  # numpy's hint to unpickle: unsafe, and no fix here
+            exc = "an entry is not a plain array"
+        raise ModelFileError(f"{path} is not a readable secureinfer model file ({exc}): "
+                             f"{HOW_TO_MAKE}") from None
     model.secureinfer_input_shape = shape
     model.secureinfer_calibration = cal
     model.secureinfer_meta = meta

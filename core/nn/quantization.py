@@ -17,6 +17,7 @@ from torch import nn
 from ..compiler import lower
 from ..data import Dataset
 from ..data import load as load_dataset
+from ..errors import ConfigError
 from ..layers import forward
 from ..quant import quantize
 from ..scheme import Calibration
@@ -30,7 +31,7 @@ REFERENCE_BITS = 8
 def _input_range(model: nn.Module, calibration: Calibration | None) -> tuple[float, float]:
     cal = calibration or getattr(model, "secureinfer_calibration", None)
     if cal is None:
-        raise ValueError("the model has no calibration: run secureinfer.nn.calibrate(model, "
+        raise ConfigError("the model has no calibration: run secureinfer.nn.calibrate(model, "
                          "x_train) first, or pass calibration=")
     return cal.input_range
 

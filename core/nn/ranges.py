@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import RangeError
 from ..layers import LayerSpec
-from ..errors import RangeWarning
+from ..errors import ConfigError, RangeWarning
 from ..scheme import Calibration
 from .activations import DEFAULT_RANGE
 
@@ -92,7 +92,7 @@ def _lowered(model: Any, input_shape: Sequence[int] | None) -> list[LayerSpec]:
     shape = input_shape if input_shape is not None else getattr(
         model, "secureinfer_input_shape", None)
     if shape is None:
-        raise ValueError("input_shape is needed (the model has no secureinfer_input_shape)")
+        raise ConfigError("input_shape is needed (the model has no secureinfer_input_shape)")
     return lower(model, tuple(shape))
 
 
@@ -157,7 +157,7 @@ def check_ranges(model_or_layers: Any, x: Any, calibration: Calibration | None =
         ValueError: no calibration, or one that does not match the layers.
     """
     if action not in ("raise", "warn"):
-        raise ValueError(f"action {action!r} is not 'raise' or 'warn'")
+        raise ConfigError(f"action {action!r} is not 'raise' or 'warn'")
     if isinstance(model_or_layers, nn.Module):
         if calibration is None:
             calibration = getattr(model_or_layers, "secureinfer_calibration", None)
@@ -165,7 +165,7 @@ def check_ranges(model_or_layers: Any, x: Any, calibration: Calibration | None =
     else:
         layers = list(model_or_layers)
     if calibration is None:
-        raise ValueError("check_ranges needs a Calibration (secureinfer.nn.calibrate)")
+        raise ConfigError("check_ranges needs a Calibration (secureinfer.nn.calibrate)")
     y = _numpy(x)
     if y.shape == layers[0].in_shape:
         y = y[None]

@@ -229,12 +229,12 @@ def _teacher(spec: str | nn.Module, data: Dataset, arch: str, hidden: tuple[int,
 
 def _check_combination(activation: str, distill_from: object, gradual: bool) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     if distill_from is not None and activation == "relu":
-        raise ValueError("distillation trains a polynomial student: use activation poly or "
+        raise ConfigError("distillation trains a polynomial student: use activation poly or "
                          "square with distill_from")
     if gradual and (distill_from is None or activation != "poly"):
-        raise ValueError("the gradual schedule blends a ReLU teacher's activations into "
+        raise ConfigError("the gradual schedule blends a ReLU teacher's activations into "
                          "PolyAct: it needs activation poly and distill_from")
 
 

@@ -7,7 +7,9 @@ The ``pytest11`` entry point ``secureinfer`` (``secureinfer.testing.plugin``) ad
 
 from __future__ import annotations
 
+from .holdings import decrypting_holdings, leaked_secrets, server_holdings
 from .networks import NETWORKS, inputs
 from .suite import SchemeConformance
 
-__all__ = ["NETWORKS", "SchemeConformance", "inputs"]
+__all__ = ["NETWORKS", "SchemeConformance", "decrypting_holdings", "inputs", "leaked_secrets",
+           "server_holdings"]

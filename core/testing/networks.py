@@ -39,10 +39,28 @@ def cnn(rng: np.random.Generator) -> list[LayerSpec]:
             _lin(rng, "fc1", int(np.prod(pool.out_shape)), 3)]
 
 
+def lenet(rng: np.random.Generator) -> list[LayerSpec]:
+    """LeNet's shape, small: (conv -> x^2 -> avgpool) twice, then two dense layers.
+
+    Degree 4 in the input over two convolutions (two channels, an 8x8 image).
+    """
+    conv1 = Conv2d("conv1", (1, 8, 8), weight=rng.normal(0, 0.4, (2, 1, 3, 3)),
+                   bias=rng.normal(0, 0.1, 2), padding=(1, 1))
+    pool1 = AvgPool2d("pool1", conv1.out_shape, kernel=2, stride=2)
+    conv2 = Conv2d("conv2", pool1.out_shape, weight=rng.normal(0, 0.3, (2, 2, 3, 3)),
+                   bias=rng.normal(0, 0.1, 2), padding=(1, 1))
+    pool2 = AvgPool2d("pool2", conv2.out_shape, kernel=2, stride=2)
+    flat = int(np.prod(pool2.out_shape))
+    return [conv1, Poly("act1", conv1.out_shape), pool1,
+            conv2, Poly("act2", conv2.out_shape), pool2,
+            Flatten("flatten", pool2.out_shape), _lin(rng, "fc1", flat, 6), _lin(rng, "fc2", 6, 3)]
+
+
 NETWORKS: dict[str, Callable[[np.random.Generator], list[LayerSpec]]] = {
     "mlp_square": mlp_square,
     "mlp_poly": mlp_poly,
     "cnn": cnn,
+    "lenet": lenet,
 }
 
 

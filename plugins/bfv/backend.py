@@ -16,8 +16,8 @@ import numpy as np
 
 from secureinfer.errors import BackendNotInstalledError, CompileError, EnvelopeError
 
-__all__ = ["MAX_COEFF_BITS", "RAW", "PrimeContext", "backend", "centered", "load_ciphertexts",
-           "new_contexts"]
+__all__ = ["HE_STANDARD", "MAX_COEFF_BITS", "RAW", "PrimeContext", "backend", "centered",
+           "load_ciphertexts", "new_contexts", "security_source"]
 
 EXTRA = "pip install secureinfer[bfv]"
 RAW = "none"
@@ -26,6 +26,14 @@ RAW = "none"
 MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit security (HomomorphicEncryption.org
 standard, ternary secrets: the same table SEAL enforces)."""
+HE_STANDARD = ("HomomorphicEncryption.org security standard (2018), 128-bit classical table, "
+               "ternary-secret row")
+
+
+def security_source(poly_degree: int, total_bits: int) -> str:
+    """Where a plan's 128 bits come from (the planner never exceeds the table's bound)."""
+    return (f"{HE_STANDARD} for N={poly_degree}: log q <= {MAX_COEFF_BITS[poly_degree]} bits "
+            f"at 128 bits (the bound SEAL enforces); this plan: log q = {total_bits}")
 
 
 

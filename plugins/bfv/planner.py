@@ -30,7 +30,7 @@ from secureinfer.errors import CompileError
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
 from secureinfer.quant import EdgeQuantizer, QuantizedNetwork
 
-from .backend import MAX_COEFF_BITS
+from .backend import MAX_COEFF_BITS, security_source
 from .bounds import output_bound
 from .layout import Diagonals, LinearLayout, plan_windows
 from .linear import Im2col, IntegerLinear, im2col_linear, integer_linear, pow2
@@ -137,7 +137,9 @@ class BfvPlan:
                              packed_giant_steps=step.layout.bsgs.packed)
             layers.append(entry)
         return {
-            "security_bits": 128, "packing": self.packing, "poly_modulus_degree": self.poly_degree,
+            "security_bits": 128,
+            "security_source": security_source(self.poly_degree, sum(self.coeff_bits)),
+            "packing": self.packing, "poly_modulus_degree": self.poly_degree,
             "plain_moduli": [int(t) for t in self.plain_moduli],
             "plain_modulus_bits": [int(t).bit_length() for t in self.plain_moduli],
             "crt_bits": round(math.log2(product), 2), "output_bound": int(self.bound),

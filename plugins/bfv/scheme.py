@@ -20,7 +20,7 @@ from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
 
-from .backend import RAW, PrimeContext, backend, load_ciphertexts, new_contexts
+from .backend import HE_STANDARD, RAW, PrimeContext, backend, load_ciphertexts, new_contexts
 from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
@@ -59,6 +59,8 @@ class BfvScheme(Scheme):
     name = "bfv"
     backend = "pyfhel"
     extra = "bfv"
+    security_basis = (f"{HE_STANDARD}: the planner keeps log q within the row of the ring "
+                      "degree N it picks")
     description = "BFV exact integer HE on SEAL (Pyfhel), CRT over plaintext primes; encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=True, batch=True)
     options = (
@@ -196,6 +198,11 @@ class BfvScheme(Scheme):
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
         plan = self._client_plan()
+        if not isinstance(secret, ClientKeys) or len(secret.primes) != len(plan.plain_moduli) \
+                or any(p.he.is_secret_key_empty() for p in secret.primes):
+            # SEAL dereferences a missing secret key (a crash, not an exception)
+            raise ValueError("bfv: decryption needs the client's secret keys (keygen's first "
+                             f"value, one per plaintext prime), not a {type(secret).__name__}")
         value = _parse(plan, secret.primes, output, plan.output_width)
         n = value.samples
         residues = []

@@ -73,6 +73,8 @@ class CKKSScheme(Scheme):
     name = "ckks"
     backend = "tenseal"
     extra = "ckks"
+    security_basis = (f"{_params.HE_STANDARD}: the planner keeps log q within the row of the "
+                      "ring degree N it picks")
     description = "CKKS approximate HE on SEAL (tenseal.sealapi); encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=False,
                                 tolerance=TOLERANCE, batch=True)

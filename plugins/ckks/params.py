@@ -40,6 +40,7 @@ __all__ = [
     "output_bound",
     "parse_bits",
     "security_bits",
+    "security_source",
 ]
 
 # Largest total coefficient modulus (bits, special prime included) at 128-bit security.
@@ -82,6 +83,21 @@ def security_bits(degree: int, total_bits: int) -> int:
     return int(128 * limit / total_bits)
 
 
+HE_STANDARD = ("HomomorphicEncryption.org security standard (2018), 128-bit classical table, "
+               "ternary-secret row")
+
+
+def security_source(degree: int, total_bits: int) -> str:
+    """Where ``security_bits(degree, total_bits)`` comes from, in one line."""
+    limit = MAX_BITS_128[degree]
+    if total_bits <= limit:
+        return (f"{HE_STANDARD} for N={degree}: log q <= {limit} bits at 128 bits (the bound "
+                f"SEAL enforces); this plan: log q = {total_bits}")
+    return (f"below that table: log q = {total_bits} > {limit} for N={degree}; the figure "
+            f"{security_bits(degree, total_bits)} is 128 * {limit} / {total_bits}, an "
+            "extrapolation, not a table value")
+
+
 def parse_bits(text: str) -> list[int]:
     """``"60,40,40,60"`` -> ``[60, 40, 40, 60]`` with each size checked."""
     try:
@@ -115,7 +131,8 @@ class Params:
                 "coeff_mod_bits": list(self.coeff_mod_bits), "coeff_mod_total_bits": total,
                 "max_bits_128": MAX_BITS_128[self.poly_modulus_degree],
                 "scale_bits": self.scale_bits, "depth_available": self.depth_available,
-                "security_bits": self.security_bits}
+                "security_bits": self.security_bits,
+                "security_source": security_source(self.poly_modulus_degree, total)}
 
 
 # ----- ranges and error -------------------------------------------------------------------

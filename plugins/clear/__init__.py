@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from secureinfer import codec
+from secureinfer.errors import EnvelopeError
 from secureinfer.hookspecs import hookimpl
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import EdgeQuantizer, QuantizedNetwork, quantize
@@ -44,7 +45,7 @@ class ClearScheme(Scheme):
     backend = "numpy"
     description = "reference: no encryption, float64 or quantized integers (?bits=N)"
     capabilities = Capabilities(layers=_ALL_KINDS, output="encrypted", exact=False,
-                                tolerance=1e-9)
+                                tolerance=1e-9, encrypts=False)
     options = (Option("bits", int, None, "quantize inputs and weights to N-bit integers"),
                Option("coeff_bits", int, None,
                       "fractional bits of polynomial coefficients (default: bits)"))
@@ -101,14 +102,20 @@ class ClearScheme(Scheme):
         return codec.pack_fields({"x": np.asarray(x, dtype=np.float64)})
 
     def decrypt(self, secret: Any, output: bytes) -> np.ndarray:
-        y = codec.unpack_fields(output)["y"]
+        y = self._array(output, "y", "output")
         return self.edges.dequantize(y) if self.edges is not None else y
 
     def open_server(self, public: bytes, functional: bytes) -> Any:
         return None
 
     def load_input(self, ctx: Any, payload: bytes) -> np.ndarray:
-        return codec.unpack_fields(payload)["x"]
+        return self._array(payload, "x", "input")
+
+    def _array(self, payload: bytes, key: str, what: str) -> np.ndarray:
+        value = codec.unpack_fields(payload).get(key)
+        if not isinstance(value, np.ndarray) or value.ndim < 1 or value.dtype.kind not in "iufO":
+            raise EnvelopeError(f"clear {what} message: no numeric array field {key!r}")
+        return value
 
     def dump_output(self, ctx: Any, value: np.ndarray) -> bytes:
         return codec.pack_fields({"y": value})

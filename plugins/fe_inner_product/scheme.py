@@ -60,7 +60,7 @@ from ..fe_common.groups import (
 from ..fe_common.integer import affine_map, inner_product_bound
 from ..fe_common.tables import FixedBase, SmallMatVec
 from ..fe_common.scheme import MAX_TABLE_BITS as _MAX_TABLE_BITS
-from ..fe_common.scheme import FeScheme, dlog_table_option
+from ..fe_common.scheme import BLS12_381_SECURITY, FeScheme, dlog_table_option
 
 __all__ = ["InnerProductFE", "InnerProductLayer", "MasterSecret", "PublicKey", "ServerKeys"]
 
@@ -153,6 +153,7 @@ class InnerProductFE(FeScheme):
                 f"or a larger dlog_table_bits")
         self.plan_ = {
             "security_bits": 128,
+            "security_source": BLS12_381_SECURITY,
             "curve": "BLS12-381",
             "group": "G1",
             "bits": self.opts["bits"],

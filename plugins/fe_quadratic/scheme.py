@@ -28,7 +28,7 @@ from secureinfer.scheme import Calibration, Capabilities, Option, SecureLayer
 from ..fe_common.dlog import DlogOutOfRange, DlogTable, table_bits_for
 from ..fe_common.groups import group, pack_elements, unpack_elements
 from ..fe_common.scheme import MAX_TABLE_BITS as _MAX_TABLE_BITS
-from ..fe_common.scheme import FeScheme, dlog_table_option
+from ..fe_common.scheme import BLS12_381_SECURITY, FeScheme, dlog_table_option
 from . import dgp
 from .function import QuadraticFunction, lower
 
@@ -115,6 +115,7 @@ class QuadraticFE(FeScheme):
         self._program = _Program(qnet, fn, fn.digest(), centers, bound, table_bits)
         self.plan_ = {
             "security_bits": 128,
+            "security_source": BLS12_381_SECURITY,
             "curve": "BLS12-381",
             "construction": "Dufour-Sans-Gay-Pointcheval 2018 (generic bilinear group model)",
             "bits": self.opts["bits"],
