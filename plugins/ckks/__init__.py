@@ -14,6 +14,10 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   ``auto`` (``single`` when every value fits one ciphertext, else ``batch``).
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
+* ``flood_bits`` (default 16): the server noise-floods every output so that a decryption
+  is within statistical distance ``2^-flood_bits`` of one that shows the result only
+  (``secureinfer.plugins.ckks.flood``); the server then also receives the public key.
+  ``flood_bits=0``: no flooding, for a client that holds the model anyway.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from secureinfer.scheme import (
     import_problem,
 )
 
+from . import flood as _flood
 from . import params as _params
 from . import program as _program
-from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
+from .backend import ClientKeys, Seal, from_bytes, galois_element, sealapi, to_bytes
 from .layers import CKKSLayer, ServerContext, Value, schedule
 
 __all__ = ["CKKSScheme"]
@@ -86,6 +91,8 @@ class CKKSScheme(Scheme):
         Option("scale_bits", int, None, "log2 of the CKKS scale (default: planned)"),
         Option("coeff_mod_bits", str, None,
                "prime sizes q0,q1,...,special, e.g. 40,26,26,40 (default: planned)"),
+        Option("flood_bits", int, _flood.DEFAULT_FLOOD_BITS,
+               "statistical security of the output flooding; 0: off (client holds the model)"),
     )
     layer_types: ClassVar[dict[str, type[SecureLayer]]] = {kind: CKKSLayer for kind in _KINDS}
 
@@ -97,6 +104,9 @@ class CKKSScheme(Scheme):
                               f"{_params.MAX_PRIME_BITS - 1}")
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
+        if not 0 <= self.opts["flood_bits"] <= 64:
+            raise ConfigError(f"scheme 'ckks': flood_bits={self.opts['flood_bits']} must be "
+                              "between 0 (no flooding) and 64")
         self.program: _program.Program | None = None
         self.params: _params.Params | None = None
         self.packing = "single"
@@ -139,9 +149,9 @@ class CKKSScheme(Scheme):
         packings = ["single", "batch"] if wanted == "auto" else [wanted]
         for packing in packings:
             try:
-                return packing, _params.choose_params(
-                    program, calibration, self.opts, self._fits(program, packing),
-                    TOLERANCE / 10, self.allow_insecure)
+                return packing, _flood.choose_params(program, calibration, self.opts,
+                                                     self._fits(program, packing),
+                                                     self.allow_insecure, TOLERANCE)
             except CompileError:
                 if packing == packings[-1]:
                     raise
@@ -156,6 +166,8 @@ class CKKSScheme(Scheme):
         self.program, self.params, self.packing = program, params, packing
         self._input_bound = _params.input_limit(calibration)
         steps = _program.rotation_steps(program, params.slots) if packing == "single" else []
+        error = _params.estimate_error(program, calibration, params.poly_modulus_degree,
+                                       params.scale_bits)
         self.plan_ = {
             **params.to_dict(),
             "scheme": "CKKS (SEAL via tenseal.sealapi)",
@@ -176,14 +188,27 @@ class CKKSScheme(Scheme):
             "calibrated": calibration is not None,
             "input_limit": self._input_bound,
             "output_bound": _params.output_bound(program, calibration),
-            "estimated_max_error": _params.estimate_error(program, calibration,
-                                                          params.poly_modulus_degree,
-                                                          params.scale_bits),
+            "estimated_max_error": _flood.flooded_error(error, self.opts["flood_bits"],
+                                                        params.poly_modulus_degree),
+            **self._flood_plan(error),
             "input_ciphertexts_per_message": (1 if packing == "single" else
                                               int(np.prod(program.input_shape))),
             **self._client_layout(),
         }
         return self.plan_
+
+    def _flood_plan(self, error: float) -> dict[str, Any]:
+        """The plan's output-privacy keys (``flood``)."""
+        bits, n = self.opts["flood_bits"], self.params.poly_modulus_degree
+        return {"flood_bits": bits, "error_before_flood": error,
+                "flood_slot_sigma": _flood.slot_sigma(error, bits, n) if bits else 0.0,
+                "public_key": bool(bits),
+                "output_privacy": (
+                    f"outputs noise-flooded (flood_bits={bits}): a decryption is within "
+                    f"statistical distance 2^-{bits} of one showing the result only (relative "
+                    "to the planned error bound)" if bits else
+                    "outputs not flooded (flood_bits=0): the decrypted noise depends on the "
+                    "weights; only for a client that holds the model")}
 
     def _client_layout(self) -> dict[str, Any]:
         """The plan keys the client works from (``load_plan``)."""
@@ -232,9 +257,11 @@ class CKKSScheme(Scheme):
         return Seal(self.params)
 
     def keygen(self) -> tuple[Any, bytes]:
-        keys = ClientKeys(self._seal(), self.plan_["rotation_steps"], self.plan_["relin_keys"])
+        keys = ClientKeys(self._seal(), self.plan_["rotation_steps"], self.plan_["relin_keys"],
+                          public=bool(self.plan_.get("public_key")))
         public = codec.pack_fields({
             "parms": keys.seal.parms_bytes,
+            "public": to_bytes(keys.public_key) if keys.public_key is not None else b"",
             "relin": to_bytes(keys.relin) if keys.relin is not None else b"",
             "galois": to_bytes(keys.galois) if keys.galois is not None else b"",
             "steps": np.asarray(self.plan_["rotation_steps"], dtype=np.int64),
@@ -323,7 +350,19 @@ class CKKSScheme(Scheme):
                 raise EnvelopeError(f"ckks: Galois keys lack rotation steps {missing[:8]}")
         return ServerContext(seal, relin, galois, self.program,
                              schedule(self.program, seal.primes, self.params.scale_bits),
-                             self.packing)
+                             self.packing, self._flooder(seal, fields.get("public", b"")))
+
+    def _flooder(self, seal: Seal, public: Any) -> _flood.Flooder | None:
+        bits = int(self.plan_.get("flood_bits", 0))
+        if not bits:
+            return None
+        if not isinstance(public, bytes) or not public:
+            raise EnvelopeError(f"ckks: the plan floods outputs (flood_bits={bits}) and needs "
+                                "the client's public key, missing from the public keys")
+        n, k = self.params.poly_modulus_degree, len(self.params.coeff_mod_bits)
+        key = from_bytes(sealapi().PublicKey(), seal.context, public, "public key",
+                         2 * n * k * 8 + 4096)  # the key level: special prime included
+        return _flood.Flooder(seal, key, self.plan_["error_before_flood"], bits)
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")
@@ -338,6 +377,8 @@ class CKKSScheme(Scheme):
 
     def dump_output(self, ctx: ServerContext, value: Value) -> bytes:
         flat = value.cts if value.packing == "single" else [ct for g in value.cts for ct in g]
+        for ct in flat if ctx.flood is not None else ():
+            ctx.flood.apply(ct)
         return codec.pack_fields({"packing": value.packing,
                                   "counts": np.asarray(value.counts, dtype=np.int64),
                                   "cts": [to_bytes(ct) for ct in flat]})

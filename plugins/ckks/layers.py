@@ -97,6 +97,7 @@ class ServerContext:
     program: Program
     steps: list[Step]
     packing: str
+    flood: Any = None  # flood.Flooder when the plan floods outputs (public key only)
 
 
 @dataclass

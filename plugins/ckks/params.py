@@ -307,14 +307,15 @@ def _too_deep(depth: int, program: Program, detail: str) -> CompileError:
 
 
 def choose_params(program: Program, calibration: Calibration | None, opts: dict[str, Any],
-                  fits: Callable[[int], bool], target_error: float,
+                  fits: Callable[[int], bool], target_error: float | Callable[[int], float],
                   allow_insecure: bool = False) -> Params:
     """Pick ``Params`` for ``program``; options ``poly_modulus_degree``, ``scale_bits`` and
     ``coeff_mod_bits`` override the automatic choice.
 
     Args:
         fits: whether the packing's values fit the slots of a given ring degree.
-        target_error: the output error the automatic scale aims below.
+        target_error: the output error the automatic scale aims below (or a function of
+            the ring degree giving it: the output flood grows with it).
 
     Raises:
         CompileError: the depth does not fit the given chain, or no ring degree up to 32768
@@ -355,7 +356,8 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
         if not fits(degree):
             last_reason = f"the values do not fit the {degree // 2} slots of N={degree}"
             continue
-        scale = scale_opt or _auto_scale(program, calibration, degree, target_error)
+        target = target_error(degree) if callable(target_error) else target_error
+        scale = scale_opt or _auto_scale(program, calibration, degree, target)
         chain = _chain(scale, headroom, depth)
         total = sum(chain)
         if total > MAX_BITS_128[degree] and not (degree_opt and allow_insecure):
