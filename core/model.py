@@ -225,6 +225,8 @@ class SecureModel(_Roles):
         if self.scheme.security_source:
             lines.append(f"security from: {self.scheme.security_source}")
         lines.append(f"server learns: {server_learns(self.output, self.reveals)}")
+        if self.plan.get("output_privacy"):
+            lines.append(f"client learns: the result; {self.plan['output_privacy']}")
         return "\n".join(lines)
 
     # ----- references ----------------------------------------------------------------
