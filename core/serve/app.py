@@ -11,6 +11,7 @@ unknown key id                         404
 keys or input of another model         409
 body above the limit                   413
 input outside the planned range        422
+key store full or not writable         507
 backend failure (names the layer)      500
 =====================================  ======
 """
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse
 from ..artifact import client_bundle, load_server
 from ..errors import ArtifactError, EnvelopeError, EvaluationError, RangeError, SecureInferError
 from .deps import BadRequest, RequestTooLarge, Unauthorized
-from .keystore import ForeignKeysError, KeyStore, UnknownKeyError
+from .keystore import ForeignKeysError, KeyStore, KeyStoreError, UnknownKeyError
 from .metrics import Metrics
 from .routes import infer_router, keys_router, model_router, ops_router
 from .settings import Settings
@@ -43,7 +44,7 @@ log = logging.getLogger("secureinfer.serve")
 STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BadRequest, 400), (EnvelopeError, 400), (ArtifactError, 400), (Unauthorized, 401),
     (UnknownKeyError, 404), (ForeignKeysError, 409), (RequestTooLarge, 413),
-    (RangeError, 422), (EvaluationError, 500), (SecureInferError, 500),
+    (RangeError, 422), (KeyStoreError, 507), (EvaluationError, 500), (SecureInferError, 500),
 )
 _ENDPOINTS = {"/v1/model", "/v1/keys", "/v1/infer", "/healthz", "/metrics"}
 
