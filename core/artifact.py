@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import zipfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +31,7 @@ from . import codec
 from .errors import ArtifactError, SecureInferError
 from .layers import LayerSpec
 from .model import ClientModel, SecureModel, freeze_plan
+from .npz import read_npz
 from .registry import resolve
 from .scheme import Calibration
 
@@ -51,6 +51,8 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 #: Largest client bundle ``load_client`` accepts from a URL.
 MAX_BUNDLE_BYTES = 256 << 20
+#: Largest uncompressed ``arrays.npz`` read (headers are checked before allocation).
+MAX_ARRAYS_BYTES = 4 << 30
 
 
 # ----- layer specs ------------------------------------------------------------------------
@@ -191,8 +193,8 @@ def save(model: SecureModel, directory: str | os.PathLike[str]) -> Path:
 def _parse_manifest(data: bytes, where: str, role: str) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: not JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{where}: not JSON ({str(exc)[:200]})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     if manifest.get("format") != ARTIFACT_FORMAT:
@@ -220,11 +222,7 @@ def _need(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...], whe
 def _parse_arrays(data: bytes | None, where: str) -> dict[str, np.ndarray]:
     if data is None:
         return {}
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArtifactError(f"{where}: not a numpy .npz of plain arrays ({exc})") from None
+    return read_npz(data, where, MAX_ARRAYS_BYTES)
 
 
 def _scheme_from(manifest: dict[str, Any], where: str) -> Any:

@@ -78,8 +78,9 @@ def _split_bundle(data: bytes, where: str) -> tuple[bytes, bytes | None]:
         manifest = json.dumps(doc["manifest"]).encode()
         arrays = doc.get("arrays")
         return manifest, base64.b64decode(arrays, validate=True) if arrays else None
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ArtifactError(f"{where}: not a client artifact bundle ({exc})") from None
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise ArtifactError(f"{where}: not a client artifact bundle "
+                            f"({str(exc)[:200]})") from None
 
 
 def fetch_client_bundle(url: str, *, token: str | None = None,
