@@ -32,7 +32,7 @@ def _raw_slots(sm, keys, output: bytes) -> np.ndarray:
     """Every decrypted slot of every output ciphertext (real parts)."""
     scheme = sm.scheme
     _, blobs = scheme._parse(codec.open_envelope(output).payload, "output")
-    level = keys.seal.top - sm.plan["depth_needed"]
+    level = keys.seal.top - sm.plan["output_drop"]
     return np.concatenate([keys.decrypt(keys.seal.load_ciphertext(b, level, "output"))
                            for b in blobs])
 
@@ -65,6 +65,25 @@ def test_ckks_flood_has_the_planned_spread(flooded):
     # Gaussian, not a few values: about 68% within one sigma of each flood's difference
     inside = float(np.mean(np.abs(diff) < np.sqrt(2) * sigma))
     assert 0.64 < inside < 0.72, inside
+
+
+def test_ckks_slots_beside_the_result_hold_only_the_flood(flooded):
+    sm, client, _, _, _, out1, _ = flooded
+    raw = _raw_slots(sm, client.keys.secret, out1)
+    slots = client.keys.secret.seal.slots
+    beside = np.ones(len(raw), bool)
+    for i in range(len(raw) // slots):
+        beside[i * slots + np.asarray(sm.plan["output_positions"])] = False
+    sigma = sm.plan["flood_slot_sigma"]
+    assert abs(float(np.mean(raw[beside]))) < 0.05 * sigma
+    assert 0.9 * sigma < float(np.std(raw[beside])) < 1.1 * sigma
+    # unmasked, the same slots hold the last layers' other values (what the mask removes)
+    plain = _compile("ckks?flood_bits=0")
+    c, s, _ = plain.setup()
+    out = s.evaluate(c.encrypt(flooded[3]))
+    raw = _raw_slots(plain, c.keys.secret, out)[:slots]
+    others = np.delete(raw, plain.plan["output_positions"])
+    assert np.abs(others).max() > 100 * sigma
 
 
 def test_ckks_flooded_results_agree_with_reference(flooded):
@@ -116,6 +135,21 @@ def test_deployed_client_and_server_agree_on_flooding(flooded, tmp_path):
     x = flooded[3]
     np.testing.assert_allclose(owner.decrypt(server.evaluate(owner.encrypt(x))),
                                sm.reference(x), atol=sm.scheme.capabilities.tolerance)
+
+
+def test_ckks_batch_packing_is_masked_and_flooded():
+    _need("ckks")
+    sm = _compile("ckks?packing=batch")
+    client, server, _ = sm.setup()
+    x = inputs(sm.layers, 64, seed=2)[:3]
+    out = server.evaluate(client.encrypt(x))
+    np.testing.assert_allclose(client.decrypt(out), sm.reference(x), rtol=0,
+                               atol=sm.scheme.capabilities.tolerance)
+    raw = _raw_slots(sm, client.keys.secret, out)
+    slots = client.keys.secret.seal.slots
+    past = np.concatenate([raw[i * slots + 3:(i + 1) * slots] for i in range(len(raw) // slots)])
+    sigma = sm.plan["flood_slot_sigma"]  # past the 3 inputs: the flood only, not f(0)
+    assert 0.9 * sigma < float(np.std(past)) < 1.1 * sigma
 
 
 @pytest.mark.parametrize("config", ["bfv", "bfv?rerandomize=false"])

@@ -69,7 +69,7 @@ class _ClientLayout:
         return cls(tuple(plan["input_shape"]), tuple(plan["output_shape"]),
                    int(plan["input_period"]), np.asarray(plan["input_gather"], dtype=np.int64),
                    np.asarray(plan["output_positions"], dtype=np.int64),
-                   int(plan["depth_needed"]))
+                   int(plan.get("output_drop", plan["depth_needed"])))
 
 
 class CKKSScheme(Scheme):
@@ -174,6 +174,7 @@ class CKKSScheme(Scheme):
             "packing": packing,
             "batch_size": self.batch_size(),
             "depth_needed": program.depth,
+            "output_drop": program.depth + (_flood.MASK_DEPTH if self.opts["flood_bits"] else 0),
             "scale_bits_chosen_by": "option" if self.opts["scale_bits"] or
             self.opts["coeff_mod_bits"] else "planner",
             "stages": [{"stage": s.describe(), "depth": s.depth} for s in program.stages],
@@ -377,8 +378,11 @@ class CKKSScheme(Scheme):
 
     def dump_output(self, ctx: ServerContext, value: Value) -> bytes:
         flat = value.cts if value.packing == "single" else [ct for g in value.cts for ct in g]
-        for ct in flat if ctx.flood is not None else ():
-            ctx.flood.apply(ct)
+        if ctx.flood is not None:
+            per = 1 if value.packing == "single" else int(np.prod(self._client.output_shape))
+            for i, ct in enumerate(flat):  # keep only the result's slots
+                ctx.flood.apply(ct, self._client.positions if value.packing == "single"
+                                else np.arange(value.counts[i // per]))
         return codec.pack_fields({"packing": value.packing,
                                   "counts": np.asarray(value.counts, dtype=np.int64),
                                   "cts": [to_bytes(ct) for ct in flat]})

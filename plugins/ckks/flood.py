@@ -34,9 +34,12 @@ error ``B`` keeps ``TAIL * sigma_slot + B`` below the scheme's tolerance (``erro
 when no scale up to 59 bits does, compilation stops and says which ``flood_bits`` the
 network can carry (``check_capacity``).
 
-What flooding does not hide: in ``single`` packing the slots outside the output
-positions hold other values of the last layer's computation; this module hides the error
-and the ciphertext's history, not those slots (the README says so).
+The other slots. An output ciphertext holds more than the result: in ``single`` packing the
+slots outside the output positions hold other values of the last layers' computation
+(partial sums, rotated copies), in ``batch`` packing the slots past the group's inputs hold
+the network's output on zero inputs. ``Flooder.mask`` first multiplies the output by a 0/1
+plaintext of the result's slots (one more level in the chain, ``MASK_DEPTH``), so those
+slots carry only noise, which the flood then hides like the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .program import Program
 __all__ = [
     "DEFAULT_FLOOD_BITS",
     "ERROR_MARGIN",
+    "MASK_DEPTH",
     "TAIL",
     "Flooder",
     "check_capacity",
@@ -74,6 +78,8 @@ DEFAULT_FLOOD_BITS = 16
 ERROR_MARGIN = 2.0
 #: Flooded outputs stay within ``TAIL`` standard deviations of the flood (P < 2e-9 a slot).
 TAIL = 6.0
+#: Levels the output mask uses (one plaintext product and its rescale).
+MASK_DEPTH = 1
 
 
 def _bound(estimated_error: float) -> float:
@@ -148,7 +154,8 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
     total = tolerance / 2 if bits else tolerance / 10
     try:
         chosen = _params.choose_params(program, calibration, opts, fits,
-                                       lambda n: error_target(total, bits, n), allow_insecure)
+                                       lambda n: error_target(total, bits, n), allow_insecure,
+                                       extra_depth=MASK_DEPTH if bits else 0)
     except CompileError as exc:
         if not bits or opts.get("scale_bits") or opts.get("coeff_mod_bits"):
             raise
@@ -205,8 +212,21 @@ class Flooder:
         g = gaussians(n) * t
         return (g[: n // 2] + 1j * g[n // 2:]).tolist()
 
-    def apply(self, ct: Any) -> None:
-        """Add a fresh public-key encryption of zero and a Gaussian plaintext to ``ct``."""
+    def mask(self, ct: Any, keep: np.ndarray) -> None:
+        """Zero every slot of ``ct`` but ``keep`` (a 0/1 plaintext product, then the rescale
+        by that level's prime, so the scale is unchanged): one level."""
+        seal = self.seal
+        level = seal.context.get_context_data(ct.parms_id()).chain_index()
+        ones = np.zeros(seal.slots)
+        ones[keep] = 1.0
+        seal.evaluator.multiply_plain_inplace(ct, seal.encode(ones, level,
+                                                              float(seal.primes[level])))
+        seal.evaluator.rescale_to_next_inplace(ct)
+
+    def apply(self, ct: Any, keep: np.ndarray) -> None:
+        """Keep only the slots ``keep`` of ``ct`` (the result), then add a fresh public-key
+        encryption of zero and a Gaussian plaintext."""
+        self.mask(ct, keep)
         api, seal = sealapi(), self.seal
         zero = api.Ciphertext()
         self.encryptor.encrypt_zero(ct.parms_id(), zero)

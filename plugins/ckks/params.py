@@ -308,7 +308,7 @@ def _too_deep(depth: int, program: Program, detail: str) -> CompileError:
 
 def choose_params(program: Program, calibration: Calibration | None, opts: dict[str, Any],
                   fits: Callable[[int], bool], target_error: float | Callable[[int], float],
-                  allow_insecure: bool = False) -> Params:
+                  allow_insecure: bool = False, extra_depth: int = 0) -> Params:
     """Pick ``Params`` for ``program``; options ``poly_modulus_degree``, ``scale_bits`` and
     ``coeff_mod_bits`` override the automatic choice.
 
@@ -316,12 +316,13 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
         fits: whether the packing's values fit the slots of a given ring degree.
         target_error: the output error the automatic scale aims below (or a function of
             the ring degree giving it: the output flood grows with it).
+        extra_depth: levels needed after the network (the output mask of ``flood``).
 
     Raises:
         CompileError: the depth does not fit the given chain, or no ring degree up to 32768
             holds it at 128-bit security; the message gives the depth needed.
     """
-    depth = program.depth
+    depth = program.depth + extra_depth
     headroom = _headroom(program, calibration)
     degree_opt = opts.get("poly_modulus_degree")
     scale_opt = opts.get("scale_bits")
