@@ -159,20 +159,29 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
     except CompileError as exc:
         if not bits or opts.get("scale_bits") or opts.get("coeff_mod_bits"):
             raise
-        # the planner ran out of scale (a prime above 60 bits): say what fits
-        scale = _params.MAX_PRIME_BITS - _params._headroom(program, calibration)
-        degree = opts.get("poly_modulus_degree") or 8192
-        error = _params.estimate_error(program, calibration, degree, scale)
+        degree = opts.get("poly_modulus_degree") or _params.DEGREES[-1]
         raise CompileError(f"{exc}. With flood_bits={bits} the planner needs a scale that "
-                           f"keeps 2^{bits} times the error within the tolerance; at the "
-                           f"largest scale 2^{scale} this network carries at most "
-                           f"flood_bits={max_flood_bits(error, degree, total)}: lower "
-                           "flood_bits (0 turns flooding off, only for a client that holds "
-                           "the model)") from None
+                           f"keeps 2^{bits} times the error within the tolerance; the "
+                           f"largest scale whose chain N={degree} holds carries at most "
+                           f"flood_bits={_carried(program, calibration, degree, total)}: "
+                           "lower flood_bits (0 turns flooding off, only for a client that "
+                           "holds the model)") from None
     check_capacity(_params.estimate_error(program, calibration, chosen.poly_modulus_degree,
                                           chosen.scale_bits),
                    bits, chosen.poly_modulus_degree, chosen.scale_bits, total)
     return chosen
+
+
+def _carried(program: Program, calibration: Calibration | None, degree: int,
+             total: float) -> int:
+    """The most flood bits of any scale whose chain fits ``degree`` at 128 bits."""
+    headroom = _params._headroom(program, calibration)
+    for scale in range(_params.MAX_PRIME_BITS - headroom, 19, -1):
+        chain = _params._chain(scale, headroom, program.depth + MASK_DEPTH)
+        if sum(chain) <= _params.MAX_BITS_128[degree]:
+            error = _params.estimate_error(program, calibration, degree, scale)
+            return max_flood_bits(error, degree, total)
+    return 0
 
 
 def gaussians(count: int) -> np.ndarray:
