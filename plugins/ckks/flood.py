@@ -155,7 +155,8 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
     try:
         chosen = _params.choose_params(program, calibration, opts, fits,
                                        lambda n: error_target(total, bits, n), allow_insecure,
-                                       extra_depth=MASK_DEPTH if bits else 0)
+                                       extra_depth=MASK_DEPTH if bits else 0,
+                                       output_prime=bool(bits))
     except CompileError as exc:
         if not bits or opts.get("scale_bits") or opts.get("coeff_mod_bits"):
             raise
@@ -176,8 +177,11 @@ def _carried(program: Program, calibration: Calibration | None, degree: int,
              total: float) -> int:
     """The most flood bits of any scale whose chain fits ``degree`` at 128 bits."""
     headroom = _params._headroom(program, calibration)
-    for scale in range(_params.MAX_PRIME_BITS - headroom, 19, -1):
-        chain = _params._chain(scale, headroom, program.depth + MASK_DEPTH)
+    for scale in range(_params.MAX_PRIME_BITS - 1, 19, -1):
+        # the chain of ``output_prime``: q0 for the output's magnitude, then the scale primes
+        chain = [max(_params._min_scale(degree), headroom + _params.HEADROOM_MARGIN_BITS)] \
+            + [scale] * (program.depth + MASK_DEPTH + 1) \
+            + [min(_params.MAX_PRIME_BITS, scale + _params.SPECIAL_MARGIN_BITS)]
         if sum(chain) <= _params.MAX_BITS_128[degree]:
             error = _params.estimate_error(program, calibration, degree, scale)
             return max_flood_bits(error, degree, total)

@@ -308,7 +308,8 @@ def _too_deep(depth: int, program: Program, detail: str) -> CompileError:
 
 def choose_params(program: Program, calibration: Calibration | None, opts: dict[str, Any],
                   fits: Callable[[int], bool], target_error: float | Callable[[int], float],
-                  allow_insecure: bool = False, extra_depth: int = 0) -> Params:
+                  allow_insecure: bool = False, extra_depth: int = 0,
+                  output_prime: bool = False) -> Params:
     """Pick ``Params`` for ``program``; options ``poly_modulus_degree``, ``scale_bits`` and
     ``coeff_mod_bits`` override the automatic choice.
 
@@ -317,6 +318,9 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
         target_error: the output error the automatic scale aims below (or a function of
             the ring degree giving it: the output flood grows with it).
         extra_depth: levels needed after the network (the output mask of ``flood``).
+        output_prime: outputs stay one level above the bottom, on ``q0 * q1``: the first
+            prime holds only the output's magnitude (``headroom`` bits), so the scale is not
+            capped at ``60 - headroom`` bits (flooding needs a wide scale).
 
     Raises:
         CompileError: the depth does not fit the given chain, or no ring degree up to 32768
@@ -360,12 +364,14 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
         target = target_error(degree) if callable(target_error) else target_error
         scale = scale_opt or _auto_scale(program, calibration, degree, target)
         chain = _chain(scale, headroom, depth)
+        if output_prime:
+            chain = [max(_min_scale(degree), headroom + HEADROOM_MARGIN_BITS), scale] + chain[1:]
         total = sum(chain)
         if total > MAX_BITS_128[degree] and not (degree_opt and allow_insecure):
             last_reason = (f"its chain of {total} bits ({chain}) exceeds the "
                            f"{MAX_BITS_128[degree]} bits N={degree} allows at 128-bit security")
             continue
-        if scale + headroom > MAX_PRIME_BITS:
+        if scale + headroom > MAX_PRIME_BITS and not output_prime:
             raise CompileError(
                 f"ckks: outputs up to ~2^{headroom - HEADROOM_MARGIN_BITS - 1} need a first "
                 f"prime of {scale + headroom} bits (> {MAX_PRIME_BITS}); pass calibration data "
