@@ -30,16 +30,18 @@ def _entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.nd
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         if dtype.hasobject or dtype.fields is not None or len(shape) > MAX_NDIM:
-            raise ArtifactError(f"{where}: entry {info.filename!r} has dtype {dtype} and shape "
-                                f"{shape}: not a plain numeric array")
+            raise ArtifactError(f"{where}: not a numpy .npz of plain arrays (entry "
+                                f"{info.filename!r} has dtype {dtype} and shape {shape})")
         nbytes = math.prod(shape) * dtype.itemsize
         held = info.file_size - f.tell()
         if nbytes != held:
-            raise ArtifactError(f"{where}: entry {info.filename!r} claims {nbytes} bytes of "
-                                f"data and holds {held}")
+            raise ArtifactError(f"{where}: not a numpy .npz of plain arrays (entry "
+                                f"{info.filename!r} claims {nbytes} bytes of data and holds "
+                                f"{held})")
         data = f.read(nbytes)
     if len(data) != nbytes:
-        raise ArtifactError(f"{where}: entry {info.filename!r} is truncated")
+        raise ArtifactError(f"{where}: not a numpy .npz of plain arrays (entry "
+                            f"{info.filename!r} is truncated)")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
@@ -64,7 +66,8 @@ def read_npz(data: bytes, where: str, max_bytes: int) -> dict[str, np.ndarray]:
             out = {}
             for info in infos:
                 if not info.filename.endswith(".npy"):
-                    raise ArtifactError(f"{where}: entry {info.filename[:80]!r} is not a .npy")
+                    raise ArtifactError(f"{where}: not a numpy .npz of plain arrays (entry "
+                                        f"{info.filename[:80]!r} is not a .npy)")
                 out[info.filename[:-4]] = _entry(archive, info, where)
             return out
     except ArtifactError:
