@@ -39,7 +39,11 @@ slots outside the output positions hold other values of the last layers' computa
 (partial sums, rotated copies), in ``batch`` packing the slots past the group's inputs hold
 the network's output on zero inputs. ``Flooder.mask`` first multiplies the output by a 0/1
 plaintext of the result's slots (one more level in the chain, ``MASK_DEPTH``), so those
-slots carry only noise, which the flood then hides like the rest.
+slots carry only noise, which the flood then hides like the rest. The mask adds one
+rescale's noise and its own encoding error times the masked values (about ``2^-40`` at a
+50-bit scale), both inside ``ERROR_MARGIN``. Outputs then stay on ``q0 * q1``
+(``params.choose_params(output_prime=True)``): ``q0`` holds only the output's magnitude,
+so the scale can grow to 59 bits for the flood.
 """
 
 from __future__ import annotations
