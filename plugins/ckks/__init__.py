@@ -43,7 +43,7 @@ from secureinfer.scheme import (
 from . import flood as _flood
 from . import params as _params
 from . import program as _program
-from .backend import ClientKeys, Seal, from_bytes, galois_element, sealapi, to_bytes
+from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
 from .layers import CKKSLayer, ServerContext, Value, schedule
 
 __all__ = ["CKKSScheme"]
@@ -191,25 +191,12 @@ class CKKSScheme(Scheme):
             "output_bound": _params.output_bound(program, calibration),
             "estimated_max_error": _flood.flooded_error(error, self.opts["flood_bits"],
                                                         params.poly_modulus_degree),
-            **self._flood_plan(error),
+            **_flood.plan_keys(error, self.opts["flood_bits"], params.poly_modulus_degree),
             "input_ciphertexts_per_message": (1 if packing == "single" else
                                               int(np.prod(program.input_shape))),
             **self._client_layout(),
         }
         return self.plan_
-
-    def _flood_plan(self, error: float) -> dict[str, Any]:
-        """The plan's output-privacy keys (``flood``)."""
-        bits, n = self.opts["flood_bits"], self.params.poly_modulus_degree
-        return {"flood_bits": bits, "error_before_flood": error,
-                "flood_slot_sigma": _flood.slot_sigma(error, bits, n) if bits else 0.0,
-                "public_key": bool(bits),
-                "output_privacy": (
-                    f"outputs noise-flooded (flood_bits={bits}): a decryption is within "
-                    f"statistical distance 2^-{bits} of one showing the result only (relative "
-                    "to the planned error bound)" if bits else
-                    "outputs not flooded (flood_bits=0): the decrypted noise depends on the "
-                    "weights; only for a client that holds the model")}
 
     def _client_layout(self) -> dict[str, Any]:
         """The plan keys the client works from (``load_plan``)."""
@@ -351,19 +338,7 @@ class CKKSScheme(Scheme):
                 raise EnvelopeError(f"ckks: Galois keys lack rotation steps {missing[:8]}")
         return ServerContext(seal, relin, galois, self.program,
                              schedule(self.program, seal.primes, self.params.scale_bits),
-                             self.packing, self._flooder(seal, fields.get("public", b"")))
-
-    def _flooder(self, seal: Seal, public: Any) -> _flood.Flooder | None:
-        bits = int(self.plan_.get("flood_bits", 0))
-        if not bits:
-            return None
-        if not isinstance(public, bytes) or not public:
-            raise EnvelopeError(f"ckks: the plan floods outputs (flood_bits={bits}) and needs "
-                                "the client's public key, missing from the public keys")
-        n, k = self.params.poly_modulus_degree, len(self.params.coeff_mod_bits)
-        key = from_bytes(sealapi().PublicKey(), seal.context, public, "public key",
-                         2 * n * k * 8 + 4096)  # the key level: special prime included
-        return _flood.Flooder(seal, key, self.plan_["error_before_flood"], bits)
+                             self.packing, _flood.open_flooder(seal, self.plan_, fields))
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")
@@ -379,10 +354,8 @@ class CKKSScheme(Scheme):
     def dump_output(self, ctx: ServerContext, value: Value) -> bytes:
         flat = value.cts if value.packing == "single" else [ct for g in value.cts for ct in g]
         if ctx.flood is not None:
-            per = 1 if value.packing == "single" else int(np.prod(self._client.output_shape))
-            for i, ct in enumerate(flat):  # keep only the result's slots
-                ctx.flood.apply(ct, self._client.positions if value.packing == "single"
-                                else np.arange(value.counts[i // per]))
+            ctx.flood.apply_all(value, flat, self._client.positions,
+                                int(np.prod(self._client.output_shape)))
         return codec.pack_fields({"packing": value.packing,
                                   "counts": np.asarray(value.counts, dtype=np.int64),
                                   "cts": [to_bytes(ct) for ct in flat]})

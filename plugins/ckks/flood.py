@@ -54,11 +54,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from secureinfer.errors import CompileError
+from secureinfer.errors import CompileError, EnvelopeError
 from secureinfer.scheme import Calibration
 
 from . import params as _params
-from .backend import sealapi
+from .backend import from_bytes, sealapi
 from .program import Program
 
 __all__ = [
@@ -73,6 +73,8 @@ __all__ = [
     "error_target",
     "gaussians",
     "max_flood_bits",
+    "open_flooder",
+    "plan_keys",
     "slot_sigma",
 ]
 
@@ -192,6 +194,38 @@ def _carried(program: Program, calibration: Calibration | None, degree: int,
     return 0
 
 
+def plan_keys(error: float, bits: int, degree: int) -> dict[str, Any]:
+    """The plan's output-privacy keys, from the estimated error before the flood."""
+    return {"flood_bits": bits, "error_before_flood": error,
+            "flood_slot_sigma": slot_sigma(error, bits, degree) if bits else 0.0,
+            "public_key": bool(bits),
+            "output_privacy": (
+                f"outputs masked and noise-flooded (flood_bits={bits}): a decryption is within "
+                f"statistical distance 2^-{bits} of one showing the result only (relative to "
+                "the planned error bound)" if bits else
+                "outputs not flooded (flood_bits=0): the decrypted noise and the other slots "
+                "depend on the weights; only for a client that holds the model")}
+
+
+def open_flooder(seal: Any, plan: dict[str, Any], fields: dict[str, Any]) -> "Flooder | None":
+    """The server's ``Flooder`` from the public-key message ``fields`` (``None``: no flood).
+
+    Raises:
+        EnvelopeError: the plan floods and the message has no (valid) public key.
+    """
+    bits = int(plan.get("flood_bits", 0))
+    if not bits:
+        return None
+    public = fields.get("public", b"")
+    if not isinstance(public, bytes) or not public:
+        raise EnvelopeError(f"ckks: the plan floods outputs (flood_bits={bits}) and needs the "
+                            "client's public key, missing from the public keys")
+    n, k = seal.params.poly_modulus_degree, len(seal.params.coeff_mod_bits)
+    key = from_bytes(sealapi().PublicKey(), seal.context, public, "public key",
+                     2 * n * k * 8 + 4096)  # at the key level: the special prime included
+    return Flooder(seal, key, plan["error_before_flood"], bits)
+
+
 def gaussians(count: int) -> np.ndarray:
     """``count`` standard normal samples from ``os.urandom`` (Box-Muller, 53-bit uniforms)."""
     pairs = (count + 1) // 2
@@ -239,6 +273,14 @@ class Flooder:
         seal.evaluator.multiply_plain_inplace(ct, seal.encode(ones, level,
                                                               float(seal.primes[level])))
         seal.evaluator.rescale_to_next_inplace(ct)
+
+    def apply_all(self, value: Any, cts: list[Any], positions: np.ndarray, width: int) -> None:
+        """Flood every output ciphertext of ``value`` (``cts``, flattened) in place, keeping
+        ``positions`` (single packing) or each group's first ``count`` slots (batch, ``width``
+        ciphertexts a group)."""
+        for i, ct in enumerate(cts):
+            self.apply(ct, positions if value.packing == "single"
+                       else np.arange(value.counts[i // width]))
 
     def apply(self, ct: Any, keep: np.ndarray) -> None:
         """Keep only the slots ``keep`` of ``ct`` (the result), then add a fresh public-key
