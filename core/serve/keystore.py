@@ -6,8 +6,9 @@ keys always get the same id and a stored file can be checked against its name. F
 written atomically (temporary file, fsync, rename), so a crash leaves either the whole file
 or none; a temporary file that a killed writer left behind is removed when the store opens,
 and a write that fails (a full disk) removes its own and raises ``KeyStoreError``. Opened
-servers (parsed keys, encoded layers) stay in memory, least recently used first out, while their estimated size fits the budget. One lock per key id serializes what
-touches one key owner's server (opening, evaluating); different key owners run at once.
+servers (parsed keys, encoded layers) stay in memory, least recently used first out, while
+their estimated size fits the budget. One lock per key id serializes what touches one key
+owner's server (opening, evaluating); different key owners run at once.
 """
 
 from __future__ import annotations
