@@ -334,8 +334,9 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="require this bearer token (default: "
                                         "$SECUREINFER_TOKEN; neither: no token)")
     p.add_argument("--keys-dir", help="key store directory (default: DIR/keys)")
-    p.add_argument("--max-request-mb", type=float, default=64.0,
-                   help="largest request body in MiB (default: 64)")
+    p.add_argument("--max-request-mb", type=float, default=256.0,
+                   help="largest request body in MiB (default: 256; flooded CKKS keys "
+                        "with Galois keys at N=16384 reach about 120)")
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory budget of the opened-keys cache in MiB (default: 1024)")
     p.set_defaults(func=cmd_serve)

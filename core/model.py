@@ -225,6 +225,8 @@ class SecureModel(_Roles):
             lines.append("clear:  " + "; ".join(l.describe() for l in self.clear_layers))
         if self.scheme.security_source:
             lines.append(f"security from: {self.scheme.security_source}")
+        if self.plan.get("output_privacy"):
+            lines.append(f"client learns: the result; {self.plan['output_privacy']}")
         lines.append(f"server learns: {server_learns(self.output, self.reveals)}")
         return "\n".join(lines)
 

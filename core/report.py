@@ -141,6 +141,8 @@ def human_report(r: dict[str, Any]) -> str:
         lines.append(f"clear       {'; '.join(r['clear_layers'])}")
     lines += [
         f"output      {r['output']}; server learns: {server_learns(r['output'], r['reveals'])}",
+        *([f"            client learns: the result; {(r.get('plan') or {})['output_privacy']}"]
+          if (r.get("plan") or {}).get("output_privacy") else []),
         f"dataset     {r['dataset']}, model {r['model']}, {r['samples']} samples",
         f"accuracy    {r['accuracy']:.4f} (float model {r['clear_accuracy']:.4f}), "
         f"agreement {r['agreement']:.4f}, max |error| {r['max_abs_error']:.3g}",

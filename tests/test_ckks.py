@@ -89,8 +89,8 @@ def cnn_single():
 @pytest.fixture(scope="module")
 def tutorial_single():
     layers = tutorial_cnn()
-    sm = compile_layers(layers, "ckks", calibration=_calib(layers, 8))
-    return sm, sm.setup()
+    sm = compile_layers(layers, "ckks?flood_bits=0", calibration=_calib(layers, 8))
+    return sm, sm.setup()  # the tutorial's plan unflooded (flooding: test_privacy.py)
 
 
 # ----- evaluation ------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_cnn_with_generic_cubic_matches_clear(cnn_single) -> None:
 def test_batch_spans_several_groups() -> None:
     layers = [Flatten("flat", (1, 2, 2)), Linear("fc", (4,), weight=np.eye(4)[:3] * 2,
                                                  bias=np.array([0.5, 0.0, -1.0]))]
-    sm = compile_layers(layers, "ckks?packing=batch&poly_modulus_degree=4096",
+    sm = compile_layers(layers, "ckks?packing=batch&poly_modulus_degree=4096&flood_bits=0",
                         calibration=_calib(layers))
     client, server, _ = sm.setup()
     x = _calib(layers, 2049 + 7, seed=1)  # 2048 slots: two groups
@@ -169,21 +169,23 @@ def test_tutorial_network_plan(tutorial_single) -> None:
 def test_too_deep_network_is_refused_with_its_depth() -> None:
     layers = deep_mlp(7)  # 7 squares folded into 7 linears + the output layer: depth 15
     with pytest.raises(CompileError, match="depth 15"):
-        compile_layers(layers, "ckks?poly_modulus_degree=8192", calibration=_calib(layers))
+        compile_layers(layers, "ckks?poly_modulus_degree=8192&flood_bits=0",
+                       calibration=_calib(layers))
     with pytest.raises(CompileError, match="depth 15.*gives 3 rescaling primes"):
-        compile_layers(layers, "ckks?coeff_mod_bits=40,30,30,30,45", calibration=_calib(layers))
-    sm = compile_layers(layers, "ckks", calibration=_calib(layers))  # auto: a larger ring
+        compile_layers(layers, "ckks?coeff_mod_bits=40,30,30,30,45&flood_bits=0",
+                       calibration=_calib(layers))
+    sm = compile_layers(layers, "ckks?flood_bits=0", calibration=_calib(layers))  # a larger ring
     assert sm.plan["poly_modulus_degree"] > 8192 and sm.plan["depth_available"] == 15
 
 
 def test_options_override_the_planner() -> None:
     layers = small_cnn()
-    sm = compile_layers(layers, "ckks?poly_modulus_degree=16384&scale_bits=30",
+    sm = compile_layers(layers, "ckks?poly_modulus_degree=16384&scale_bits=30&flood_bits=0",
                         calibration=_calib(layers))
     assert sm.plan["poly_modulus_degree"] == 16384 and sm.plan["scale_bits"] == 30
     assert sm.plan["scale_bits_chosen_by"] == "option"
     layers = conv_net()
-    sm = compile_layers(layers, "ckks?coeff_mod_bits=40,30,30,30,45&packing=batch",
+    sm = compile_layers(layers, "ckks?coeff_mod_bits=40,30,30,30,45&packing=batch&flood_bits=0",
                         calibration=_calib(layers))
     assert sm.plan["coeff_mod_bits"] == [40, 30, 30, 30, 45]
     assert sm.plan["scale_bits"] == 30 and sm.plan["packing"] == "batch"
@@ -202,9 +204,9 @@ def test_scale_far_from_the_rescaling_primes_is_refused() -> None:
     # drift by 2^20 per level (measured: errors of 6e7 before this check).
     layers = small_cnn()
     with pytest.raises(ConfigError, match="within 1 bit of the scale"):
-        compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=20",
+        compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=20&flood_bits=0",
                        calibration=_calib(layers))
-    sm = compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=40",
+    sm = compile_layers(layers, "ckks?coeff_mod_bits=60,40,40,40,40,40,40,40,60&scale_bits=40&flood_bits=0",
                         calibration=_calib(layers))
     assert sm.plan["scale_bits"] == 40
 
@@ -227,7 +229,8 @@ def test_tiny_square_coefficient_stays_accurate(a: float) -> None:
 
 def test_insecure_chain_needs_allow_insecure() -> None:
     layers = small_cnn()
-    config = "ckks?poly_modulus_degree=4096&coeff_mod_bits=40,30,30,30,30,30,30,30,40"
+    config = ("ckks?poly_modulus_degree=4096&coeff_mod_bits=40,30,30,30,30,30,30,30,40"
+              "&flood_bits=0")
     with pytest.raises(CompileError, match="128"):
         compile_layers(layers, config, calibration=_calib(layers))
     sm = compile_layers(layers, config, calibration=_calib(layers), allow_insecure=True)
@@ -277,16 +280,19 @@ def test_server_cannot_decrypt(cnn_single) -> None:
     assert authority is None  # HE: the client owns its keys
     api = sealapi()
     public = codec.unpack_fields(codec.open_envelope(client.public_keys()).payload)
-    assert set(public) == {"parms", "relin", "galois", "steps"}
+    # the public key is there for the output flood (flood.Flooder encrypts zeros)
+    assert set(public) == {"parms", "public", "relin", "galois", "steps"}
     held = list(vars(server.ctx).values()) + list(vars(server.ctx.seal).values())
     forbidden = (api.SecretKey, api.Decryptor, api.Encryptor, api.PublicKey)
     assert not any(isinstance(v, forbidden) for v in held)
+    assert not any(isinstance(v, (api.SecretKey, api.Decryptor))
+                   for v in vars(server.ctx.flood).values())
     # The public message loads as evaluation keys, not as a secret key.
     x = _calib(sm.layers, 1, seed=7)
     out = server.evaluate(client.encrypt(x))
     ct = server.ctx.seal.load_ciphertext(
         codec.unpack_fields(codec.open_envelope(out).payload)["cts"][0],
-        server.ctx.seal.top - sm.plan["depth_needed"], "output")
+        server.ctx.seal.top - sm.plan["output_drop"], "output")
     guess = api.KeyGenerator(server.ctx.seal.context).secret_key()
     pt = api.Plaintext()
     api.Decryptor(server.ctx.seal.context, guess).decrypt(ct, pt)

@@ -42,7 +42,7 @@ class Service:
     """One `secureinfer serve` subprocess."""
 
     def __init__(self, artifact: Path, keys: Path, token: str | None = TOKEN,
-                 max_mb: float = 64.0) -> None:
+                 max_mb: float = 256.0) -> None:
         self.artifact, self.keys, self.token, self.max_mb = artifact, keys, token, max_mb
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"

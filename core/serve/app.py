@@ -12,6 +12,7 @@ unknown key id                         404
 keys or input of another model         409
 body above the limit                   413
 input outside the planned range        422
+key store full or not writable         507
 backend failure (names the layer)      500
 =====================================  ======
 """
@@ -40,7 +41,7 @@ from ..errors import (
     SecureInferError,
 )
 from .deps import BadRequest, RequestTooLarge, Unauthorized
-from .keystore import ForeignKeysError, KeyStore, UnknownKeyError
+from .keystore import ForeignKeysError, KeyStore, KeyStoreError, UnknownKeyError
 from .metrics import Metrics
 from .routes import infer_router, keys_router, model_router, ops_router
 from .settings import Settings
@@ -56,7 +57,7 @@ STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BadRequest, 400), (EnvelopeError, 400), (ArtifactError, 400), (InputError, 400),
     (RoleError, 400), (ConfigError, 400), (Unauthorized, 401), (UnknownKeyError, 404),
     (ForeignKeysError, 409), (RequestTooLarge, 413), (RangeError, 422),
-    (EvaluationError, 500), (SecureInferError, 500),
+    (KeyStoreError, 507), (EvaluationError, 500), (SecureInferError, 500),
 )
 _ENDPOINTS = {"/v1/model", "/v1/keys", "/v1/infer", "/healthz", "/metrics"}
 

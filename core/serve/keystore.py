@@ -4,9 +4,11 @@ A key bundle is ``pack_fields({"public": envelope, "functional": envelope or b""
 bytes ``secureinfer.remote.bundle_keys`` makes; its key id is the SHA-256 of those bytes, so the same
 keys always get the same id and a stored file can be checked against its name. Files are
 written atomically (temporary file, fsync, rename), so a crash leaves either the whole file
-or none. Opened servers (parsed keys, encoded layers) stay in memory, least recently used
-first out, while their estimated size fits the budget. One lock per key id serializes what
-touches one key owner's server (opening, evaluating); different key owners run at once.
+or none; a temporary file that a killed writer left behind is removed when the store opens,
+and a write that fails (a full disk) removes its own and raises ``KeyStoreError``. Opened
+servers (parsed keys, encoded layers) stay in memory, least recently used first out, while
+their estimated size fits the budget. One lock per key id serializes what touches one key
+owner's server (opening, evaluating); different key owners run at once.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from ..codec import Kind
 from ..errors import EnvelopeError, SecureInferError
 from ..model import SecureModel, Server
 
-__all__ = ["KEY_MEMORY_FACTOR", "ForeignKeysError", "KeyStore", "UnknownKeyError", "check_model",
-           "estimated_size", "key_id_of"]
+__all__ = ["KEY_MEMORY_FACTOR", "ForeignKeysError", "KeyStore", "KeyStoreError",
+           "UnknownKeyError", "check_model", "estimated_size", "key_id_of"]
 
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _SUFFIX = ".keys"
@@ -41,6 +43,10 @@ class UnknownKeyError(SecureInferError, KeyError):
 
 class ForeignKeysError(SecureInferError):
     """Keys (or an input) made for another compiled model or scheme (HTTP 409)."""
+
+
+class KeyStoreError(SecureInferError):
+    """The key store cannot write (a full disk, no permission): nothing was stored (507)."""
 
 
 def key_id_of(data: bytes) -> str:
@@ -120,6 +126,8 @@ class KeyStore:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._locks: weakref.WeakValueDictionary[str, _KeyLock] = weakref.WeakValueDictionary()
+        for stale in self.directory.glob(f".*{_SUFFIX}.*.tmp"):  # a killed writer's
+            stale.unlink(missing_ok=True)
         self._stored = sum(1 for _ in self.directory.glob(f"*{_SUFFIX}"))
 
     # ----- stats -----------------------------------------------------------------------
@@ -246,11 +254,18 @@ class KeyStore:
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise KeyStoreError(
+                f"the key store {path.parent} cannot store {len(data)} bytes of keys: "
+                f"{exc.strerror or exc}; nothing was stored: free space there, or start the "
+                "service with --keys-dir on another filesystem, then upload again") from None
         try:  # the rename itself survives a crash once the directory is synced
             fd = os.open(path.parent, os.O_RDONLY)
         except OSError:

@@ -24,7 +24,7 @@ class Settings:
     artifact: Path
     token: str | None = None
     keys_dir: Path | None = None
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = 256 << 20
     cache_mb: float = 1024.0
 
     @property

@@ -10,7 +10,9 @@ claiming a huge size must be refused before anything that size is allocated).
 Parsers are entries of two tables, so that adding one is one entry:
 
 - ``PARSERS``: name -> builder of a target from the shared ``Setups`` (envelopes, field
-  payloads, model files);
+  payloads, model files, compiled artifacts' client and server parts, and the HTTP bodies
+  of ``secureinfer serve``: key uploads and inputs to a live service on 127.0.0.1, the
+  client bundle a client fetches);
 - ``SCHEME_PARSERS``: name -> builder of a target from one scheme's ``SchemeSetup`` (its
   input, output and key payloads), run for every configured scheme.
 
@@ -20,6 +22,7 @@ Parsers are entries of two tables, so that adding one is one entry:
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import tracemalloc
@@ -42,6 +45,8 @@ __all__ = [
     "PARSERS",
     "SCHEME_PARSERS",
     "Failure",
+    "HttpRefused",
+    "LiveService",
     "SchemeSetup",
     "Setups",
     "Target",
@@ -216,6 +221,8 @@ class Setups:
     configs: Sequence[str]
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="si-fuzz-")))
     schemes: dict[str, SchemeSetup] = field(default_factory=dict)
+    live: Any = None  # (LiveService, SchemeSetup) of the HTTP targets, started once
+    fast: list[str] | None = None  # configs re-planned fast (server artifact targets)
 
     def scheme(self, config: str) -> SchemeSetup:
         """The (cached) setup of ``config``."""
@@ -267,10 +274,221 @@ def _model_file(setups: Setups) -> Target | None:
                   (np.zeros(0).tobytes(), b"PK\x05\x06" + b"\0" * 18))
 
 
+# ----- parsers: compiled artifacts and HTTP bodies -----------------------------------------
+
+#: Server artifacts are re-planned on every case: fuzzed for the configs that plan fast.
+FAST_PLAN_SECONDS = MAX_CASE_SECONDS / 10
+
+
+def _saved(setups: Setups, config: str) -> Path:
+    path = setups.scratch / "artifacts" / str(abs(hash(config)))
+    if not (path / "server").exists():
+        setups.scheme(config).model.save(path)
+    return path
+
+
+def _fast_configs(setups: Setups) -> list[str]:
+    """The configs whose ``load_server`` (after a first, warming one) is fast (cached)."""
+    from ..artifact import load_server
+
+    if setups.fast is None:
+        setups.fast = []
+        for config in setups.configs:
+            load_server(_saved(setups, config))
+            start = time.perf_counter()
+            load_server(_saved(setups, config))
+            if time.perf_counter() - start < FAST_PLAN_SECONDS:
+                setups.fast.append(config)
+    return setups.fast
+
+
+def _client_manifest(setups: Setups) -> Target:
+    from ..artifact import client_bundle, client_from_bundle
+
+    bundles = [client_bundle(_saved(setups, c)) for c in setups.configs]
+    arrays = dict(bundles)
+
+    def parse(data: bytes) -> None:
+        client_from_bundle(data, arrays.get(data))
+
+    return Target("client_manifest", tuple(m for m, _ in bundles), parse,
+                  tuple(a for _, a in bundles if a))
+
+
+def _client_arrays(setups: Setups) -> Target | None:
+    from ..artifact import client_bundle, client_from_bundle
+
+    with_arrays = [b for b in map(client_bundle, (_saved(setups, c) for c in setups.configs))
+                   if b[1]]
+    if not with_arrays:
+        return None
+    manifests = {a: m for m, a in with_arrays}
+    first = with_arrays[0][0]
+
+    def parse(data: bytes) -> None:
+        client_from_bundle(manifests.get(data, first), data)
+
+    return Target("client_arrays", tuple(a for _, a in with_arrays), parse,
+                  tuple(m for m, _ in with_arrays))
+
+
+def _server_part(setups: Setups, name: str, which: str) -> Target | None:
+    from ..artifact import ARRAYS, MANIFEST, load_server
+
+    configs = _fast_configs(setups)
+    if not configs:
+        return None
+    sources = [_saved(setups, c) / "server" for c in configs]
+    file = MANIFEST if which == "manifest" else ARRAYS
+    seeds = tuple((s / file).read_bytes() for s in sources if (s / file).exists())
+    case = setups.scratch / f"case-{name}"
+    (case / "server").mkdir(parents=True, exist_ok=True)
+    source_of = {(s / file).read_bytes(): s for s in sources if (s / file).exists()}
+
+    def parse(data: bytes) -> None:
+        source = source_of.get(data, sources[0])
+        for other in (MANIFEST, ARRAYS):
+            target = case / "server" / other
+            if other == file:
+                target.write_bytes(data)
+            elif (source / other).exists():
+                target.write_bytes((source / other).read_bytes())
+            else:
+                target.unlink(missing_ok=True)
+        load_server(case)
+
+    others = tuple((s / (ARRAYS if file == MANIFEST else MANIFEST)).read_bytes()
+                   for s in sources if (s / (ARRAYS if file == MANIFEST else MANIFEST)).exists())
+    return Target(name, seeds, parse, others) if seeds else None
+
+
+def _server_manifest(setups: Setups) -> Target | None:
+    return _server_part(setups, "server_manifest", "manifest")
+
+
+def _server_arrays(setups: Setups) -> Target | None:
+    return _server_part(setups, "server_arrays", "arrays")
+
+
+def _model_bundle(setups: Setups) -> Target | None:
+    try:
+        from ..remote import _split_bundle
+        from ..serve.app import _bundle
+        from ..serve.settings import Settings
+    except SecureInferError:  # the serve extra is missing
+        return None
+    from ..artifact import client_from_bundle
+
+    seeds = tuple(_bundle(Settings(artifact=_saved(setups, c))) for c in setups.configs)
+
+    def parse(data: bytes) -> None:
+        client_from_bundle(*_split_bundle(data, "GET /v1/model"))
+
+    return Target("http.model_bundle", seeds, parse, (b"{}", b"[]"))
+
+
+class HttpRefused(SecureInferError):
+    """The service answered a fuzzed body with a 4xx (what it must do)."""
+
+
+@dataclass
+class LiveService:
+    """``secureinfer serve`` of one artifact in a thread on 127.0.0.1, and an HTTP client."""
+
+    url: str
+    http: Any
+    server: Any
+
+    @classmethod
+    def start(cls, artifact: Path, keys: Path) -> "LiveService":
+        """Serve ``artifact`` (keys under ``keys``) on a free port; wait until it answers."""
+        import socket
+        import threading
+
+        import httpx
+        import uvicorn
+
+        from ..serve import Settings, create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        app = create_app(Settings(artifact=artifact, keys_dir=keys, max_request_bytes=64 << 20))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="critical", access_log=False))
+        threading.Thread(target=server.run, daemon=True, name="fuzz-serve").start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return cls(f"http://127.0.0.1:{port}", httpx.Client(timeout=5), server)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+        """POST ``body``; the response body, ``HttpRefused`` on a 4xx, ``RuntimeError`` on
+        anything else that is not a 2xx (a 5xx breaks the rule)."""
+        response = self.http.post(self.url + path, content=body, headers=headers or {})
+        if 400 <= response.status_code < 500:
+            raise HttpRefused(f"{response.status_code}: {response.text[:200]}")
+        if response.status_code >= 300 or "Traceback" in response.text:
+            raise RuntimeError(f"HTTP {response.status_code} for a fuzzed body: "
+                               f"{response.text[:300]}")
+        return response.content
+
+
+def _live(setups: Setups) -> tuple[LiveService, SchemeSetup] | None:
+    try:
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from .. import serve  # noqa: F401
+    except (ImportError, SecureInferError):
+        return None
+    configs = _fast_configs(setups)
+    if not configs:
+        return None
+    if setups.live is None:  # the smallest keys: cases stay small
+        config = min(configs, key=lambda c: len(setups.scheme(c).messages["public_keys"]))
+        setups.live = (LiveService.start(_saved(setups, config), setups.scratch / "keys"),
+                       setups.scheme(config))
+    return setups.live
+
+
+def _http_keys(setups: Setups) -> Target | None:
+    live = _live(setups)
+    if live is None:
+        return None
+    service, setup = live
+    from ..remote import bundle_keys
+
+    seed = bundle_keys(setup.messages["public_keys"], setup.messages["functional_keys"] or None)
+    return Target("http.keys", (seed,), lambda data: service.post("/v1/keys", data),
+                  (setup.messages["input"], setup.messages["output"]))
+
+
+def _http_infer(setups: Setups) -> Target | None:
+    live = _live(setups)
+    if live is None:
+        return None
+    service, setup = live
+    from ..remote import bundle_keys
+
+    keys = bundle_keys(setup.messages["public_keys"], setup.messages["functional_keys"] or None)
+    key_id = json.loads(service.post("/v1/keys", keys))["key_id"]
+    return Target("http.infer", (setup.messages["input"],),
+                  lambda data: service.post("/v1/infer", data, {"X-Key-Id": key_id}),
+                  (keys, setup.messages["output"]))
+
+
 PARSERS: dict[str, Callable[[Setups], Target | None]] = {
     "envelope": _envelope,
     "fields": _fields,
     "model_file": _model_file,
+    "client_manifest": _client_manifest,
+    "client_arrays": _client_arrays,
+    "server_manifest": _server_manifest,
+    "server_arrays": _server_arrays,
+    "http.model_bundle": _model_bundle,
+    "http.keys": _http_keys,
+    "http.infer": _http_infer,
 }
 
 # ----- parsers: each scheme's payloads ----------------------------------------------------

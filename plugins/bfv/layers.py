@@ -62,6 +62,7 @@ class ServerContext:
     primes: list[PrimeContext]
     input_size: int = 0
     pool: Any = None
+    rerandomizer: Any = None  # rerandomize.Rerandomizer (public keys only), or None
 
 
 def _row(vec: np.ndarray) -> np.ndarray:

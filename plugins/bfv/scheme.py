@@ -26,6 +26,7 @@ from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
+from .rerandomize import Rerandomizer
 from .workers import WorkerPool
 
 __all__ = ["BfvScheme", "ClientKeys"]
@@ -75,6 +76,8 @@ class BfvScheme(Scheme):
         Option("max_primes", int, 8, "most CRT plaintext primes (BFV contexts); 1: no CRT"),
         Option("workers", int, 1, "server processes running the CRT contexts in parallel "
                "(at most one per prime); 1: in the server's process"),
+        Option("rerandomize", bool, True, "add a fresh encryption of zero to every output "
+               "(rerandomize.py); false: only for a client that holds the model"),
     )
     layer_types = {kind: BfvLayer for kind in _KINDS}
 
@@ -125,7 +128,8 @@ class BfvScheme(Scheme):
                                self.opts["plain_modulus_bits"], max_primes)
         self._index = {id(spec): i for i, spec in enumerate(prefix)}
         self._levels = np.cumsum([0] + [s.drop for s in self._plan.steps]).tolist()
-        self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict()}
+        self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict(),
+                      **_privacy_plan(self.opts["rerandomize"])}
         return self.plan_
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
@@ -261,11 +265,15 @@ class BfvScheme(Scheme):
         if self.opts["workers"] > 1 and n > 1:  # the workers build the contexts
             pool = WorkerPool(plan, {key: fields[key] for key in expect}, self._levels[:-1],
                               self.opts["workers"])
-            return ServerContext([], pool.input_size, pool)
+            rerand = Rerandomizer.from_public_keys(
+                plan.poly_degree, plan.plain_moduli, plan.coeff_bits, fields["public_key"],
+                self._levels[-1]) if self.opts["rerandomize"] else None
+            return ServerContext([], pool.input_size, pool, rerand)
         primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
         for i, p in enumerate(primes):
             p.load_keys(fields, i)
-        return ServerContext(primes, primes[0].ciphertext_size())
+        rerand = Rerandomizer(primes, self._levels[-1]) if self.opts["rerandomize"] else None
+        return ServerContext(primes, primes[0].ciphertext_size(), None, rerand)
 
     def load_input(self, ctx: Any, payload: bytes) -> Value | RemoteValue:
         plan = self._planned()
@@ -287,11 +295,24 @@ class BfvScheme(Scheme):
                 parts = ctx.pool.dump()
             except RuntimeError as exc:
                 raise EvaluationError(self.name, "(output)", "dump", exc) from exc
-            blobs = [b for item in parts for per_prime in item for b in per_prime]
+            again = ctx.rerandomizer.apply_bytes if ctx.rerandomizer else lambda i, b: b
+            blobs = [again(i, b) for item in parts for i, per_prime in enumerate(item)
+                     for b in per_prime]
         else:
-            blobs = [ct.to_bytes(RAW) for item in value.items for per_prime in item
+            again = ctx.rerandomizer.apply if ctx.rerandomizer else lambda i, ct: ct
+            blobs = [again(i, ct).to_bytes(RAW) for item in value.items
+                     for i, per_prime in enumerate(item)
                      for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
+
+
+def _privacy_plan(rerandomize: bool) -> dict[str, Any]:
+    """The plan's output-privacy keys."""
+    return {"rerandomize": bool(rerandomize), "output_privacy": (
+        "outputs re-randomized (a fresh public-key encryption of zero added): the ciphertext "
+        "does not show how it was computed; the decrypted noise is not flooded"
+        if rerandomize else "outputs not re-randomized (rerandomize=false): the output "
+        "ciphertext depends on the weights; only for a client that holds the model")}
 
 
 def _slot_rows(plan: BfvClientPlan, features: np.ndarray) -> list[Any]:

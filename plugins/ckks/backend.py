@@ -190,13 +190,18 @@ class ClientKeys:
     Never serialized, never sent: ``repr`` does not show key material.
     """
 
-    def __init__(self, seal: Seal, steps: Sequence[int], relin: bool) -> None:
+    def __init__(self, seal: Seal, steps: Sequence[int], relin: bool,
+                 public: bool = False) -> None:
         api = sealapi()
         self.seal = seal
         keygen = api.KeyGenerator(seal.context)
         self._secret = keygen.secret_key()
         self.encryptor = api.Encryptor(seal.context, self._secret)
         self.decryptor = api.Decryptor(seal.context, self._secret)
+        self.public_key = None  # for the server's output flooding (``flood.Flooder``)
+        if public:
+            self.public_key = api.PublicKey()
+            keygen.create_public_key(self.public_key)
         self.relin = None
         if relin:
             self.relin = api.RelinKeys()

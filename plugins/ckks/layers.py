@@ -101,6 +101,7 @@ class ServerContext:
     packing: str
     grid: GridPlan | None = None
     dense: DenseLayouts | None = None
+    flood: Any = None  # flood.Flooder when the plan floods outputs (public key only)
 
 
 @dataclass

@@ -306,20 +306,26 @@ def _too_deep(depth: int, program: Program, detail: str) -> CompileError:
 
 
 def choose_params(program: Program, calibration: Calibration | None, opts: dict[str, Any],
-                  fits: Callable[[int], bool], target_error: float,
-                  allow_insecure: bool = False) -> Params:
+                  fits: Callable[[int], bool], target_error: float | Callable[[int], float],
+                  allow_insecure: bool = False, extra_depth: int = 0,
+                  output_prime: bool = False) -> Params:
     """Pick ``Params`` for ``program``; options ``poly_modulus_degree``, ``scale_bits`` and
     ``coeff_mod_bits`` override the automatic choice.
 
     Args:
         fits: whether the packing's values fit the slots of a given ring degree.
-        target_error: the output error the automatic scale aims below.
+        target_error: the output error the automatic scale aims below (or a function of
+            the ring degree giving it: the output flood grows with it).
+        extra_depth: levels needed after the network (the output mask of ``flood``).
+        output_prime: outputs stay one level above the bottom, on ``q0 * q1``: the first
+            prime holds only the output's magnitude (``headroom`` bits), so the scale is not
+            capped at ``60 - headroom`` bits (flooding needs a wide scale).
 
     Raises:
         CompileError: the depth does not fit the given chain, or no ring degree up to 32768
             holds it at 128-bit security; the message gives the depth needed.
     """
-    depth = program.depth
+    depth = program.depth + extra_depth
     headroom = _headroom(program, calibration)
     degree_opt = opts.get("poly_modulus_degree")
     scale_opt = opts.get("scale_bits")
@@ -354,14 +360,17 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
         if not fits(degree):
             last_reason = f"the values do not fit the {degree // 2} slots of N={degree}"
             continue
-        scale = scale_opt or _auto_scale(program, calibration, degree, target_error)
+        target = target_error(degree) if callable(target_error) else target_error
+        scale = scale_opt or _auto_scale(program, calibration, degree, target)
         chain = _chain(scale, headroom, depth)
+        if output_prime:
+            chain = [max(_min_scale(degree), headroom + HEADROOM_MARGIN_BITS), scale] + chain[1:]
         total = sum(chain)
         if total > MAX_BITS_128[degree] and not (degree_opt and allow_insecure):
             last_reason = (f"its chain of {total} bits ({chain}) exceeds the "
                            f"{MAX_BITS_128[degree]} bits N={degree} allows at 128-bit security")
             continue
-        if scale + headroom > MAX_PRIME_BITS:
+        if scale + headroom > MAX_PRIME_BITS and not output_prime:
             raise CompileError(
                 f"ckks: outputs up to ~2^{headroom - HEADROOM_MARGIN_BITS - 1} need a first "
                 f"prime of {scale + headroom} bits (> {MAX_PRIME_BITS}); pass calibration data "

@@ -26,6 +26,7 @@ from secureinfer.scheme import (
     import_problem,
 )
 
+from . import flood as _flood
 from . import grid as _grid
 from . import params as _params
 from . import program as _program
@@ -222,6 +223,8 @@ class CKKSScheme(Scheme):
         Option("scale_bits", int, None, "log2 of the CKKS scale (default: planned)"),
         Option("coeff_mod_bits", str, None,
                "prime sizes q0,q1,...,special, e.g. 40,26,26,40 (default: planned)"),
+        Option("flood_bits", int, _flood.DEFAULT_FLOOD_BITS,
+               "statistical security of the output flooding; 0: off (client holds the model)"),
     )
     layer_types: ClassVar[dict[str, type[SecureLayer]]] = {kind: CKKSLayer for kind in _KINDS}
 
@@ -233,6 +236,9 @@ class CKKSScheme(Scheme):
                               f"{_params.MAX_PRIME_BITS - 1}")
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
+        if not 0 <= self.opts["flood_bits"] <= 64:
+            raise ConfigError(f"scheme 'ckks': flood_bits={self.opts['flood_bits']} must be "
+                              "between 0 (no flooding) and 64")
         self.program: _program.Program | None = None
         self.grid: _grid.GridPlan | None = None
         self.dense: _search.DenseLayouts | None = None
@@ -283,10 +289,10 @@ class CKKSScheme(Scheme):
         for name in names:
             packing = PACKINGS[name]()
             try:
-                return packing, _params.choose_params(
+                return packing, _flood.choose_params(
                     program, calibration, self.opts,
                     lambda degree, p=packing: p.fits(program, degree),
-                    TOLERANCE / 10, self.allow_insecure)
+                    self.allow_insecure, TOLERANCE)
             except CompileError:
                 if name == names[-1]:
                     raise
@@ -300,6 +306,8 @@ class CKKSScheme(Scheme):
         self.program, self.params, self.packing = program, params, packing
         self._input_bound = _params.input_limit(calibration)
         steps = fields["rotation_steps"]
+        error = _params.estimate_error(program, calibration, params.poly_modulus_degree,
+                                       params.scale_bits)
         self.plan_ = {
             **params.to_dict(),
             "scheme": "CKKS (SEAL via tenseal.sealapi)",
@@ -307,6 +315,7 @@ class CKKSScheme(Scheme):
             "input_shape": list(program.input_shape),
             "output_shape": list(program.output_shape),
             "depth_needed": program.depth,
+            "output_drop": program.depth + (_flood.MASK_DEPTH if self.opts["flood_bits"] else 0),
             "scale_bits_chosen_by": "option" if self.opts["scale_bits"] or
             self.opts["coeff_mod_bits"] else "planner",
             "stages": [{"stage": s.describe(), "depth": s.depth} for s in program.stages],
@@ -317,9 +326,9 @@ class CKKSScheme(Scheme):
             "calibrated": calibration is not None,
             "input_limit": self._input_bound,
             "output_bound": _params.output_bound(program, calibration),
-            "estimated_max_error": _params.estimate_error(program, calibration,
-                                                          params.poly_modulus_degree,
-                                                          params.scale_bits),
+            "estimated_max_error": _flood.flooded_error(error, self.opts["flood_bits"],
+                                                        params.poly_modulus_degree),
+            **_flood.plan_keys(error, self.opts["flood_bits"], params.poly_modulus_degree),
             "input_ciphertexts_per_message": (1 if packing.name == "single" else
                                               int(np.prod(program.input_shape))),
         }
@@ -360,9 +369,11 @@ class CKKSScheme(Scheme):
         return Seal(self.params)
 
     def keygen(self) -> tuple[Any, bytes]:
-        keys = ClientKeys(self._seal(), self.plan_["rotation_steps"], self.plan_["relin_keys"])
+        keys = ClientKeys(self._seal(), self.plan_["rotation_steps"], self.plan_["relin_keys"],
+                          public=bool(self.plan_.get("public_key")))
         public = codec.pack_fields({
             "parms": keys.seal.parms_bytes,
+            "public": to_bytes(keys.public_key) if keys.public_key is not None else b"",
             "relin": to_bytes(keys.relin) if keys.relin is not None else b"",
             "galois": to_bytes(keys.galois) if keys.galois is not None else b"",
             "steps": np.asarray(self.plan_["rotation_steps"], dtype=np.int64),
@@ -379,7 +390,7 @@ class CKKSScheme(Scheme):
     def decrypt(self, keys: ClientKeys, output: bytes) -> np.ndarray:
         seal = keys.seal
         counts, blobs = self._parse(output, "output")
-        level = seal.top - self.plan_["depth_needed"]
+        level = seal.top - int(self.plan_.get("output_drop", self.plan_["depth_needed"]))
         cts = [seal.load_ciphertext(b, level, "server output") for b in blobs]
         flat = self.packing.decrypt(keys, cts, counts, self.plan_)
         return flat.reshape(-1, *self.plan_["output_shape"])
@@ -425,7 +436,8 @@ class CKKSScheme(Scheme):
                 raise EnvelopeError(f"ckks: Galois keys lack rotation steps {missing[:8]}")
         return ServerContext(seal, relin, galois, self.program,
                              schedule(self.program, seal.primes, self.params.scale_bits),
-                             self.packing.name, self.grid, self.dense)
+                             self.packing.name, self.grid, self.dense,
+                             _flood.open_flooder(seal, self.plan_, fields))
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")
@@ -440,6 +452,10 @@ class CKKSScheme(Scheme):
 
     def dump_output(self, ctx: ServerContext, value: Value) -> bytes:
         flat = value.cts if value.packing == "single" else [ct for g in value.cts for ct in g]
+        if ctx.flood is not None:
+            ctx.flood.apply_all(value, flat,
+                                np.asarray(self.plan_.get("output_positions", []), dtype=np.int64),
+                                int(np.prod(self.plan_["output_shape"])))
         return codec.pack_fields({"packing": value.packing,
                                   "counts": np.asarray(value.counts, dtype=np.int64),
                                   "cts": [to_bytes(ct) for ct in flat]})
