@@ -11,10 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, SecureInferError
+from .errors import BackendNotInstalledError, ConfigError, SecureInferError
 
 __all__ = ["main"]
 
@@ -163,11 +164,35 @@ def _token(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Settings, serve
 
-    serve(Settings(artifact=Path(args.dir), token=_token(args),
-                   keys_dir=Path(args.keys_dir) if args.keys_dir else None,
-                   max_request_bytes=int(args.max_request_mb * (1 << 20)),
-                   cache_mb=args.cache_mb), host=args.host, port=args.port)
-    return 0
+    settings = Settings(artifact=Path(args.dir), token=_token(args),
+                        keys_dir=Path(args.keys_dir) if args.keys_dir else None,
+                        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                        cache_mb=args.cache_mb)
+    if args.ray is None:
+        serve(settings, host=args.host, port=args.port)
+        return 0
+    return _serve_ray(args, settings)
+
+
+def _serve_ray(args: argparse.Namespace, settings: Any) -> int:
+    from .serve.cluster import deploy
+
+    try:
+        url = deploy(settings, address=args.ray or None, host=args.host, port=args.port,
+                     replicas=args.replicas, min_replicas=args.min_replicas,
+                     max_replicas=args.max_replicas)
+    except BackendNotInstalledError as exc:
+        _err(str(exc))
+        return 2
+    from ray import serve as ray_serve
+
+    print(f"secureinfer: serving {settings.artifact} through Ray Serve on {url}; keys in "
+          f"{settings.key_store} (shared by every replica)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        ray_serve.shutdown()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -337,6 +362,12 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--keys-dir", help="key store directory (default: DIR/keys)")
     p.add_argument("--max-request-mb", type=float, default=64.0,
                    help="largest request body in MiB (default: 64)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve through Ray Serve on the Ray cluster at ADDRESS (default: the "
+                        "running one or a new local one); needs the ray extra")
+    p.add_argument("--replicas", type=int, help="with --ray: this many replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, help="with --ray: autoscaling lower bound")
+    p.add_argument("--max-replicas", type=int, help="with --ray: autoscaling upper bound")
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory budget of the opened-keys cache in MiB (default: 1024)")
     p.set_defaults(func=cmd_serve)
