@@ -137,12 +137,12 @@ def test_bfv_workers_are_ray_actors_under_ray(cluster):
     if secureinfer.resolve("bfv").availability():
         pytest.skip(f"bfv: {secureinfer.resolve('bfv').availability()}")
     layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
-    sm = secureinfer.compile_layers(layers, "bfv?workers=2",
-                                    calibration=inputs(layers, 64, seed=2))
+    calib = inputs(layers, 64, seed=2)
+    sm = secureinfer.compile_layers(layers, "bfv?workers=2", calibration=calib)
     client, server, _ = sm.setup()
     pool = server.ctx.pool
     assert pool.engine == "ray" and pool.size == 2
-    x = inputs(layers, 3, seed=5)
+    x = calib[:3]
     np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
                                   sm.reference(x))
     ray.kill(pool._engine.actors[1], no_restart=True)
