@@ -234,9 +234,29 @@ def _installed_default_schemes() -> list[str]:
     return [r["name"] for r in scheme_rows() if r["installed"]]
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _bench_local(args: argparse.Namespace, schemes: list[str]) -> list[dict[str, Any]] | None:
+    """One ``secureinfer run`` process per scheme; ``None`` when one failed."""
     from tqdm.auto import tqdm
 
+    results = []
+    for s in tqdm(schemes, desc="bench", unit="scheme", file=sys.stderr,
+                  disable=args.no_progress):
+        cmd = [sys.executable, "-m", "secureinfer", "run", "--scheme", s, "--json",
+               "--dataset", args.dataset, "--arch", args.arch]
+        cmd += ["--limit", str(args.limit)] if args.limit else []
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--allow-insecure"] if args.allow_insecure else []
+        cmd += ["--no-progress"] if args.no_progress else []
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            _err(f"scheme {s} failed (exit {proc.returncode}); see the messages above")
+            return None
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append({**result, "engine": "local", "workers": 1})
+    return results
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from .config import parse
     from .registry import get_registry
     from .report import markdown_table, write_reports
@@ -252,20 +272,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .nn.zoo import default_model
 
         default_model(load(args.dataset), args.arch, progress=not args.no_progress)
-    results = []
-    for s in tqdm(schemes, desc="bench", unit="scheme", file=sys.stderr,
-                  disable=args.no_progress):
-        cmd = [sys.executable, "-m", "secureinfer", "run", "--scheme", s, "--json",
-               "--dataset", args.dataset, "--arch", args.arch]
-        cmd += ["--limit", str(args.limit)] if args.limit else []
-        cmd += ["--model", args.model] if args.model else []
-        cmd += ["--allow-insecure"] if args.allow_insecure else []
-        cmd += ["--no-progress"] if args.no_progress else []
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            _err(f"scheme {s} failed (exit {proc.returncode}); see the messages above")
+    if args.ray is not None:
+        from .raybench import bench_on_ray
+
+        try:
+            results = bench_on_ray(schemes, model=args.model, dataset=args.dataset,
+                                   arch=args.arch, limit=args.limit,
+                                   allow_insecure=args.allow_insecure, shards=args.shards,
+                                   address=args.ray or None)
+        except BackendNotInstalledError as exc:
+            _err(str(exc))
+            return 2
+    else:
+        results = _bench_local(args, schemes)
+        if results is None:
             return 1
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     paths = write_reports(results, args.out, args.name,
                           title=f"secureinfer on {results[0]['dataset']}" if results else "")
     print(markdown_table(results))
@@ -377,6 +398,11 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", default="results", help="output directory (default: results)")
     p.add_argument("--name", default="bench", help="file name stem (default: bench)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the matrix as Ray tasks on the cluster at ADDRESS (default: the "
+                        "running one or a new local one); needs the ray extra")
+    p.add_argument("--shards", type=int, help="with --ray: pieces of the test set per "
+                                              "scheme (default: the cluster's CPUs)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="merge DIR/bench-*.json into DIR/compare.{md,png}")

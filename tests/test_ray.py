@@ -151,10 +151,34 @@ def test_bfv_workers_are_ray_actors_under_ray(cluster):
     pool.close()
 
 
+def test_bench_on_ray_equals_the_local_run(cluster):
+    from secureinfer.raybench import bench_on_ray
+    from secureinfer.runner import run
+
+    configs = [c for c in ("clear", "bfv") if not secureinfer.resolve(c).availability()]
+    got = bench_on_ray(configs, model=None, dataset="digits", arch="mlp", limit=24,
+                       allow_insecure=False, shards=3)
+    assert [r["config"] for r in got] == configs
+    for config, r in zip(configs, got):
+        local = run(config, dataset="digits", limit=24, progress=False)
+        assert r["engine"] == "ray" and r["workers"] == 2 and r["shards"] == 3
+        assert r["samples"] == local["samples"] == 24
+        assert r["accuracy"] == local["accuracy"]
+        assert r["agreement"] == local["agreement"]
+        assert r["max_abs_error"] == pytest.approx(local["max_abs_error"], abs=1e-9)
+        assert r["latency_s"]["evaluate"] > 0
+
+
 def test_ray_flag_without_the_extra_names_it(tmp_path: Path):
     code = ("import sys; sys.modules['ray'] = None; from secureinfer.cli import main; "
             f"sys.exit(main(['serve', {str(tmp_path)!r}, '--ray']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
+    assert "pip install 'secureinfer[ray]'" in proc.stderr
+    code = code.replace("['serve', ", "['bench', '--schemes', 'clear', '--model', ").replace(
+        ", '--ray']", ", '--ray']")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
     assert "pip install 'secureinfer[ray]'" in proc.stderr
