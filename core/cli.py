@@ -11,10 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, SecureInferError
+from .errors import BackendNotInstalledError, ConfigError, SecureInferError
 
 __all__ = ["main"]
 
@@ -144,11 +145,35 @@ def _token(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Settings, serve
 
-    serve(Settings(artifact=Path(args.dir), token=_token(args),
-                   keys_dir=Path(args.keys_dir) if args.keys_dir else None,
-                   max_request_bytes=int(args.max_request_mb * (1 << 20)),
-                   cache_mb=args.cache_mb), host=args.host, port=args.port)
-    return 0
+    settings = Settings(artifact=Path(args.dir), token=_token(args),
+                        keys_dir=Path(args.keys_dir) if args.keys_dir else None,
+                        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                        cache_mb=args.cache_mb)
+    if args.ray is None:
+        serve(settings, host=args.host, port=args.port)
+        return 0
+    return _serve_ray(args, settings)
+
+
+def _serve_ray(args: argparse.Namespace, settings: Any) -> int:
+    from .serve.cluster import deploy
+
+    try:
+        url = deploy(settings, address=args.ray or None, host=args.host, port=args.port,
+                     replicas=args.replicas, min_replicas=args.min_replicas,
+                     max_replicas=args.max_replicas)
+    except BackendNotInstalledError as exc:
+        _err(str(exc))
+        return 2
+    from ray import serve as ray_serve
+
+    print(f"secureinfer: serving {settings.artifact} through Ray Serve on {url}; keys in "
+          f"{settings.key_store} (shared by every replica)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        ray_serve.shutdown()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,9 +220,29 @@ def _installed_default_schemes() -> list[str]:
     return [r["name"] for r in scheme_rows() if r["installed"]]
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _bench_local(args: argparse.Namespace, schemes: list[str]) -> list[dict[str, Any]] | None:
+    """One ``secureinfer run`` process per scheme; ``None`` when one failed."""
     from tqdm.auto import tqdm
 
+    results = []
+    for s in tqdm(schemes, desc="bench", unit="scheme", file=sys.stderr,
+                  disable=args.no_progress):
+        cmd = [sys.executable, "-m", "secureinfer", "run", "--scheme", s, "--json",
+               "--dataset", args.dataset, "--arch", args.arch]
+        cmd += ["--limit", str(args.limit)] if args.limit else []
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--allow-insecure"] if args.allow_insecure else []
+        cmd += ["--no-progress"] if args.no_progress else []
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            _err(f"scheme {s} failed (exit {proc.returncode}); see the messages above")
+            return None
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append({**result, "engine": "local", "workers": 1})
+    return results
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from .config import parse
     from .registry import get_registry
     from .report import markdown_table, write_reports
@@ -213,20 +258,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .nn.zoo import default_model
 
         default_model(load(args.dataset), args.arch, progress=not args.no_progress)
-    results = []
-    for s in tqdm(schemes, desc="bench", unit="scheme", file=sys.stderr,
-                  disable=args.no_progress):
-        cmd = [sys.executable, "-m", "secureinfer", "run", "--scheme", s, "--json",
-               "--dataset", args.dataset, "--arch", args.arch]
-        cmd += ["--limit", str(args.limit)] if args.limit else []
-        cmd += ["--model", args.model] if args.model else []
-        cmd += ["--allow-insecure"] if args.allow_insecure else []
-        cmd += ["--no-progress"] if args.no_progress else []
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            _err(f"scheme {s} failed (exit {proc.returncode}); see the messages above")
+    if args.ray is not None:
+        from .raybench import bench_on_ray
+
+        try:
+            results = bench_on_ray(schemes, model=args.model, dataset=args.dataset,
+                                   arch=args.arch, limit=args.limit,
+                                   allow_insecure=args.allow_insecure, shards=args.shards,
+                                   address=args.ray or None)
+        except BackendNotInstalledError as exc:
+            _err(str(exc))
+            return 2
+    else:
+        results = _bench_local(args, schemes)
+        if results is None:
             return 1
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     paths = write_reports(results, args.out, args.name,
                           title=f"secureinfer on {results[0]['dataset']}" if results else "")
     print(markdown_table(results))
@@ -337,6 +383,12 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=float, default=256.0,
                    help="largest request body in MiB (default: 256; flooded CKKS keys "
                         "with Galois keys at N=16384 reach about 120)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve through Ray Serve on the Ray cluster at ADDRESS (default: the "
+                        "running one or a new local one); needs the ray extra")
+    p.add_argument("--replicas", type=int, help="with --ray: this many replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, help="with --ray: autoscaling lower bound")
+    p.add_argument("--max-replicas", type=int, help="with --ray: autoscaling upper bound")
     p.add_argument("--cache-mb", type=float, default=1024.0,
                    help="memory budget of the opened-keys cache in MiB (default: 1024)")
     p.set_defaults(func=cmd_serve)
@@ -346,6 +398,11 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", default="results", help="output directory (default: results)")
     p.add_argument("--name", default="bench", help="file name stem (default: bench)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the matrix as Ray tasks on the cluster at ADDRESS (default: the "
+                        "running one or a new local one); needs the ray extra")
+    p.add_argument("--shards", type=int, help="with --ray: pieces of the test set per "
+                                              "scheme (default: the cluster's CPUs)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="merge DIR/bench-*.json into DIR/compare.{md,png}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import re
 
 import numpy as np
@@ -401,8 +402,9 @@ def test_workers_run_each_prime_in_its_own_process_exactly(crt_workers):
     primes = len(sm.plan["plain_moduli"])
     assert primes >= 2 and server.ctx.pool.size == primes  # capped at one per prime
     assert server.ctx.primes == []  # the server process itself loads no keys
-    pids = {p.pid for p in server.ctx.pool._procs}
+    pids = set(server.ctx.pool.pids)
     assert len(pids) == primes and os.getpid() not in pids
+    assert server.ctx.pool.engine == "local"
     x = inputs(layers, 5, seed=11)
     np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
                                   sm.reference(x))
@@ -437,8 +439,7 @@ def test_a_dead_worker_is_an_error_naming_where_not_a_hang(crt_workers):
     # Last user of the module's pool: it kills one of its workers.
     layers, _, client, server = crt_workers
     msg = client.encrypt(inputs(layers, 1, seed=4))
-    server.ctx.pool._procs[1].kill()
-    server.ctx.pool._procs[1].wait()
+    os.kill(server.ctx.pool.pids[1], signal.SIGKILL)
     with pytest.raises(secureinfer.EvaluationError, match=r"worker for primes \[1\]"):
         server.evaluate(msg)
     with pytest.raises(secureinfer.EvaluationError, match="failed earlier"):

@@ -1,0 +1,184 @@
+"""Scale-out on a real local Ray cluster (127.0.0.1, 2 CPUs, one per module):
+``secureinfer serve --ray`` replicas sharing keys, a killed replica, bfv workers as Ray
+actors, and ``--ray`` without the extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import secureinfer
+from secureinfer.testing.networks import NETWORKS, inputs
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: "
+                                         "pip install 'secureinfer[ray]'")
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed")
+
+from ray import serve  # noqa: E402
+
+from secureinfer import remote  # noqa: E402
+from secureinfer.serve import Settings  # noqa: E402
+from secureinfer.serve.cluster import deploy  # noqa: E402
+
+PORT = 18731
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(cluster, tmp_path_factory):
+    if secureinfer.resolve("bfv").availability():
+        pytest.skip(f"bfv: {secureinfer.resolve('bfv').availability()}")
+    root = tmp_path_factory.mktemp("ray_service")
+    layers = NETWORKS["mlp_square"](np.random.default_rng(11))
+    x = inputs(layers, 48, seed=12)
+    sm = secureinfer.compile_layers(layers, "bfv", calibration=x)
+    sm.save(root / "artifact")
+    url = deploy(Settings(artifact=root / "artifact", keys_dir=root / "keys"), port=PORT,
+                 replicas=2)
+    yield sm, x, url, root / "keys"
+
+
+def _infer(url: str, session: remote.Session, x: np.ndarray) -> httpx.Response:
+    return httpx.post(url + "/v1/infer", content=session.client.encrypt(x),
+                      headers={"X-Key-Id": session.key_id}, timeout=60)
+
+
+def test_keys_registered_on_one_replica_serve_on_the_other(service):
+    sm, x, url, keys_dir = service
+    with httpx.Client(timeout=60) as http:
+        ids = {http.get(url + "/healthz").headers["x-replica-id"] for _ in range(30)}
+    assert len(ids) == 2  # both replicas answer
+    session = remote.connect(url)
+    assert (keys_dir / f"{session.key_id}.keys").is_file()  # the shared store has them
+    answered: dict[str, np.ndarray] = {}
+    for k in range(30):
+        r = _infer(url, session, x[k % 8:k % 8 + 1])
+        assert r.status_code == 200, r.text
+        answered.setdefault(r.headers["x-replica-id"],
+                            session.client.decrypt(r.content) - sm.reference(x[k % 8:k % 8 + 1]))
+        if len(answered) == 2:
+            break
+    # Each replica computed a correct result with keys uploaded once, through one of them.
+    assert set(answered) == ids
+    for diff in answered.values():
+        np.testing.assert_array_equal(diff, 0)
+
+
+def _replica_actors() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::secureinfer#SecureInfer#")]
+
+
+def test_a_killed_replica_is_replaced_and_no_key_is_lost(service):
+    sm, x, url, _ = service
+    session = remote.connect(url)
+    statuses: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                statuses.append(http.post(url + "/v1/infer",
+                                          content=session.client.encrypt(x[:1]),
+                                          headers={"X-Key-Id": session.key_id}))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    victim = _replica_actors()[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join(90)
+    assert not any(t.is_alive() for t in threads)  # no request hung
+    codes = {r.status_code for r in statuses}
+    assert codes <= {200, 503}, [(r.status_code, r.text[:200]) for r in statuses
+                                 if r.status_code not in (200, 503)]
+    for r in statuses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+    # Replaced: two replicas again, the dead one not among them.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        names = _replica_actors()
+        if len(names) == 2 and victim not in names:
+            break
+        time.sleep(1)
+    assert len(_replica_actors()) == 2 and victim not in _replica_actors()
+    # The same key id still works on every replica (the keys are on disk, not in one).
+    seen = set()
+    for k in range(20):
+        r = _infer(url, session, x[:1])
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(session.client.decrypt(r.content), sm.reference(x[:1]))
+        seen.add(r.headers["x-replica-id"])
+        if len(seen) == 2:
+            break
+    assert victim.rsplit("#", 1)[1] not in seen
+
+
+def test_bfv_workers_are_ray_actors_under_ray(cluster):
+    if secureinfer.resolve("bfv").availability():
+        pytest.skip(f"bfv: {secureinfer.resolve('bfv').availability()}")
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    calib = inputs(layers, 64, seed=2)
+    sm = secureinfer.compile_layers(layers, "bfv?workers=2", calibration=calib)
+    client, server, _ = sm.setup()
+    pool = server.ctx.pool
+    assert pool.engine == "ray" and pool.size == 2
+    x = calib[:3]
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
+                                  sm.reference(x))
+    ray.kill(pool._engine.actors[1], no_restart=True)
+    with pytest.raises(secureinfer.EvaluationError, match=r"worker for primes \[1\] died"):
+        server.evaluate(client.encrypt(x))
+    pool.close()
+
+
+def test_bench_on_ray_equals_the_local_run(cluster):
+    from secureinfer.raybench import bench_on_ray
+    from secureinfer.runner import run
+
+    configs = [c for c in ("clear", "bfv") if not secureinfer.resolve(c).availability()]
+    got = bench_on_ray(configs, model=None, dataset="digits", arch="mlp", limit=24,
+                       allow_insecure=False, shards=3)
+    assert [r["config"] for r in got] == configs
+    for config, r in zip(configs, got):
+        local = run(config, dataset="digits", limit=24, progress=False)
+        assert r["engine"] == "ray" and r["workers"] == 2 and r["shards"] == 3
+        assert r["samples"] == local["samples"] == 24
+        assert r["accuracy"] == local["accuracy"]
+        assert r["agreement"] == local["agreement"]
+        assert r["max_abs_error"] == pytest.approx(local["max_abs_error"], abs=1e-9)
+        assert r["latency_s"]["evaluate"] > 0
+
+
+def test_ray_flag_without_the_extra_names_it(tmp_path: Path):
+    code = ("import sys; sys.modules['ray'] = None; from secureinfer.cli import main; "
+            f"sys.exit(main(['serve', {str(tmp_path)!r}, '--ray']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "pip install 'secureinfer[ray]'" in proc.stderr
+    code = code.replace("['serve', ", "['bench', '--schemes', 'clear', '--model', ").replace(
+        ", '--ray']", ", '--ray']")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'secureinfer[ray]'" in proc.stderr
