@@ -183,3 +183,27 @@ def test_ckks_plan_without_zeros_is_unchanged(ckks_ready):
     sm = compile_layers(_deep_mlp(1), "ckks?packing=single", calibration=calib)
     assert sm.plan["units_skipped"] == 0
     assert sm.plan["galois_keys"] == len(sm.plan["rotation_steps"])
+
+
+# ----- fe-quad --------------------------------------------------------------------------
+
+
+def test_fe_quad_drops_pruned_hidden_units():
+    pytest.importorskip("pymcl", reason="fe-quad needs pymcl: pip install secureinfer[fe]")
+    rng = np.random.default_rng(5)
+    calib, x = rng.random((32, 1, 4, 4)), rng.random((3, 1, 4, 4))
+    base = _mlp(np.random.default_rng(1))
+    base[2] = Poly("act1", (8,), coeffs=(0.25, 0.5, 1.0))  # q0 != 0: a dead row still counts
+    w1, b1, w2 = base[1].weight.copy(), base[1].bias.copy(), base[3].weight.copy()
+    w1[[0, 3]] = 0.0
+    b1[[0, 3]] = 0.0  # units 0 and 3: constant activation, folded into the output bias
+    w2[:, 6] = 0.0    # unit 6: no output reads it
+    pruned = [base[0], Linear("fc1", (16,), weight=w1, bias=b1), base[2],
+              Linear("fc2", (8,), weight=w2, bias=base[3].bias)]
+    full = compile_layers(base, "fe-quad?bits=4", calibration=calib)
+    sm = compile_layers(pruned, "fe-quad?bits=4", calibration=calib)
+    assert full.plan["hidden"] == 8 and full.plan["units_skipped"] == 0
+    assert sm.plan["hidden"] == 5 and sm.plan["units_skipped"] == 3
+    assert sm.plan["pairings_per_input"] == full.plan["pairings_per_input"] - 6
+    client, server, _ = sm.setup()
+    np.testing.assert_array_equal(server.infer(client.encrypt(x)), sm.reference(x))
