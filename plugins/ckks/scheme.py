@@ -217,6 +217,7 @@ class CKKSScheme(Scheme):
     description = "CKKS approximate HE on SEAL (tenseal.sealapi); encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=False,
                                 tolerance=TOLERANCE, batch=True)
+    pruning_unit = "diagonals"
     options = (
         Option("packing", str, "auto", "single (latency), batch (throughput) or auto",
                choices=("auto", "single", "batch")),

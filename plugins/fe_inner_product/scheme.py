@@ -118,6 +118,7 @@ class InnerProductFE(FeScheme):
     description = ("inner-product functional encryption (ABDP 2015, DDH, BLS12-381 G1): "
                    "server learns the first linear layer's outputs")
     capabilities = Capabilities(layers=_KINDS, max_degree=1, output="plaintext", exact=True)
+    pruning_unit = "rows"
     options = (
         Option("bits", int, 8, "quantize inputs and weights to N-bit integers"),
         dlog_table_option(),

@@ -66,6 +66,7 @@ class QuadraticFE(FeScheme):
     description = ("quadratic functional encryption (DGP 2018, BLS12-381 pairing): server "
                    "learns the outputs of a Linear -> x^2 -> Linear prefix")
     capabilities = Capabilities(layers=_KINDS, max_degree=2, output="plaintext", exact=True)
+    pruning_unit = "hidden"
     options = (
         Option("bits", int, 5, "quantize inputs and weights to N-bit integers (the outputs, "
                                "and the discrete-log work, grow about 16x per bit)"),
