@@ -21,7 +21,8 @@ plugin's plan field ``units_skipped``):
   the plan and ``benchmarks/bench_prune.py`` show what is actually saved.
 
 The schedule is iterative: the target ``sparsity`` (fraction of units) is reached in
-``steps`` equal increments; each increment zeroes the units of least squared weight, then
+``steps`` equal increments; each increment zeroes, layer by layer, the units of least
+squared weight, then
 fine-tunes the network by distillation from the unpruned model with the pruned weights
 held at zero (their gradients are masked). It stops at the last increment whose test
 accuracy is within ``max_drop`` points of the unpruned model's; a budget of 0 prunes
@@ -67,9 +68,11 @@ class PruneResult:
 
 @dataclass
 class _Group:
-    """One prunable unit: ``(parameter, boolean mask of its entries)`` pairs."""
+    """One prunable unit: ``(parameter, boolean mask of its entries)`` pairs, and the
+    index of the layer it belongs to (units are ranked within their layer)."""
 
     parts: list[tuple[nn.Parameter, torch.Tensor]]
+    layer: int = 0
 
     def score(self) -> float:
         return float(sum((p.detach()[m] ** 2).sum() for p, m in self.parts))
@@ -139,13 +142,16 @@ def _linear_diagonals(layer: nn.Linear) -> list[_Group]:
 
 def _diagonal_groups(model: nn.Module) -> list[_Group]:
     groups: list[_Group] = []
-    for layer in _weighted(model):
+    for index, layer in enumerate(_weighted(model)):
         if isinstance(layer, nn.Conv2d):
             kh, kw = layer.weight.shape[2:]
-            groups += [_Group([(layer.weight, _mask(layer.weight, (Ellipsis, di, dj)))])
-                       for di in range(kh) for dj in range(kw)]
+            found = [_Group([(layer.weight, _mask(layer.weight, (Ellipsis, di, dj)))])
+                     for di in range(kh) for dj in range(kw)]
         else:
-            groups += _linear_diagonals(layer)
+            found = _linear_diagonals(layer)
+        for g in found:
+            g.layer = index
+        groups += found
     return groups
 
 
@@ -207,6 +213,18 @@ def _finish(model: nn.Module, data: Dataset, meta: dict[str, Any]) -> PruneResul
     return PruneResult(model, meta)
 
 
+def _prune_step(groups: list[_Group], fraction: float) -> None:
+    """Zero, in every layer, the live units of least squared weight until ``fraction`` of
+    that layer's units are zero (layers are pruned alike, so that no small layer, such as
+    a convolution's few kernel offsets, is emptied first)."""
+    for layer in sorted({g.layer for g in groups}):
+        mine = [g for g in groups if g.layer == layer]
+        live = [g for g in mine if not _is_pruned(g)]
+        need = int(round(len(mine) * fraction)) - (len(mine) - len(live))
+        for g in sorted(live, key=_Group.score)[:max(0, need)]:
+            g.zero()
+
+
 def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
           max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
           steps: int = 4, epochs: int = 8, seed: int = 0,
@@ -258,11 +276,7 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     acc_best = base
     if max_drop > 0 and sparsity > 0:
         for k in range(1, steps + 1):
-            target = int(round(len(groups) * sparsity * k / steps))
-            live = [g for g in groups if not _is_pruned(g)]
-            need = target - (len(groups) - len(live))
-            for g in sorted(live, key=_Group.score)[:max(0, need)]:
-                g.zero()
+            _prune_step(groups, sparsity * k / steps)
             hooks = _grad_masks(groups)
             try:
                 fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
