@@ -16,9 +16,13 @@ plugin's plan field ``units_skipped``):
   (one masked rotation of the input and its plaintext products); for a Linear layer, one
   generalized diagonal ``{(j mod m', (j + i) mod d')}`` of its weight matrix
   (``m'``, ``d'`` the powers of two above its sizes), the unit of the hybrid diagonal
-  method on a dense layout. When the planner picks another layout for a layer (block
-  layouts, grids), pruned diagonals still remove products but may not remove rotations:
-  the plan and ``benchmarks/bench_prune.py`` show what is actually saved.
+  method on a dense layout. These are the units of the plain and chained dense layouts
+  and of the channel-interleaved convolution grid. When the planner picks another layout
+  for a stage (the client's im2col expansion, block layouts, a dense layer read from a
+  grid's slot positions), its plaintexts group the weights differently and pruned units
+  of this kind may save nothing there: the plan (``units_skipped``,
+  ``rotations_per_input``, ``galois_keys``) and ``benchmarks/bench_prune.py`` show what
+  is actually saved. Pruning in the units of the layout actually planned is not done yet.
 
 The schedule is iterative: the target ``sparsity`` (fraction of units) is reached in
 ``steps`` equal increments; each increment zeroes, layer by layer, the units of least
