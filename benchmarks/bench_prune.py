@@ -134,9 +134,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         fk = r["functional_keys"] if r["functional_keys"] is not None else "-"
+        rot = r["rotations"] if r["rotations"] is not None else "-"
         lines.append(f"| {r['model']} | {r['scheme']} | {r['variant']} | {r.get('units', '-')} "
                      f"| {100 * r['accuracy']:.2f}% | {r['evaluate_ms']:.1f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['rotations'] if r['rotations'] is not None else '-'} "
+                     f"| {r['peak_rss_mb']:.0f} | {rot} "
                      f"| {r['galois_key_bytes'] / 2**20:.1f} | {fk} "
                      f"| {r['units_skipped']} | {r['agree']} |")
     return "\n".join(lines)
@@ -150,8 +151,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         fk = _change(group, "functional_keys")
         for r in group[1:]:
             drop = 100 * (group[0]["accuracy"] - r["accuracy"])
-            out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate {lat[r['variant']]}, "
-                       f"Galois key bytes {keys[r['variant']]}, functional keys "
+            out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate "
+                       f"{lat[r['variant']]}, Galois key bytes {keys[r['variant']]}, functional keys "
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
     return out
 
