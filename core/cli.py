@@ -412,11 +412,12 @@ def build_parser(training: bool = True) -> argparse.ArgumentParser:
     if not training:
         return parser
     try:
-        from .nn.cli import add_train_parser
+        from .nn.cli import add_prune_parser, add_train_parser
     except ImportError:  # the training toolkit needs torch, a core dependency
         pass
     else:
         add_train_parser(sub)
+        add_prune_parser(sub)
         from .nn.from_onnx import add_convert_parser
 
         add_convert_parser(sub)

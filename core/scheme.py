@@ -255,6 +255,10 @@ class Scheme(abc.ABC):
     security_basis: ClassVar[str] = ""
     """How ``security_bits`` is obtained (which standard's table, which estimate), for
     ``secureinfer schemes``; a plan refines it as ``plan_["security_source"]``."""
+    pruning_unit: ClassVar[str | None] = None
+    """The weight group the scheme evaluates as a whole and skips when it is all zero
+    (``secureinfer.nn.pruning.UNITS``: ``"rows"``, ``"hidden"``, ``"diagonals"``);
+    ``None`` when zero weights save nothing in particular."""
 
     def __init__(self, options: dict[str, Any] | None = None, *,
                  allow_insecure: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""``secureinfer train``: train an HE-friendly network and save it as a model file."""
+"""``secureinfer train``: train an HE-friendly network and save it as a model file;
+``secureinfer prune``: prune a model file in the units a scheme evaluates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..errors import ConfigError
 from .arch import ACTIVATIONS, ARCHS
 from .training import DEFAULTS, TrainingDiverged
 
-__all__ = ["add_train_parser", "run_train"]
+__all__ = ["add_prune_parser", "add_train_parser", "run_prune", "run_train"]
 
 _DESCRIPTION = """\
 Train an mlp or cnn with ReLU, square or trainable polynomial (poly) activations.
@@ -129,4 +130,60 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps({**result.meta, "out": out}, indent=2))
     else:
         print(_summary(result.meta, out))
+    return 0
+
+
+_PRUNE_DESCRIPTION = """\
+Prune a model file in the units the scheme evaluates as a whole (fe-ip: rows of the first
+layer; fe-quad: hidden units; ckks/bfv single packing: kernel offsets and weight
+diagonals), fine-tuning by distillation from the unpruned model, until --sparsity is
+reached or the test accuracy has dropped by --max-drop points. The result is a model file
+that every scheme runs; the schemes skip the zero units (plan field units_skipped)."""
+
+
+def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``prune`` sub-command to ``subparsers``; its ``func`` is ``run_prune``."""
+    p = subparsers.add_parser("prune", help="prune a model in the units a scheme evaluates",
+                              description=_PRUNE_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model file (.npz) to prune")
+    p.add_argument("--scheme", required=True, help="config string, e.g. ckks or fe-ip")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of units to zero (default 0.5)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy budget in points of test accuracy (default 1.0; 0: none)")
+    p.add_argument("--dataset", default="digits", help="fine-tuning and test data "
+                   "(default digits; npz:PATH works)")
+    p.add_argument("--steps", type=int, default=4, help="schedule increments (default 4)")
+    p.add_argument("--epochs", type=int, default=8,
+                   help="distillation epochs per increment (default 8)")
+    p.add_argument("--out", required=True, help="where to write the pruned model file")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=run_prune)
+    return p
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Run ``secureinfer prune``; return the exit code (2 for usage and config errors)."""
+    from ..errors import SecureInferError
+    from .modelfile import load, save
+    from .pruning import prune
+
+    try:
+        model = load(args.model)
+        result = prune(model, args.scheme, sparsity=args.sparsity, max_drop=args.max_drop,
+                       data=args.dataset, steps=args.steps, epochs=args.epochs,
+                       progress=not args.json and sys.stderr.isatty())
+        out = str(save(result.model, args.out))
+    except (SecureInferError, ValueError) as exc:
+        print(f"secureinfer prune: error: {exc}", file=sys.stderr)
+        return 2
+    meta = result.meta
+    if args.json:
+        print(json.dumps({**meta, "out": out}, indent=2))
+    else:
+        print(f"pruned {meta['pruned']} of {meta['units']} {meta['unit']} "
+              f"({100 * meta['sparsity']:.0f}%): test accuracy "
+              f"{100 * meta['accuracy_before']:.2f}% -> {100 * meta['accuracy_after']:.2f}%\n"
+              f"saved to {out}")
     return 0

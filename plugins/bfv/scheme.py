@@ -65,6 +65,7 @@ class BfvScheme(Scheme):
                       "degree N it picks")
     description = "BFV exact integer HE on SEAL (Pyfhel), CRT over plaintext primes; encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=True, batch=True)
+    pruning_unit = "diagonals"
     options = (
         Option("bits", int, 8, "quantization width of inputs and weights (2..16)"),
         Option("packing", str, "auto", "single (latency), batch (throughput) or auto",

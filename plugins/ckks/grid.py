@@ -122,6 +122,9 @@ class RotPlan:
         diagonals: ``() -> {(giant, baby): values over width}`` from the layers' weights,
             scaled; called by the server only.
         bias: ``() -> values over the output period`` (bias at every output copy).
+        skipped: all-zero masks or diagonals (pruned units: a kernel offset of a channel
+            pair, a dense diagonal) left out: no product, and no rotation or Galois key
+            unless another unit still uses that step.
     """
 
     name: str
@@ -134,6 +137,7 @@ class RotPlan:
     diagonals: Callable[[], dict[tuple[int, int], np.ndarray]] = field(repr=False)
     bias: Callable[[], np.ndarray] = field(repr=False)
     known: frozenset[int] = frozenset()
+    skipped: int = 0
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -188,7 +192,8 @@ class RotPlan:
                 "galois_steps": len(self.steps()),
                 "baby_steps": len(self.babies()), "giant_steps": len(self.giants()),
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
-                "rotsum": len(self.rotsum), "plaintext_products": self.products()}
+                "rotsum": len(self.rotsum), "plaintext_products": self.products(),
+                "units_skipped": self.skipped}
 
 
 @dataclass(eq=False)
@@ -217,6 +222,10 @@ class GridPlan:
 
     def products(self) -> int:
         return sum(rp.products() for rp in self.stages if rp is not None)
+
+    def skipped(self) -> int:
+        """All-zero units left out of every stage."""
+        return sum(rp.skipped for rp in self.stages if rp is not None)
 
 
 # ----- stages --------------------------------------------------------------------------
@@ -332,8 +341,10 @@ def _place_conv(grid: Grid, conv: Conv2d) -> tuple[Grid, dict[tuple[int, int], i
     return out, choice
 
 
-def _conv_keys(grid: Grid, conv: Conv2d, out: Grid,
-               choice: dict[tuple[int, int], int]) -> frozenset[tuple[int, int]]:
+def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
+               nonzero: bool = True) -> frozenset[tuple[int, int]]:
+    """The ``(giant, baby)`` masks of the convolution: those with a nonzero weight, or
+    (``nonzero=False``) every mask its channel pairs' taps would use unpruned."""
     period = grid.period
     _, _, kh, kw = conv.weight.shape
     ph, pw = conv.padding
@@ -343,7 +354,7 @@ def _conv_keys(grid: Grid, conv: Conv2d, out: Grid,
         g = (b - base_of[o]) % period
         for di in range(kh):
             for dj in range(kw):
-                if conv.weight[o, c, di, dj] != 0.0:
+                if not nonzero or conv.weight[o, c, di, dj] != 0.0:
                     keys.add((g, ((di - ph) * grid.rs + (dj - pw) * grid.cs) % period))
     return frozenset(keys)
 
@@ -397,7 +408,8 @@ def _from_single(single: SingleLayout, pre: tuple[tuple[int, ...], ...],
     frozen = {(i - i % baby, i % baby): d for i, d in single.diagonals.items()}
     return RotPlan("dense" if single.name == "dense" else "dense-block", single.width, pre,
                    frozenset(frozen), tuple(single.rotsum), (), single.out_layout,
-                   lambda: frozen, _stage_bias(stage, single.out_layout))
+                   lambda: frozen, _stage_bias(stage, single.out_layout),
+                   skipped=single.skipped)
 
 
 def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
@@ -443,9 +455,10 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         keys = _conv_keys(in_grid, conv, conv_out, choice)
         if cur.slot_map() is None:
             return None
+        skipped = len(_conv_keys(in_grid, conv, conv_out, choice, nonzero=False)) - len(keys)
         return RotPlan("conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
                        _conv_diagonals(in_grid, conv, conv_out, choice, scale),
-                       _stage_bias(stage, cur))
+                       _stage_bias(stage, cur), skipped=skipped)
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
         matrix = _linear_matrix(stage.specs) * scale
@@ -526,6 +539,9 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     else:
         diag_index, slot = delta, rows
     width = max(m, d)
+    live = conv.weight.reshape(oc, kernel)[o_i, k_i] != 0.0  # pruned taps: no diagonal
+    every = set(diag_index.tolist())
+    o_i, k_i, diag_index, slot = o_i[live], k_i[live], diag_index[live], slot[live]
     indices = sorted(set(diag_index.tolist()))
     baby = _best_baby(indices)
     keys = frozenset((i - i % baby, i % baby) for i in indices)
@@ -553,7 +569,7 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
 
     rotsum = tuple(_rotsum_steps(m, d))
     plan = RotPlan("im2col", width, (), keys, rotsum, tuple(post), cur, diagonals,
-                   _stage_bias(stage, cur))
+                   _stage_bias(stage, cur), skipped=len(every) - len(indices))
     return gather, plan
 
 

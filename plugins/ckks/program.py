@@ -95,6 +95,7 @@ class SingleLayout:
         gather: for the first stage, the client's input map (slot -> flat input index,
             ``-1`` for zero); ``None`` when the stage reads the previous value.
         name: ``"plain"``, ``"expanded"``, ``"im2col"``, ``"chained"`` or ``"block"``.
+        skipped: all-zero diagonals (pruned units) left out: no product, no rotation.
     """
 
     in_layout: Layout
@@ -104,6 +105,7 @@ class SingleLayout:
     rotsum: list[int]
     gather: np.ndarray | None = None
     name: str = "chained"
+    skipped: int = 0
 
     @property
     def width(self) -> int:

@@ -108,6 +108,7 @@ class SinglePacking(Packing):
                             for s, rp in zip(program.stages, grid.stages) if rp is not None],
                 "rotation_steps": grid.steps(params.slots),
                 "rotations_per_input": grid.rotations(),
+                "units_skipped": grid.skipped(),
                 "input_layout": f"single: {how} grid, period {grid.period}, replicated to "
                                 "fill the slots",
                 **_grid_fields(grid, program, params),
@@ -123,6 +124,8 @@ class SinglePacking(Packing):
             "_dense": dense, "layout": "dense", "layouts": list(dense.notes),
             "rotation_steps": _search.rotation_steps(dense, params.slots),
             "rotations_per_input": dense.rotations(),
+            "plaintext_products": dense.products(),
+            "units_skipped": dense.skipped(),
             "input_layout": f"single: {kind}, period {layout.period}, replicated to fill the "
                             "slots",
             "input_gather": gather.tolist(), "input_period": layout.period,
@@ -166,7 +169,7 @@ class BatchPacking(Packing):
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
         return {"layout": "batch", "layouts": [], "rotation_steps": [],
-                "rotations_per_input": 0,
+                "rotations_per_input": 0, "units_skipped": 0,
                 "input_layout": "batch: one ciphertext per input feature, one input per slot"}
 
     def batch_size(self, plan: dict[str, Any]) -> int:
@@ -215,6 +218,7 @@ class CKKSScheme(Scheme):
     description = "CKKS approximate HE on SEAL (tenseal.sealapi); encrypted output"
     capabilities = Capabilities(layers=_KINDS, output="encrypted", exact=False,
                                 tolerance=TOLERANCE, batch=True)
+    pruning_unit = "diagonals"
     options = (
         Option("packing", str, "auto", "single (latency), batch (throughput) or auto",
                choices=("auto", "single", "batch")),

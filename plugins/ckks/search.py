@@ -34,6 +34,14 @@ class DenseLayouts:
     def rotations(self) -> int:
         return sum(s.rotations() for s in self.stages if s is not None)
 
+    def products(self) -> int:
+        """Plaintext products per evaluation (one per nonzero diagonal)."""
+        return sum(len(s.diagonals) for s in self.stages if s is not None)
+
+    def skipped(self) -> int:
+        """All-zero diagonals (pruned units) left out of every stage."""
+        return sum(s.skipped for s in self.stages if s is not None)
+
 
 def _inverse(layout: Layout) -> np.ndarray:
     """Slot -> element index (``-1`` for an empty slot) over one period."""
@@ -42,9 +50,11 @@ def _inverse(layout: Layout) -> np.ndarray:
     return inv
 
 
-def _diagonals(matrix: np.ndarray, in_layout: Layout,
-               out_layout: Layout) -> dict[int, np.ndarray]:
-    """Nonzero generalized diagonals of ``matrix`` seen from slots to slots.
+def _diagonals(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
+               structure: np.ndarray | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """Nonzero generalized diagonals of ``matrix`` seen from slots to slots, and how many
+    diagonals are all zero although ``structure`` (where the unpruned layer has weights)
+    is not: pruned units, skipped (0 without a structure).
 
     With ``m'``/``d'`` the output/input periods, diagonal ``i < min(m', d')`` holds
     ``S[j mod m', (j + i) mod d']`` for ``j < max(m', d')``, ``S`` the slot matrix.
@@ -55,13 +65,21 @@ def _diagonals(matrix: np.ndarray, in_layout: Layout,
     rows = _inverse(out_layout)[j % m]
     padded = np.zeros((matrix.shape[0] + 1, matrix.shape[1] + 1))
     padded[:-1, :-1] = matrix  # index -1 reads the zero row / column
+    shape = None
+    if structure is not None:
+        shape = np.zeros_like(padded, dtype=bool)
+        shape[:-1, :-1] = structure != 0
     inv_in = _inverse(in_layout)
     out: dict[int, np.ndarray] = {}
+    skipped = 0
     for i in range(min(m, d)):
-        diag = padded[rows, inv_in[(j + i) % d]]
+        cols = inv_in[(j + i) % d]
+        diag = padded[rows, cols]
         if np.any(diag != 0.0):
             out[i] = diag
-    return out
+        elif shape is not None and shape[rows, cols].any():
+            skipped += 1
+    return out, skipped
 
 
 def _best_baby(indices: Sequence[int]) -> int:
@@ -89,10 +107,16 @@ def _rotsum_steps(out_period: int, in_period: int) -> list[int]:
 
 
 def _make_single(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
-                 gather: np.ndarray | None, name: str) -> SingleLayout:
-    diags = _diagonals(matrix, in_layout, out_layout)
+                 gather: np.ndarray | None, name: str,
+                 structure: np.ndarray | None = None) -> SingleLayout:
+    """The hybrid-diagonal form of ``matrix``; ``structure`` marks where the unpruned layer
+    has weights (default: everywhere), so all-zero diagonals count as skipped units."""
+    if structure is None:
+        structure = np.ones(matrix.shape, dtype=bool)
+    diags, skipped = _diagonals(matrix, in_layout, out_layout, structure)
     return SingleLayout(in_layout, out_layout, diags, _best_baby(sorted(diags)),
-                        _rotsum_steps(out_layout.period, in_layout.period), gather, name)
+                        _rotsum_steps(out_layout.period, in_layout.period), gather, name,
+                        skipped)
 
 
 def _out_layouts(stage: Affine, conv_only: bool) -> list[Layout]:
@@ -110,9 +134,11 @@ def _out_layouts(stage: Affine, conv_only: bool) -> list[Layout]:
     return layouts
 
 
-def _im2col_candidate(stage: Affine, slots: int) -> tuple[np.ndarray, Layout, np.ndarray] | None:
+def _im2col_candidate(stage: Affine, slots: int
+                      ) -> tuple[np.ndarray, np.ndarray, Layout, np.ndarray] | None:
     """The im2col input for a stage that starts with a convolution: ``(matrix over the
-    im2col vector, its layout, gather map)``, or ``None`` when it does not apply or fit."""
+    im2col vector, where the unpruned matrix has weights, its layout, gather map)``, or
+    ``None`` when it does not apply or fit."""
     conv = stage.specs[0]
     if not isinstance(conv, Conv2d):
         return None
@@ -128,17 +154,20 @@ def _im2col_candidate(stage: Affine, slots: int) -> tuple[np.ndarray, Layout, np
     k_idx, p_idx = np.meshgrid(np.arange(kernel), np.arange(windows), indexing="ij")
     gather[(k_idx * pw + p_idx).ravel()] = cols.T.ravel().astype(np.int64) - 1
     conv_matrix = np.zeros((oc * windows, pk * pw))
+    structure = np.zeros((oc * windows, pk * pw), dtype=bool)
     weights = conv.weight.reshape(oc, kernel)
     for o in range(oc):
         rows = o * windows + np.arange(windows)
         for k in range(kernel):
             conv_matrix[rows, k * pw + np.arange(windows)] = weights[o, k]
+            structure[rows, k * pw + np.arange(windows)] = True
     rest = stage.specs[1:]
     matrix = conv_matrix
     for spec in rest:
         m2, _ = affine_matrix(spec)
         matrix = m2 @ matrix
-    return matrix, Layout.dense(pk * pw), gather
+        structure = (np.abs(m2) @ structure) != 0
+    return matrix, structure, Layout.dense(pk * pw), gather
 
 
 def _expanded_candidate(matrix: np.ndarray, slots: int) -> SingleLayout | None:
@@ -152,10 +181,12 @@ def _expanded_candidate(matrix: np.ndarray, slots: int) -> SingleLayout | None:
     c = np.arange(rows * cols) // rows
     gather = np.where(c < d, c, -1).astype(np.int64)
     expanded = np.zeros((m, rows * cols))
+    structure = np.zeros((m, rows * cols), dtype=bool)
     for r in range(m):
         expanded[r, r + rows * np.arange(d)] = matrix[r]
+        structure[r, r + rows * np.arange(d)] = True
     return _make_single(expanded, Layout.dense(rows * cols), Layout.dense(m), gather,
-                        "expanded")
+                        "expanded", structure)
 
 
 def _greedy_alignments(matrix: np.ndarray, in_layout: Layout, block: int,
@@ -221,9 +252,10 @@ def _first_candidates(stage: Affine, slots: int) -> list[SingleLayout]:
         cands.append(expanded)
     im2col_form = _im2col_candidate(stage, slots)
     if im2col_form is not None:
-        conv_matrix, layout, gather = im2col_form
+        conv_matrix, structure, layout, gather = im2col_form
         for out in _out_layouts(stage, conv_only):
-            cands.append(_make_single(conv_matrix * stage.scale, layout, out, gather, "im2col"))
+            cands.append(_make_single(conv_matrix * stage.scale, layout, out, gather, "im2col",
+                                      structure))
     return cands
 
 
@@ -276,7 +308,7 @@ def layout_single(program: Program, slots: int, search: bool = True) -> DenseLay
         chosen.append(best)
         layout = best.out_layout
         notes.append(f"{stage.describe()}: {best.name} input, {len(best.diagonals)} diagonals, "
-                     f"{best.rotations()} rotations")
+                     f"{best.rotations()} rotations, {best.skipped} zero diagonals skipped")
     if layout is None or layout.period > slots:
         return None
     return DenseLayouts(tuple(chosen), tuple(notes))

@@ -13,9 +13,10 @@ The DDH-based scheme over G1 of BLS12-381 (pymcl), with ``g`` mcl's G1 generator
 The secure prefix is every layer before the first activation (Linear, Conv2d with
 folded BatchNorm, AvgPool2d, Flatten). Quantized by ``secureinfer.quant.quantize``, that
 prefix is one integer affine map ``y = A x_q + c`` (``fe_common.integer.affine_map``,
-exact); the authority issues one functional key per row of ``A``, the server decrypts
-``A x_q`` and adds the public bias ``c``: the result equals ``qnet.forward_int(x_q)``
-integer for integer. The server learns the prefix outputs in plaintext, nothing else
+exact); the authority issues one functional key per nonzero row of ``A`` (an all-zero row,
+a pruned output unit, gets none: its output is the bias, public anyway), the server
+decrypts ``A x_q`` on those rows and adds the public bias ``c``: the result equals
+``qnet.forward_int(x_q)`` integer for integer. The server learns the prefix outputs in plaintext, nothing else
 about ``x`` (selective IND-CPA under DDH in G1), and runs the rest of the network in the
 clear. When ``A`` has full column rank (as many independent outputs as inputs) those
 outputs determine ``x``; ``reveals`` says so.
@@ -78,6 +79,11 @@ class _Program:
     bound: int           # max |A_j . x_q|
     digest: str          # sha256 of A and c
 
+    @property
+    def active(self) -> np.ndarray:
+        """Indices of the rows of ``A`` with a nonzero weight: one functional key each."""
+        return np.flatnonzero(np.any(self.weights != 0, axis=1))
+
 
 @dataclass
 class PublicKey:
@@ -112,6 +118,7 @@ class InnerProductFE(FeScheme):
     description = ("inner-product functional encryption (ABDP 2015, DDH, BLS12-381 G1): "
                    "server learns the first linear layer's outputs")
     capabilities = Capabilities(layers=_KINDS, max_degree=1, output="plaintext", exact=True)
+    pruning_unit = "rows"
     options = (
         Option("bits", int, 8, "quantize inputs and weights to N-bit integers"),
         dlog_table_option(),
@@ -158,7 +165,9 @@ class InnerProductFE(FeScheme):
             "group": "G1",
             "bits": self.opts["bits"],
             "inputs": int(weights.shape[1]),
-            "functional_keys": int(weights.shape[0]),
+            "outputs": int(weights.shape[0]),
+            "functional_keys": int(len(self._program.active)),
+            "units_skipped": int(weights.shape[0] - len(self._program.active)),
             "weights_digest": digest,
             "determines_input": bool(np.linalg.matrix_rank(weights.astype(np.float64))
                                      == weights.shape[1]),
@@ -197,11 +206,11 @@ class InnerProductFE(FeScheme):
         return MasterSecret(s, public), codec.pack_fields({"h": pack_elements(ops, h)})
 
     def functional_keys(self, secret: MasterSecret, prefix: Sequence[LayerSpec]) -> bytes:
-        """``<s, A_j> mod r`` for every row of the planned prefix's integer map ``A``, and
-        the digest of ``A`` and ``c`` the server checks against its own model."""
+        """``<s, A_j> mod r`` for every nonzero row of the planned prefix's integer map
+        ``A``, and the digest of ``A`` and ``c`` the server checks against its own model."""
         prog = self._prefix_program(prefix, "weights_digest")
         s = np.array(secret.s, dtype=object)
-        sk = (prog.weights.astype(object) @ s) % group_order()
+        sk = (prog.weights[prog.active].astype(object) @ s) % group_order()
         return codec.pack_fields({"sk": scalars_to_bytes(sk.tolist()),
                                   "weights_digest": prog.digest})
 
@@ -246,7 +255,7 @@ class InnerProductFE(FeScheme):
         sk_raw = fields.get("sk")
         if not isinstance(sk_raw, bytes):
             raise EnvelopeError(f"{self.name} functional keys: missing field 'sk'")
-        return ServerKeys(scalars_from_bytes(sk_raw, count=int(prog.weights.shape[0])))
+        return ServerKeys(scalars_from_bytes(sk_raw, count=len(prog.active)))
 
     def build_layers(self, prefix: Sequence[LayerSpec], ctx: ServerKeys) -> list[SecureLayer]:
         """One fused layer for the whole prefix (its integer affine map)."""
@@ -268,8 +277,10 @@ class InnerProductFE(FeScheme):
 class InnerProductLayer(SecureLayer):
     """Decrypts the prefix's outputs with the functional keys: ``A x_q + c``, integers.
 
-    Built once per server: the window plan of the weight matrix and the discrete-log
-    table. ``forward`` takes the parsed ciphertexts and returns ``(n, *out_shape)`` int64.
+    Built once per server: the window plan of the weight matrix's nonzero rows and the
+    discrete-log table. Outputs of all-zero rows are the bias alone, with no key, no
+    group operation and no discrete logarithm. ``forward`` takes the parsed ciphertexts
+    and returns ``(n, *out_shape)`` int64.
     """
 
     def __init__(self, spec: LayerSpec, ctx: ServerKeys, scheme: InnerProductFE) -> None:
@@ -278,7 +289,8 @@ class InnerProductLayer(SecureLayer):
         ops = group("G1")
         self._ops = ops
         self._bias = prog.bias
-        self._matvec = SmallMatVec(ops, prog.weights)
+        self._active = prog.active
+        self._matvec = SmallMatVec(ops, prog.weights[self._active])
         self._neg_sk = [fr(-k) for k in ctx.sk]
         dlog = scheme.plan_["dlog"]
         self._dlog = DlogTable(ops, ops.generator(), dlog["bound"],
@@ -293,9 +305,12 @@ class InnerProductLayer(SecureLayer):
                 ips = self._dlog.solve_many(points)
             except DlogOutOfRange as exc:
                 raise DlogOutOfRange(
-                    f"layer {self.spec.name}: output {exc.index} decrypts outside "
+                    f"layer {self.spec.name}: output {self._active[exc.index]} decrypts outside "
                     f"[-{exc.bound}, {exc.bound}], the range its keys were planned for: the "
                     "ciphertext was not made for this model, or its input left the "
-                    "calibrated range", index=exc.index, bound=exc.bound) from None
-            out.append(ips + self._bias)
+                    "calibrated range", index=int(self._active[exc.index]),
+                    bound=exc.bound) from None
+            row = self._bias.copy()
+            row[self._active] += ips
+            out.append(row)
         return np.stack(out).reshape(len(value), *self.spec.out_shape)

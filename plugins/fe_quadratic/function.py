@@ -49,7 +49,8 @@ class QuadraticFunction:
 
     @property
     def hidden(self) -> int:
-        """Hidden units: one pairing pair per unit at decryption."""
+        """Hidden units kept (pruned ones are dropped by ``lower``): one pairing pair per
+        unit at decryption."""
         return int(self.pre.shape[0])
 
     @property
@@ -170,4 +171,21 @@ def lower(qnet: QuantizedNetwork, input_shape: tuple[int, ...],
         coeffs = (int(q0), int(q1), int(q2))
         post, post_bias = affine_map(layers[k + 1:], tuple(layers[k].spec.out_shape))
     pre = np.concatenate([pre_c[:, None], pre_m], axis=1)
+    if k is not None:
+        pre, post, post_bias = _drop_dead_units(pre, coeffs, post, post_bias)
     return QuadraticFunction(pre, coeffs, post, post_bias, tuple(layers[-1].spec.out_shape))
+
+
+def _drop_dead_units(pre: np.ndarray, coeffs: tuple[int, int, int], post: np.ndarray,
+                     post_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Remove the hidden units that cost pairings for nothing (pruned units): those no
+    output reads (a zero column of ``post``), and those with an all-zero row of ``pre``,
+    whose activation is the constant ``q0``, folded into ``post_bias``. The function is
+    unchanged integer for integer; at least one unit is kept."""
+    dead_in = ~np.any(pre != 0, axis=1)
+    unread = ~np.any(post != 0, axis=0)
+    keep = ~(dead_in | unread)
+    if not keep.any():
+        keep[0] = True
+    folded = post_bias + coeffs[0] * post[:, dead_in & ~keep].sum(axis=1)
+    return pre[keep], post[:, keep], folded.astype(np.int64)

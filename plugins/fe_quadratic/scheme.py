@@ -66,6 +66,7 @@ class QuadraticFE(FeScheme):
     description = ("quadratic functional encryption (DGP 2018, BLS12-381 pairing): server "
                    "learns the outputs of a Linear -> x^2 -> Linear prefix")
     capabilities = Capabilities(layers=_KINDS, max_degree=2, output="plaintext", exact=True)
+    pruning_unit = "hidden"
     options = (
         Option("bits", int, 5, "quantize inputs and weights to N-bit integers (the outputs, "
                                "and the discrete-log work, grow about 16x per bit)"),
@@ -122,6 +123,7 @@ class QuadraticFE(FeScheme):
             "coeff_bits": coeff_bits,
             "inputs": int(fn.pre.shape[1]) - 1,
             "hidden": fn.hidden,
+            "units_skipped": _units(prefix) - fn.hidden,
             "functional_keys": fn.outputs,
             "pairings_per_input": 2 * fn.hidden + fn.outputs + 2,
             "function_digest": fn.digest(),
@@ -252,3 +254,10 @@ class QuadraticLayer(SecureLayer):
                     bound=exc.bound) from None
             out.append(found.astype(object) + self._centers)
         return np.stack(out).reshape(len(value), *self.spec.out_shape)
+
+
+def _units(prefix: Sequence[LayerSpec]) -> int:
+    """Units of the prefix's degree-2 activation before pruned ones are dropped (its
+    outputs for an affine prefix)."""
+    act = next((s for s in prefix if s.kind == "poly"), prefix[-1])
+    return int(np.prod(act.out_shape))

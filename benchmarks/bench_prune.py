@@ -1,0 +1,188 @@
+"""HE-aware pruning against magnitude pruning, measured under encryption (issue 14).
+
+For each case (model, scheme) three variants of the same trained default model run:
+``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, target
+sparsity ``--sparsity``, budget ``--max-drop`` points) and ``magnitude`` (the same
+fraction of each layer's weights of least magnitude zeroed, no fine-tuning). Each variant
+is compiled and run in its own process (so peak memory is its own): setup, then
+``--images`` test images one at a time through encrypt, evaluate and decrypt. Printed per
+variant: test accuracy of the float model (the whole test split), the median evaluate
+latency (for FE this is the server's functional decryption), the process's peak RSS,
+Galois key bytes and functional key count from the plan, the units the plan skipped, and
+whether the encrypted decisions agree with the clear model on the images run.
+
+Targets (issue 14): digits cnn (and LeNet-5) under ckks single packing, >= 40 % lower
+evaluate latency and >= 30 % fewer key bytes at <= 1 point loss; digits mlp under fe-ip,
+>= 40 % fewer functional keys and lower decrypt time at <= 1 point loss.
+
+Run: ``python benchmarks/bench_prune.py [--images 10] [--sparsity 0.5] [--max-drop 1.0]
+[--lenet] [--out r.json]``. ``--lenet`` adds LeNet-5 on 28x28 digits (minutes, ~2.5 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CASES = [("digits", "cnn", "ckks?packing=single"), ("digits", "mlp", "fe-ip"),
+         ("digits", "mlp", "ckks?packing=single")]
+LENET = ("digits28", "lenet5", "ckks?packing=single")
+
+
+def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, Any]:
+    """Compile, set up and run one variant; the figures as a dict."""
+    import secureinfer
+    from secureinfer import data
+    from secureinfer import nn as snn
+
+    ds = data.load(dataset)
+    model = snn.load(model_path)
+    sm = secureinfer.compile(model, scheme, calibration=ds.x_train[:256])
+    plan = sm.plan
+    client, server, _ = sm.setup()
+    x = ds.x_test[:images]
+    evals, agree = [], 0
+    for i in range(len(x)):
+        ct = client.encrypt(x[i:i + 1])
+        start = time.perf_counter()
+        out = server.evaluate(ct)
+        evals.append(time.perf_counter() - start)
+        y = client.decrypt(out)
+        agree += int(np.argmax(y) == np.argmax(sm.predict_clear(x[i:i + 1])))
+    return {"evaluate_ms": 1e3 * statistics.median(evals),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "galois_key_bytes": int(plan.get("galois_key_bytes") or 0),
+            "galois_keys": int(plan.get("galois_keys") or 0),
+            "functional_keys": plan.get("functional_keys"),
+            "units_skipped": int(plan.get("units_skipped") or 0),
+            "rotations": plan.get("rotations_per_input"),
+            "agree": f"{agree}/{len(x)}"}
+
+
+def _variants(dataset: str, arch: str, scheme: str, sparsity: float, max_drop: float,
+              folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    from secureinfer import data
+    from secureinfer import nn as snn
+
+    ds = data.load(dataset)
+    base = snn.default_model(dataset, arch)
+    out = []
+    start = time.perf_counter()
+    aware = snn.prune(base, scheme, sparsity=sparsity, max_drop=max_drop, data=ds,
+                      progress=sys.stderr.isatty())
+    prune_s = time.perf_counter() - start
+    magnitude = snn.magnitude_prune(base, sparsity, data=ds)
+    acc = snn.accuracy(base, ds.x_test, ds.y_test)
+    for name, model, meta in (("base", base, {"accuracy": acc}),
+                              ("he-aware", aware.model,
+                               {"accuracy": aware.meta["accuracy_after"],
+                                "units": f"{aware.meta['pruned']}/{aware.meta['units']} "
+                                         f"{aware.meta['unit']}", "prune_s": prune_s}),
+                              ("magnitude", magnitude.model,
+                               {"accuracy": magnitude.meta["accuracy_after"],
+                                "units": f"{100 * sparsity:.0f}% weights"})):
+        path = folder / f"{dataset}-{arch}-{name}.npz"
+        snn.save(model, path)
+        out.append((name, path, meta))
+    return out
+
+
+def _run_child(path: Path, scheme: str, dataset: str, images: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", str(path), scheme, dataset,
+                           str(images)], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{path.name} under {scheme}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: tuple[str, str, str], args: argparse.Namespace,
+             folder: Path) -> list[dict[str, Any]]:
+    """The three variants of one case; a discarded warm-up run first (it builds the
+    on-disk tables and caches the first run would otherwise pay alone)."""
+    dataset, arch, scheme = case
+    variants = _variants(dataset, arch, scheme, args.sparsity, args.max_drop, folder)
+    _run_child(variants[0][1], scheme, dataset, 1)
+    rows = []
+    for name, path, meta in variants:
+        rows.append({"model": f"{dataset} {arch}", "scheme": scheme, "variant": name,
+                     **meta, **_run_child(path, scheme, dataset, args.images)})
+    return rows
+
+
+def _change(rows: list[dict[str, Any]], key: str) -> dict[str, str]:
+    base = rows[0].get(key) or 0
+    out = {}
+    for r in rows[1:]:
+        v = r.get(key) or 0
+        out[r["variant"]] = f"{100 * (v - base) / base:+.0f}%" if base else "n/a"
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | scheme | variant | units pruned | accuracy | evaluate ms | peak MB "
+            "| rotations | Galois key MB | functional keys | units skipped | agree |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        fk = r["functional_keys"] if r["functional_keys"] is not None else "-"
+        rot = r["rotations"] if r["rotations"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['variant']} | {r.get('units', '-')} "
+                     f"| {100 * r['accuracy']:.2f}% | {r['evaluate_ms']:.1f} "
+                     f"| {r['peak_rss_mb']:.0f} | {rot} "
+                     f"| {r['galois_key_bytes'] / 2**20:.1f} | {fk} "
+                     f"| {r['units_skipped']} | {r['agree']} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for start in range(0, len(rows), 3):
+        group = rows[start:start + 3]
+        lat, keys = _change(group, "evaluate_ms"), _change(group, "galois_key_bytes")
+        fk = _change(group, "functional_keys")
+        for r in group[1:]:
+            drop = 100 * (group[0]["accuracy"] - r["accuracy"])
+            out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate "
+                       f"{lat[r['variant']]}, Galois key bytes {keys[r['variant']]}, functional keys "
+                       f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--max-drop", type=float, default=1.0)
+    parser.add_argument("--lenet", action="store_true", help="add LeNet-5 on 28x28 digits")
+    parser.add_argument("--only", help="comma-separated case indices (0-based) to run")
+    parser.add_argument("--out", help="write the rows as JSON")
+    args = parser.parse_args()
+    cases = CASES + ([LENET] if args.lenet else [])
+    if args.only:
+        cases = [cases[int(i)] for i in args.only.split(",")]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            rows += run_case(case, args, Path(tmp))
+            print(table(rows[-3:]), flush=True)
+    print()
+    print(table(rows))
+    print("\n".join(summary(rows)))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""HE-aware structured pruning: zero whole units of the form a scheme evaluates.
+
+A zero weight inside a unit a scheme evaluates as a whole (a plaintext diagonal, a
+functional key's row) costs as much as a nonzero one, so magnitude pruning of single
+weights saves nothing under encryption. ``prune`` removes whole units instead; the scheme
+says which kind (``Scheme.pruning_unit``), and the schemes skip all-zero units (see each
+plugin's plan field ``units_skipped``):
+
+* ``"rows"`` (inner-product FE): output units of the first weighted layer. Each is one
+  functional key, one discrete logarithm and one row of group operations per input; a
+  zero row gets no key, its output is the (public) bias.
+* ``"hidden"`` (quadratic FE): units of the degree-2 activation (a row and bias of the
+  layer before it, a column of the layer after it). Each costs two pairings per input.
+* ``"diagonals"`` (CKKS and BFV single packing): groups of weights that become one
+  plaintext: for a convolution, one kernel offset ``(di, dj)`` across all channel pairs
+  (one masked rotation of the input and its plaintext products); for a Linear layer, one
+  generalized diagonal ``{(j mod m', (j + i) mod d')}`` of its weight matrix
+  (``m'``, ``d'`` the powers of two above its sizes), the unit of the hybrid diagonal
+  method on a dense layout. These are the units of the plain and chained dense layouts
+  and of the channel-interleaved convolution grid. When the planner picks another layout
+  for a stage (the client's im2col expansion, block layouts, a dense layer read from a
+  grid's slot positions), its plaintexts group the weights differently and pruned units
+  of this kind may save nothing there: the plan (``units_skipped``,
+  ``rotations_per_input``, ``galois_keys``) and ``benchmarks/bench_prune.py`` show what
+  is actually saved. Pruning in the units of the layout actually planned is not done yet.
+
+The schedule is iterative: the target ``sparsity`` (fraction of units) is reached in
+``steps`` equal increments; each increment zeroes, layer by layer, the units of least
+squared weight, then
+fine-tunes the network by distillation from the unpruned model with the pruned weights
+held at zero (their gradients are masked). It stops at the last increment whose test
+accuracy is within ``max_drop`` points of the unpruned model's; a budget of 0 prunes
+nothing. Pruning only zeroes weights: the network keeps its shapes and runs under every
+scheme.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..data import load as load_dataset
+from ..errors import ConfigError
+from .training import INPUT_RANGE, accuracy, fit
+
+__all__ = ["UNITS", "PruneResult", "magnitude_prune", "prune", "unit_masks"]
+
+UNITS = ("rows", "hidden", "diagonals")
+"""Kinds of pruning unit (``Scheme.pruning_unit`` names one)."""
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and its record.
+
+    Attributes:
+        model: the pruned network (a copy; calibrated, with ``secureinfer_meta``).
+        meta: ``unit``, ``sparsity`` reached, ``units`` and ``pruned`` counts,
+            ``accuracy_before``/``accuracy_after`` and the per-step ``history``.
+    """
+
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    """One prunable unit: ``(parameter, boolean mask of its entries)`` pairs, and the
+    index of the layer it belongs to (units are ranked within their layer)."""
+
+    parts: list[tuple[nn.Parameter, torch.Tensor]]
+    layer: int = 0
+
+    def score(self) -> float:
+        return float(sum((p.detach()[m] ** 2).sum() for p, m in self.parts))
+
+    def zero(self) -> None:
+        with torch.no_grad():
+            for p, m in self.parts:
+                p[m] = 0.0
+
+
+def _weighted(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _mask(p: torch.Tensor, index: Any) -> torch.Tensor:
+    mask = torch.zeros_like(p, dtype=torch.bool)
+    mask[index] = True
+    return mask
+
+
+def _row_groups(model: nn.Module) -> list[_Group]:
+    """Output units of the first weighted layer (the bias stays: it is the output)."""
+    layers = _weighted(model)
+    first = layers[0]
+    return [_Group([(first.weight, _mask(first.weight, r))])
+            for r in range(first.weight.shape[0])]
+
+
+def _hidden_groups(model: nn.Module) -> list[_Group]:
+    """Units between the first two weighted layers: a row and bias of the first, and the
+    columns of the second that read the unit."""
+    layers = _weighted(model)
+    if len(layers) < 2:
+        raise ConfigError("pruning by hidden units needs two weighted layers (Linear or "
+                          f"Conv2d) around an activation; this model has {len(layers)}")
+    first, second = layers[:2]
+    units = first.weight.shape[0]
+    per_unit = second.weight.shape[1] // units if isinstance(second, nn.Linear) else 1
+    groups = []
+    for u in range(units):
+        parts = [(first.weight, _mask(first.weight, u))]
+        if first.bias is not None:
+            parts.append((first.bias, _mask(first.bias, u)))
+        cols = slice(u * per_unit, (u + 1) * per_unit)  # Flatten after a conv: C*H*W
+        parts.append((second.weight, _mask(second.weight, (slice(None), cols))))
+        groups.append(_Group(parts))
+    return groups
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _linear_diagonals(layer: nn.Linear) -> list[_Group]:
+    m, d = layer.weight.shape
+    mp, dp = _pow2(m), _pow2(d)
+    j = np.arange(max(mp, dp))
+    groups = []
+    for i in range(min(mp, dp)):
+        rows, cols = j % mp, (j + i) % dp
+        ok = (rows < m) & (cols < d)
+        if ok.any():
+            index = (torch.as_tensor(rows[ok]), torch.as_tensor(cols[ok]))
+            groups.append(_Group([(layer.weight, _mask(layer.weight, index))]))
+    return groups
+
+
+def _diagonal_groups(model: nn.Module) -> list[_Group]:
+    groups: list[_Group] = []
+    for index, layer in enumerate(_weighted(model)):
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.weight.shape[2:]
+            found = [_Group([(layer.weight, _mask(layer.weight, (Ellipsis, di, dj)))])
+                     for di in range(kh) for dj in range(kw)]
+        else:
+            found = _linear_diagonals(layer)
+        for g in found:
+            g.layer = index
+        groups += found
+    return groups
+
+
+_GROUPS: dict[str, Callable[[nn.Module], list[_Group]]] = {
+    "rows": _row_groups, "hidden": _hidden_groups, "diagonals": _diagonal_groups}
+
+
+def unit_masks(model: nn.Module, unit: str) -> list[list[tuple[nn.Parameter, torch.Tensor]]]:
+    """The prunable units of ``model`` of kind ``unit`` (one of ``UNITS``), each a list of
+    ``(parameter, mask)``; a unit is pruned when all its masked entries are zero."""
+    return [g.parts for g in _groups(model, unit)]
+
+
+def _groups(model: nn.Module, unit: str) -> list[_Group]:
+    if unit not in _GROUPS:
+        raise ConfigError(f"unknown pruning unit {unit!r}; valid: {', '.join(UNITS)}")
+    if not _weighted(model):
+        raise ConfigError("the model has no Linear or Conv2d layer to prune")
+    return _GROUPS[unit](model)
+
+
+def _resolve_unit(scheme: str) -> str:
+    """The pruning unit of the scheme named by the config string ``scheme``."""
+    from ..registry import resolve
+
+    unit = getattr(resolve(scheme), "pruning_unit", None)
+    if unit is None:
+        raise ConfigError(f"scheme {scheme!r} declares no pruning unit (Scheme.pruning_unit): "
+                          f"it evaluates weights one by one; choose one of {', '.join(UNITS)} "
+                          "with unit=")
+    return str(unit)
+
+
+def _is_pruned(group: _Group) -> bool:
+    return all(not bool(p.detach()[m].any()) for p, m in group.parts)
+
+
+def _grad_masks(groups: list[_Group]) -> list[Any]:
+    """Hooks that keep the pruned units' entries at zero while fine-tuning."""
+    keep: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for g in groups:
+        if _is_pruned(g):
+            for p, m in g.parts:
+                cur = keep.get(id(p), (p, torch.ones_like(p, dtype=torch.bool)))[1]
+                keep[id(p)] = (p, cur & ~m)
+    return [p.register_hook(lambda grad, k=k: grad * k) for p, k in keep.values()]
+
+
+def _data(data: str | Dataset) -> Dataset:
+    return data if isinstance(data, Dataset) else load_dataset(data)
+
+
+def _finish(model: nn.Module, data: Dataset, meta: dict[str, Any]) -> PruneResult:
+    from .ranges import calibrate
+
+    calibrate(model, data.x_train, data.input_shape, input_range=INPUT_RANGE)
+    old = dict(getattr(model, "secureinfer_meta", {}) or {})
+    model.secureinfer_meta = {**old, "pruning": meta}
+    return PruneResult(model, meta)
+
+
+def _prune_step(groups: list[_Group], fraction: float) -> None:
+    """Zero, in every layer, the live units of least squared weight until ``fraction`` of
+    that layer's units are zero (layers are pruned alike, so that no small layer, such as
+    a convolution's few kernel offsets, is emptied first)."""
+    for layer in sorted({g.layer for g in groups}):
+        mine = [g for g in groups if g.layer == layer]
+        live = [g for g in mine if not _is_pruned(g)]
+        need = int(round(len(mine) * fraction)) - (len(mine) - len(live))
+        for g in sorted(live, key=_Group.score)[:max(0, need)]:
+            g.zero()
+
+
+def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
+          max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
+          steps: int = 4, epochs: int = 8, seed: int = 0,
+          progress: bool = False) -> PruneResult:
+    """Prune ``model`` in the units ``scheme`` evaluates, within an accuracy budget.
+
+    Args:
+        model: a trained HE-friendly ``nn.Sequential`` (left unchanged; a copy is pruned).
+        scheme: a config string (``"ckks"``, ``"fe-ip"``, ...); its ``pruning_unit`` is
+            the unit. Or give ``unit`` directly.
+        sparsity: the fraction of units to zero, in ``[0, 1)``.
+        max_drop: the accuracy budget, in points (percent) of test accuracy below the
+            unpruned model; 0 prunes nothing.
+        data: the dataset (name or ``Dataset``): fine-tuning on its training split,
+            accuracy on its test split.
+        unit: ``"rows"``, ``"hidden"`` or ``"diagonals"`` (instead of ``scheme``).
+        steps: increments of the schedule.
+        epochs: distillation epochs after each increment.
+        seed: seed of the fine-tuning batches.
+        progress: tqdm bars.
+
+    Returns:
+        A ``PruneResult``; its model is calibrated on the training set and its
+        ``secureinfer_meta["pruning"]`` holds the record.
+
+    Raises:
+        ConfigError: a bad sparsity, budget, unit or scheme; the message says what is valid.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity={sparsity} must be in [0, 1) (a fraction of the units)")
+    if max_drop < 0:
+        raise ConfigError(f"max_drop={max_drop} must be >= 0 (accuracy points)")
+    if steps < 1:
+        raise ConfigError(f"steps={steps} must be at least 1")
+    if (scheme is None) == (unit is None):
+        raise ConfigError("give exactly one of scheme= (e.g. 'ckks') or unit= "
+                          f"({', '.join(UNITS)})")
+    kind = unit if unit is not None else _resolve_unit(str(scheme))
+    ds = _data(data)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    groups = _groups(student, kind)
+    base = accuracy(teacher, ds.x_test, ds.y_test)
+    meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": len(groups),
+                            "target_sparsity": sparsity, "max_drop": max_drop,
+                            "accuracy_before": base, "history": []}
+    best = copy.deepcopy(student.state_dict())
+    pruned_best = sum(_is_pruned(g) for g in groups)
+    acc_best = base
+    if max_drop > 0 and sparsity > 0:
+        for k in range(1, steps + 1):
+            _prune_step(groups, sparsity * k / steps)
+            hooks = _grad_masks(groups)
+            try:
+                fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
+                    seed=seed + k, progress=progress, desc=f"prune {k}/{steps}")
+            finally:
+                for h in hooks:
+                    h.remove()
+            acc = accuracy(student, ds.x_test, ds.y_test)
+            count = sum(_is_pruned(g) for g in groups)
+            meta["history"].append({"step": k, "pruned": count, "accuracy": acc})
+            if 100.0 * (base - acc) > max_drop:
+                break
+            best, pruned_best, acc_best = copy.deepcopy(student.state_dict()), count, acc
+    student.load_state_dict(best)
+    student.eval()
+    meta.update(pruned=pruned_best, sparsity=pruned_best / max(len(groups), 1),
+                accuracy_after=acc_best)
+    return _finish(student, ds, meta)
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "digits",
+                    ) -> PruneResult:
+    """Unstructured magnitude pruning, for contrast: the ``sparsity`` fraction of each
+    weighted layer's weights of least magnitude set to zero, no fine-tuning."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity={sparsity} must be in [0, 1)")
+    ds = _data(data)
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in _weighted(student):
+            w = layer.weight
+            k = int(w.numel() * sparsity)
+            if k:
+                cut = w.abs().flatten().kthvalue(k).values
+                w[w.abs() <= cut] = 0.0
+    meta = {"unit": "weights", "target_sparsity": sparsity,
+            "accuracy_before": accuracy(model, ds.x_test, ds.y_test),
+            "accuracy_after": accuracy(student, ds.x_test, ds.y_test)}
+    return _finish(student.eval(), ds, meta)
