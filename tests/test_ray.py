@@ -38,6 +38,45 @@ def cluster():
     ray.shutdown()
 
 
+# Ray tasks and actors first: the service's two replicas then hold both CPUs.
+
+
+def test_bfv_workers_are_ray_actors_under_ray(cluster):
+    if secureinfer.resolve("bfv").availability():
+        pytest.skip(f"bfv: {secureinfer.resolve('bfv').availability()}")
+    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
+    calib = inputs(layers, 64, seed=2)
+    sm = secureinfer.compile_layers(layers, "bfv?workers=2", calibration=calib)
+    client, server, _ = sm.setup()
+    pool = server.ctx.pool
+    assert pool.engine == "ray" and pool.size == 2
+    x = calib[:3]
+    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
+                                  sm.reference(x))
+    ray.kill(pool._engine.actors[1], no_restart=True)
+    with pytest.raises(secureinfer.EvaluationError, match=r"worker for primes \[1\] died"):
+        server.evaluate(client.encrypt(x))
+    pool.close()
+
+
+def test_bench_on_ray_equals_the_local_run(cluster):
+    from secureinfer.raybench import bench_on_ray
+    from secureinfer.runner import run
+
+    configs = [c for c in ("clear", "bfv") if not secureinfer.resolve(c).availability()]
+    got = bench_on_ray(configs, model=None, dataset="digits", arch="mlp", limit=24,
+                       allow_insecure=False, shards=3)
+    assert [r["config"] for r in got] == configs
+    for config, r in zip(configs, got):
+        local = run(config, dataset="digits", limit=24, progress=False)
+        assert r["engine"] == "ray" and r["workers"] == 2 and r["shards"] == 3
+        assert r["samples"] == local["samples"] == 24
+        assert r["accuracy"] == local["accuracy"]
+        assert r["agreement"] == local["agreement"]
+        assert r["max_abs_error"] == pytest.approx(local["max_abs_error"], abs=1e-9)
+        assert r["latency_s"]["evaluate"] > 0
+
+
 @pytest.fixture(scope="module")
 def service(cluster, tmp_path_factory):
     if secureinfer.resolve("bfv").availability():
@@ -131,42 +170,6 @@ def test_a_killed_replica_is_replaced_and_no_key_is_lost(service):
         if len(seen) == 2:
             break
     assert victim.rsplit("#", 1)[1] not in seen
-
-
-def test_bfv_workers_are_ray_actors_under_ray(cluster):
-    if secureinfer.resolve("bfv").availability():
-        pytest.skip(f"bfv: {secureinfer.resolve('bfv').availability()}")
-    layers = NETWORKS["mlp_poly"](np.random.default_rng(0))
-    calib = inputs(layers, 64, seed=2)
-    sm = secureinfer.compile_layers(layers, "bfv?workers=2", calibration=calib)
-    client, server, _ = sm.setup()
-    pool = server.ctx.pool
-    assert pool.engine == "ray" and pool.size == 2
-    x = calib[:3]
-    np.testing.assert_array_equal(client.decrypt(server.evaluate(client.encrypt(x))),
-                                  sm.reference(x))
-    ray.kill(pool._engine.actors[1], no_restart=True)
-    with pytest.raises(secureinfer.EvaluationError, match=r"worker for primes \[1\] died"):
-        server.evaluate(client.encrypt(x))
-    pool.close()
-
-
-def test_bench_on_ray_equals_the_local_run(cluster):
-    from secureinfer.raybench import bench_on_ray
-    from secureinfer.runner import run
-
-    configs = [c for c in ("clear", "bfv") if not secureinfer.resolve(c).availability()]
-    got = bench_on_ray(configs, model=None, dataset="digits", arch="mlp", limit=24,
-                       allow_insecure=False, shards=3)
-    assert [r["config"] for r in got] == configs
-    for config, r in zip(configs, got):
-        local = run(config, dataset="digits", limit=24, progress=False)
-        assert r["engine"] == "ray" and r["workers"] == 2 and r["shards"] == 3
-        assert r["samples"] == local["samples"] == 24
-        assert r["accuracy"] == local["accuracy"]
-        assert r["agreement"] == local["agreement"]
-        assert r["max_abs_error"] == pytest.approx(local["max_abs_error"], abs=1e-9)
-        assert r["latency_s"]["evaluate"] > 0
 
 
 def test_ray_flag_without_the_extra_names_it(tmp_path: Path):
