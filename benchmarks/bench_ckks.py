@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from _models import fit, train_cnn
+from _networks import random_cnn
 from secureinfer import data
 from secureinfer.compiler import lower
-from secureinfer.layers import Conv2d, Flatten, Linear, Poly
 from secureinfer.model import SecureModel, compile_layers
 from secureinfer.nn.activations import PolyAct
 from torch import nn
@@ -63,19 +63,6 @@ def train_mlp(ds: data.Dataset, seed: int = 0) -> nn.Module:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), PolyAct(2, "relu", (-4.0, 4.0)),
                           nn.Linear(32, 10))
     return fit(model, ds, 40, 3e-3, seed)
-
-
-def random_cnn(seed: int = 0) -> list:
-    """The same network with random weights (for latency: the weights do not matter)."""
-    rng = np.random.default_rng(seed)
-    conv = Conv2d("conv1", (1, 28, 28), weight=rng.normal(0, 0.15, (4, 1, 7, 7)),
-                  bias=rng.normal(0, 0.1, 4), stride=(3, 3))
-    return [conv, Flatten("flatten", conv.out_shape), Poly("act1", (256,)),
-            Linear("fc1", (256,), weight=rng.normal(0, 0.06, (64, 256)),
-                   bias=rng.normal(0, 0.1, 64)),
-            Poly("act2", (64,)),
-            Linear("fc2", (64,), weight=rng.normal(0, 0.12, (10, 64)),
-                   bias=rng.normal(0, 0.1, 10))]
 
 
 # ----- helpers -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import random_cnn  # noqa: E402
+from _networks import random_cnn  # noqa: E402
 from secureinfer import data, remote  # noqa: E402
 from secureinfer.model import compile_layers  # noqa: E402
 from secureinfer.scheme import Calibration  # noqa: E402

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _networks import random_cnn
 from secureinfer import data, remote
-from secureinfer.layers import Conv2d, Flatten, Linear, Poly
 from secureinfer.model import SecureModel, compile_layers
 from secureinfer.runner import load_network
 from secureinfer.scheme import Calibration
@@ -196,19 +196,6 @@ def sustained(minutes: float) -> dict[str, Any]:
 
 
 # ----- 2. HTTP overhead on the 28x28 cnn -----------------------------------------------------
-
-
-def random_cnn(seed: int = 0) -> list:
-    """TenSEAL's MNIST ConvNet with random weights (latency does not depend on them)."""
-    rng = np.random.default_rng(seed)
-    conv = Conv2d("conv1", (1, 28, 28), weight=rng.normal(0, 0.15, (4, 1, 7, 7)),
-                  bias=rng.normal(0, 0.1, 4), stride=(3, 3))
-    return [conv, Flatten("flatten", conv.out_shape), Poly("act1", (256,)),
-            Linear("fc1", (256,), weight=rng.normal(0, 0.06, (64, 256)),
-                   bias=rng.normal(0, 0.1, 64)),
-            Poly("act2", (64,)),
-            Linear("fc2", (64,), weight=rng.normal(0, 0.12, (10, 64)),
-                   bias=rng.normal(0, 0.1, 10))]
 
 
 def overhead(runs: int) -> dict[str, Any]:

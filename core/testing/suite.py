@@ -113,6 +113,15 @@ class SchemeConformance:
             pytest.skip(f"{scheme.name} not available: {reason}")
         return scheme
 
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def _forget_compiled(cls) -> Any:
+        """Drop this class's compiled models when it is done (a session would otherwise
+        keep every scheme's models, keys and plaintexts alive to the end)."""
+        yield
+        for key in [k for k in _OUTCOMES if k[:2] == (cls.config, cls.allow_insecure)]:
+            del _OUTCOMES[key]
+
     @classmethod
     def _outcome(cls, network: str) -> SecureModel | CompileError:
         key = (cls.config, cls.allow_insecure, network)

@@ -55,8 +55,25 @@ class _Infeasible(Exception):
     """This ring degree cannot run the network; the message says why."""
 
 
+class _Packing:
+    """The slot arithmetic both the full plan and the client's part of it share."""
+
+    poly_degree: int
+    packing: str
+
+    @property
+    def row(self) -> int:
+        """Slots per ciphertext row (``N / 2``)."""
+        return self.poly_degree // 2
+
+    @property
+    def inputs_per_item(self) -> int:
+        """Inputs per ciphertext (``single``: one per row) or per ciphertext set (``batch``)."""
+        return 2 if self.packing == "single" else self.poly_degree
+
+
 @dataclass
-class BfvPlan:
+class BfvPlan(_Packing):
     """Everything client and server derive identically from the network and the options.
 
     Attributes:
@@ -90,16 +107,6 @@ class BfvPlan:
     budget: float
     seconds: float
     qnet: QuantizedNetwork
-
-    @property
-    def row(self) -> int:
-        """Slots per ciphertext row (``N / 2``)."""
-        return self.poly_degree // 2
-
-    @property
-    def inputs_per_item(self) -> int:
-        """Inputs per ciphertext (``single``: one per row) or per ciphertext set (``batch``)."""
-        return 2 if self.packing == "single" else self.poly_degree
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -164,7 +171,7 @@ class BfvPlan:
 
 
 @dataclass(frozen=True)
-class BfvClientPlan:
+class BfvClientPlan(_Packing):
     """The client's part of a ``BfvPlan``, rebuilt from the plan dict alone (no weights):
     contexts and keys to make, how to quantize and lay out an input, where the outputs
     are, the bound and budget a decryption is checked against."""
@@ -204,16 +211,6 @@ class BfvClientPlan:
                    np.asarray(plan["output_slots"], dtype=np.int64),
                    tuple(int(d) for d in plan["output_shape"]), int(plan["input_width"]),
                    int(plan["output_width"]), EdgeQuantizer.from_dict(plan["quantization"]))
-
-    @property
-    def row(self) -> int:
-        """Slots per ciphertext row (``N / 2``)."""
-        return self.poly_degree // 2
-
-    @property
-    def inputs_per_item(self) -> int:
-        """Inputs per ciphertext (``single``) or per ciphertext set (``batch``)."""
-        return 2 if self.packing == "single" else self.poly_degree
 
 
 # ----- steps ------------------------------------------------------------------------------
