@@ -66,8 +66,10 @@ def test_zoo_network_from_torch_and_from_onnx_agree(name, shape, activation, dig
     else:  # an image size the zoo network needs (lenet5: two k5 convolutions, two pools)
         rng = np.random.default_rng(0)
         x, cal = rng.random((3, *shape)), rng.random((256, *shape))
-    for scheme in ("clear", "ckks"):
-        cls = secureinfer.get_registry().get(scheme)
+    # lenet5's four activations with the default output flood would take N=32768 (~7 GB);
+    # this test is about the lowering, so it runs ckks unflooded there
+    for scheme in ("clear", "ckks" if name != "lenet5" else "ckks?flood_bits=0"):
+        cls = secureinfer.get_registry().get(scheme.split("?")[0])
         if cls.availability():
             pytest.skip(f"{scheme}: {cls.availability()}")
         logits = []
