@@ -37,7 +37,7 @@ import numpy as np
 from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear, im2col
 
 from .program import Affine, Layout, Polynomial, Program, SingleLayout, pow2
-from .search import _best_baby, _block_candidates, _make_single, _rotsum_steps
+from .search import _best_baby, _block_candidates, _make_single, _rotsum_steps, distinct_steps
 
 __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 
@@ -210,12 +210,7 @@ class GridPlan:
 
     def steps(self, slots: int) -> list[int]:
         """Every distinct rotation step normalised to ``[1, slots)``."""
-        out: set[int] = set()
-        for rp in self.stages:
-            if rp is not None:
-                out |= {s % slots for s in rp.steps()}
-        out.discard(0)
-        return sorted(out)
+        return distinct_steps(self.stages, slots)
 
     def rotations(self) -> int:
         return sum(rp.rotations() for rp in self.stages if rp is not None)

@@ -335,11 +335,17 @@ def output_layout(program: Program, layouts: DenseLayouts) -> Layout:
     return layout
 
 
-def rotation_steps(layouts: DenseLayouts, slots: int) -> list[int]:
-    """Every distinct rotation step of the layouts, normalised to ``[1, slots)``."""
+def distinct_steps(stages: Sequence[object | None], slots: int) -> list[int]:
+    """Every distinct rotation step of ``stages`` (each ``None`` or with ``steps()``),
+    normalised to ``[1, slots)``: the Galois keys a plan needs."""
     steps: set[int] = set()
-    for single in layouts.stages:
-        if single is not None:
-            steps |= {s % slots for s in single.steps()}
+    for stage in stages:
+        if stage is not None:
+            steps |= {s % slots for s in stage.steps()}  # type: ignore[attr-defined]
     steps.discard(0)
     return sorted(steps)
+
+
+def rotation_steps(layouts: DenseLayouts, slots: int) -> list[int]:
+    """Every distinct rotation step of the layouts, normalised to ``[1, slots)``."""
+    return distinct_steps(layouts.stages, slots)
