@@ -133,7 +133,8 @@ def distill_table(records: list[dict[str, Any]], archs: list[str]) -> str:
         gaps = [100 * (r["student"] - r["teacher"]) for r in rows]
         lines.append(f"| {arch} | {med('teacher'):.2f} | {med('student'):.2f} | "
                      f"{statistics.median(gaps):+.2f} | {min(gaps):+.2f} | "
-                     f"{med('student_8bit'):.2f} | {med('seconds') / 100:.0f} |")
+                     f"{med('student_8bit'):.2f} | "
+                     f"{statistics.median(r['seconds'] for r in rows):.0f} |")
     return "\n".join(lines)
 
 
