@@ -90,7 +90,7 @@ def default_model(dataset: str | Dataset = "digits", arch: str = "mlp", *,
     Args:
         dataset: a ``secureinfer.data.load`` name (``digits``, ``digits28``, ``npz:PATH``)
             or a loaded ``Dataset`` (cached by a hash of its arrays unless it is built in).
-        arch: ``mlp`` or ``cnn``.
+        arch: one of ``secureinfer.nn.arch.ARCHS`` (``mlp``, ``cnn``, ``lenet5``, ``alexnet``).
         progress: show a progress bar (stderr) while training.
 
     Returns:
