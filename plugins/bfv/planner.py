@@ -548,20 +548,36 @@ def make_plan(qnet: QuantizedNetwork, packing: str = "auto", poly_degree: int | 
     except CompileError as exc:
         if not flood_bits:
             raise
-        try:
-            bare = _plan(qnet, packing, poly_degree, plain_bits, max_primes,
-                         _Output(rerandomize, 0))
-        except CompileError:
-            raise exc from None
-        n = bare.poly_degree
-        carried = max(0, math.floor(bare.budget - MARGIN - math.log2(n) - 2))
+        carried = _most_flood(qnet, packing, poly_degree, plain_bits, max_primes, output)
+        if carried is None:
+            raise
+        ring = f"N={poly_degree}" if poly_degree else f"any ring degree up to {DEGREES[-1]}"
+        fix = ("leave poly_modulus_degree to the planner" if poly_degree
+               else "use fewer bits")
         raise CompileError(
             f"bfv: flood_bits={flood_bits} needs {flood_bits} + log2 N + 2 bits of noise "
-            f"budget at the output beyond the {MARGIN:g} kept, and no ring degree holds them "
-            f"for this network (without the flood it plans N={n} with "
-            f"{bare.budget:.0f} bits left: about flood_bits={carried} there). Lower "
-            "flood_bits (0 re-randomizes without flooding), lower bits, or force a larger "
-            "poly_modulus_degree") from None
+            f"budget at the output beyond the {MARGIN:g} kept, more than {ring} holds for "
+            f"this network: it carries at most flood_bits={carried[0]} (at "
+            f"N={carried[1]}). Lower flood_bits (0 re-randomizes without flooding) or "
+            f"{fix}") from exc
+
+
+def _most_flood(qnet: QuantizedNetwork, packing: str, poly_degree: int | None,
+                plain_bits: int | None, max_primes: int,
+                output: _Output) -> tuple[int, int] | None:
+    """``(flood_bits, N)`` of the largest flood below ``output``'s that plans (bisection;
+    ``None``: none, not even 0)."""
+    lo, hi, found = 0, output.flood_bits - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            plan = _plan(qnet, packing, poly_degree, plain_bits, max_primes,
+                         _Output(output.rerandomize, mid))
+        except CompileError:
+            hi = mid - 1
+        else:
+            found, lo = (mid, plan.poly_degree), mid + 1
+    return found
 
 
 def _plan(qnet: QuantizedNetwork, packing: str, poly_degree: int | None,
