@@ -94,6 +94,14 @@ class BfvScheme(Scheme):
 
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(options, **kw)
+        bits = self.opts["flood_bits"]
+        if bits is not None and not 0 <= bits <= 128:
+            raise ConfigError(f"scheme 'bfv': flood_bits={bits} must be between 0 (no flood) "
+                              "and 128")
+        if self.opts["rerandomize"] is False and bits:
+            raise ConfigError(f"scheme 'bfv': flood_bits={bits} needs rerandomize=true (the "
+                              "flood hides the noise, the fresh zero and the slot masks the "
+                              "rest); drop flood_bits or set rerandomize=true")
         self._plan: BfvPlan | None = None
         self._client: BfvClientPlan | None = None
         self._index: dict[int, int] = {}
@@ -146,23 +154,13 @@ class BfvScheme(Scheme):
         return self.plan_
 
     def _privacy(self) -> tuple[bool, int, str]:
-        """``(rerandomize, flood_bits, who chose)``; unset options resolve from ``deploy``.
-
-        Raises:
-            ConfigError: a flood without re-randomization, or ``flood_bits`` out of range.
-        """
+        """``(rerandomize, flood_bits, who chose)``; unset options resolve from ``deploy``."""
         rerandomize, bits = self.opts["rerandomize"], self.opts["flood_bits"]
-        if bits is not None and not 0 <= bits <= 128:
-            raise ConfigError(f"scheme 'bfv': flood_bits={bits} must be between 0 (no flood) "
-                              "and 128")
         if rerandomize is None and bits is None:
             by = privacy.auto(self.deploy)
             on = by == privacy.BY_DEPLOY
             return on, DEFAULT_FLOOD_BITS if on else 0, by
         if rerandomize is False:
-            if bits:
-                raise ConfigError(f"scheme 'bfv': flood_bits={bits} needs rerandomize=true "
-                                  "(the flood hides the noise, the fresh zero the rest)")
             return False, 0, privacy.BY_OPTION
         return True, DEFAULT_FLOOD_BITS if bits is None else int(bits), privacy.BY_OPTION
 
