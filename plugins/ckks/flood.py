@@ -79,7 +79,8 @@ __all__ = [
     "slot_sigma",
 ]
 
-#: The default statistical security of the output flooding (``flood_bits``).
+#: The statistical security of the output flooding (``flood_bits``) when it is unset and the
+#: model is compiled for deployment (``secureinfer.privacy``; 0 in one process).
 DEFAULT_FLOOD_BITS = 16
 #: The flood covers this many times the estimated largest slot error.
 ERROR_MARGIN = 2.0
