@@ -436,3 +436,16 @@ def test_flood_residues_are_one_uniform_integer_per_coefficient():
     values = np.array(values, dtype=float) / 2.0 ** bits
     assert values.min() >= -1 and values.max() < 1
     assert abs(values.mean()) < 0.05 and abs(values.std() - 1 / math.sqrt(3)) < 0.02
+
+
+def test_compile_cli_writes_protected_outputs_and_says_so(tmp_path, capsys):
+    _need("bfv")
+    from secureinfer.cli import main
+
+    assert main(["compile", "--scheme", "bfv", "--out", str(tmp_path / "art"),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "outputs: outputs re-randomized, slot-masked and noise-flooded" in printed
+    client_model = load_client(tmp_path / "art")
+    assert client_model.plan["output_privacy_by"] == privacy.BY_DEPLOY
+    assert client_model.plan["flood_bits"] == 40
