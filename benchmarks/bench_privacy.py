@@ -1,9 +1,11 @@
 """What output privacy costs on the digits model: HE outputs flooded or re-randomized.
 
-For each pair of configs (privacy on, the default; and off), one run of the digits test
-samples (``secureinfer.runner.run``): evaluate latency per image, accuracy, max |error|
-against the scheme's reference, and the plan's ring degree and chain. CKKS: ``flood_bits``
-16 (default) and 0; BFV: ``rerandomize`` true (default) and false.
+For each config, with the privacy option forced (on: what a deployed model gets by
+default; off: what a one-process run gets), one run of the digits test samples
+(``secureinfer.runner.run``): evaluate latency per image, accuracy, max |error| against the
+float model, the public key bytes, and the plan's ring degree and chain. CKKS:
+``flood_bits`` 16 and 0; BFV: ``flood_bits`` 40 (re-randomized, slot-masked and flooded),
+``flood_bits=0`` (re-randomized and slot-masked only) and ``rerandomize=false``.
 
 Run: ``python benchmarks/bench_privacy.py [--limit 60] [--arch mlp]``. Prints a table.
 """
@@ -15,8 +17,16 @@ import argparse
 from secureinfer.registry import resolve
 from secureinfer.runner import run
 
-PAIRS = (("ckks", "ckks?flood_bits=0"), ("ckks?packing=batch", "ckks?packing=batch&flood_bits=0"),
-         ("bfv", "bfv?rerandomize=false"))
+CONFIGS = ("ckks?flood_bits=16", "ckks?flood_bits=0",
+           "ckks?packing=batch&flood_bits=16", "ckks?packing=batch&flood_bits=0",
+           "bfv?rerandomize=true&flood_bits=40", "bfv?rerandomize=true&flood_bits=0",
+           "bfv?rerandomize=false")
+
+
+def _chain(plan: dict) -> str:
+    bits = plan.get("coeff_mod_bits") or plan.get("coeff_modulus_bits") or []
+    t = plan.get("plain_modulus_bits")
+    return ",".join(map(str, bits)) + (f"; t {','.join(map(str, t))}" if t else "")
 
 
 def main() -> int:
@@ -25,20 +35,19 @@ def main() -> int:
     parser.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
     args = parser.parse_args()
     print(f"digits ({args.arch}), {args.limit} test samples, one run each")
-    print(f"{'config':<36} {'evaluate ms/img':>15} {'accuracy':>9} {'max |err|':>10} "
-          f"{'N':>6}  chain")
-    for pair in PAIRS:
-        for config in pair:
-            reason = resolve(config).availability()
-            if reason:
-                print(f"{config:<36} skipped: {reason}")
-                continue
-            r = run(config, limit=args.limit, progress=False, arch=args.arch)
-            plan = r["plan"]
-            chain = plan.get("coeff_mod_bits") or plan.get("coeff_modulus_bits")
-            print(f"{config:<36} {r['latency_s']['evaluate'] * 1e3:>15.2f} "
-                  f"{r['accuracy']:>9.4f} {r['max_abs_error']:>10.3g} "
-                  f"{plan.get('poly_modulus_degree', ''):>6}  {chain}")
+    print(f"| config | evaluate ms/img | accuracy | max abs err | public keys MB | N | "
+          f"chain |\n|---|---|---|---|---|---|---|")
+    for config in CONFIGS:
+        reason = resolve(config).availability()
+        if reason:
+            print(f"| `{config}` | skipped: {reason} |")
+            continue
+        r = run(config, limit=args.limit, progress=False, arch=args.arch)
+        plan = r["plan"]
+        keys = (r["bytes"]["public_keys"] or 0) / 1e6
+        print(f"| `{config}` | {r['latency_s']['evaluate'] * 1e3:.1f} | {r['accuracy']:.4f} | "
+              f"{r['max_abs_error']:.2g} | {keys:.1f} | {plan.get('poly_modulus_degree', '')} "
+              f"| {_chain(plan)} |", flush=True)
     return 0
 
 

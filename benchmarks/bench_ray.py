@@ -93,7 +93,7 @@ def main() -> None:
     rows = []
     try:
         for name in args.schemes.split(","):
-            sm = compile_layers(layers, CONFIGS[name], calibration=calib)
+            sm = compile_layers(layers, CONFIGS[name], calibration=calib, deploy=True)
             with tempfile.TemporaryDirectory() as tmp:
                 sm.save(Path(tmp) / "artifact")
                 base = None

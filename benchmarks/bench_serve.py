@@ -153,7 +153,7 @@ def concurrency(schemes: list[str], levels: list[int], seconds: float) -> list[d
     x = ds.x_test[:4].astype(np.float64)
     rows = []
     for config in schemes:
-        sm = compile_layers(layers, config, calibration=calib)
+        sm = compile_layers(layers, config, calibration=calib, deploy=True)
         with tempfile.TemporaryDirectory() as tmp:
             sm.save(tmp)
             service = Service(Path(tmp))
@@ -173,7 +173,7 @@ def sustained(minutes: float) -> dict[str, Any]:
     ds = data.load("digits")
     layers, calib, _ = load_network(None, ds, progress=False)
     x = ds.x_test[:4].astype(np.float64)
-    sm = compile_layers(layers, "ckks", calibration=calib)
+    sm = compile_layers(layers, "ckks", calibration=calib, deploy=True)
     with tempfile.TemporaryDirectory() as tmp:
         sm.save(tmp)
         service = Service(Path(tmp))
@@ -202,7 +202,7 @@ def overhead(runs: int) -> dict[str, Any]:
     ds = data.load("digits28")
     layers = random_cnn()
     calib = Calibration.from_data(layers, ds.x_train[:256].astype(np.float64))
-    sm = compile_layers(layers, "ckks?packing=single", calibration=calib)
+    sm = compile_layers(layers, "ckks?packing=single", calibration=calib, deploy=True)
     with tempfile.TemporaryDirectory() as tmp:
         sm.save(tmp)
         service = Service(Path(tmp))

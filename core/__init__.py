@@ -5,7 +5,8 @@
     >>> client, server, _ = sm.setup()       # the third: the FE authority (None for HE)
     >>> logits = client.decrypt(server.evaluate(client.encrypt(x)))
 
-Deployed: ``sm.save("artifact")`` (or ``secureinfer compile``); the evaluator runs
+Deployed: ``secureinfer.compile(..., deploy=True).save("artifact")`` (or ``secureinfer
+compile --out``; HE outputs are then sanitized, ``secureinfer.privacy``); the evaluator runs
 ``secureinfer.load_server("artifact")`` (or ``secureinfer serve artifact``); a data owner
 runs ``secureinfer.load_client("artifact" or URL)`` or ``secureinfer.remote.connect(URL)``.
 """

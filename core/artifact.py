@@ -13,7 +13,9 @@ directory::
 Under HE the client part holds no weight of any layer (the server runs them all). Arrays
 are read with ``allow_pickle=False`` and JSON is parsed, never unpickled. ``load_server``
 re-plans from the layers and refuses an artifact whose plan or digest differs;
-``load_client`` restores the scheme from the plan alone (``Scheme.load_plan``).
+``load_client`` restores the scheme from the plan alone (``Scheme.load_plan``). An artifact
+is a deployment (``secureinfer.privacy``): ``save`` refuses a model compiled for one process
+whose outputs are unprotected by default, and ``load_server`` re-plans for deployment.
 """
 
 from __future__ import annotations
@@ -176,7 +178,15 @@ def save(model: SecureModel, directory: str | os.PathLike[str]) -> Path:
     """Write ``model``'s artifact to ``directory`` (created; existing files replaced).
 
     Returns the directory. Every file is written atomically (temp file, fsync, rename).
+
+    Raises:
+        ArtifactError: ``model`` was compiled for one process and its outputs are not
+            protected by default (``Scheme.deploy_problem``, ``secureinfer.privacy``); an
+            artifact never ships them unless the privacy option was set explicitly.
     """
+    problem = model.scheme.deploy_problem()
+    if problem:
+        raise ArtifactError(problem)
     root = Path(directory)
     for role, (manifest, arrays) in (("server", _server_manifest(model)),
                                      ("client", _client_manifest(model))):
@@ -239,12 +249,14 @@ def _parse_arrays(data: bytes | None, where: str) -> dict[str, np.ndarray]:
 
 
 def _scheme_from(manifest: dict[str, Any], where: str, allow_insecure: bool) -> Any:
+    """The manifest's scheme, configured for deployment (its clients do not hold the model:
+    unset privacy options resolve as when it was compiled for ``save``)."""
     config = _need(manifest, "scheme", dict, where)
     name, options = config.get("name"), config.get("options", {})
     if not isinstance(name, str) or not isinstance(options, dict):
         raise ArtifactError(f"{where}: field 'scheme' needs a name and an options object")
     try:
-        return resolve(name, allow_insecure=allow_insecure, **options)
+        return resolve(name, allow_insecure=allow_insecure, deploy=True, **options)
     except SecureInferError as exc:
         raise ArtifactError(f"{where}: field 'scheme': {exc}") from None
 

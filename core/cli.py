@@ -129,10 +129,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     ds = load(args.dataset)
     layers, calib, name = load_network(args.model, ds, arch=args.arch,
                                        progress=not args.no_progress)
-    sm = compile_layers(layers, scheme, calibration=calib)
+    sm = compile_layers(layers, scheme, calibration=calib, deploy=True)  # for data owners
     out = sm.save(args.out)
     print(f"compiled {name} for {sm.scheme.name}: {out}/server (the evaluator's), "
           f"{out}/client (the data owners'); digest {sm.digest.hex()}")
+    if sm.plan.get("output_privacy"):
+        print(f"outputs: {sm.plan['output_privacy']}")
     return 0
 
 

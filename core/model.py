@@ -274,7 +274,13 @@ class SecureModel(_Roles):
         return problems
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the versioned artifact: ``server/`` and ``client/`` (``secureinfer.artifact``)."""
+        """Write the versioned artifact: ``server/`` and ``client/`` (``secureinfer.artifact``).
+
+        Raises:
+            ArtifactError: the model was compiled for one process and its outputs are
+                not protected by default (``Scheme.deploy_problem``): compile it with
+                ``deploy=True``, or set the scheme's privacy option explicitly.
+        """
         from .artifact import save
 
         return save(self, directory)
@@ -503,16 +509,17 @@ def _run_layer(scheme: str, layer: Any, value: Any) -> Any:
 def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Scheme = "clear",
                    *, calibration: Calibration | np.ndarray | None = None,
                    allow_insecure: bool = False, range_check: str = "warn",
-                   **options: Any) -> SecureModel:
+                   deploy: bool = False, **options: Any) -> SecureModel:
     """Compile already-lowered LayerSpecs for ``scheme`` (see ``compile``)."""
     if isinstance(scheme, Scheme):
         # compiled models never share a Scheme (nor its plan); the keyword options override
         # the template's and are validated like a config string's (UnknownOptionError)
         template = {k: v for k, v in scheme.opts.items() if v is not None}
         sch = type(scheme)({**template, **options},
-                           allow_insecure=scheme.allow_insecure or allow_insecure)
+                           allow_insecure=scheme.allow_insecure or allow_insecure,
+                           deploy=scheme.deploy or deploy)
     else:
-        sch = resolve(scheme, allow_insecure=allow_insecure, **options)
+        sch = resolve(scheme, allow_insecure=allow_insecure, deploy=deploy, **options)
     if isinstance(calibration, np.ndarray):
         calibration = Calibration.from_data(layers, calibration)
     return SecureModel(layers, sch, calibration, range_check)
@@ -521,7 +528,7 @@ def compile_layers(layers: Sequence[LayerSpec], scheme: str | SchemeConfig | Sch
 def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
             input_shape: Sequence[int] | None = None,
             calibration: Calibration | np.ndarray | None = None,
-            allow_insecure: bool = False, range_check: str = "warn",
+            allow_insecure: bool = False, range_check: str = "warn", deploy: bool = False,
             **options: Any) -> SecureModel:
     """Compile a torch model or an ONNX file for private inference under ``scheme``.
 
@@ -540,6 +547,11 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
         allow_insecure: accept parameters below 128-bit security.
         range_check: what ``client.encrypt`` does when an input, or a layer's values on
             it, leave the calibrated ranges: ``"warn"``, ``"error"`` or ``"off"``.
+        deploy: compile for deployment (``save``, then ``secureinfer serve``), where the
+            data owners do not hold the model: HE outputs are then sanitized by default
+            (``secureinfer.privacy``). ``False``: one process, where the client holds the
+            model; the outputs are not sanitized unless an option asks, and ``save``
+            refuses the model.
         **options: scheme options, overriding the config string's.
 
     Raises:
@@ -554,7 +566,8 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
 
     if is_onnx_path(model):
         return compile_layers(onnx_load(model, input_shape), scheme, calibration=calibration,
-                              allow_insecure=allow_insecure, range_check=range_check, **options)
+                              allow_insecure=allow_insecure, range_check=range_check,
+                              deploy=deploy, **options)
     if input_shape is None:
         input_shape = getattr(model, "secureinfer_input_shape", None)
         if input_shape is None:
@@ -565,4 +578,5 @@ def compile(model: Any, scheme: str | SchemeConfig | Scheme = "clear", *,
     if calibration is None:
         calibration = getattr(model, "secureinfer_calibration", None)
     return compile_layers(layers, scheme, calibration=calibration,
-                          allow_insecure=allow_insecure, range_check=range_check, **options)
+                          allow_insecure=allow_insecure, range_check=range_check,
+                          deploy=deploy, **options)

@@ -105,10 +105,11 @@ def reset() -> None:
 
 
 def resolve(config: str | SchemeConfig, *, allow_insecure: bool = False,
-            **overrides: Any) -> Scheme:
+            deploy: bool = False, **overrides: Any) -> Scheme:
     """Build a configured ``Scheme`` from a config string (``"fe-ip?bits=8"``).
 
-    Keyword ``overrides`` take precedence over the string's keys.
+    Keyword ``overrides`` take precedence over the string's keys. ``deploy``: the model
+    will be deployed (the client does not hold it; ``Scheme.deploy``).
 
     Raises:
         UnknownSchemeError: no such scheme; the message lists the valid ones.
@@ -122,4 +123,4 @@ def resolve(config: str | SchemeConfig, *, allow_insecure: bool = False,
         raise ConfigError(f"scheme {cls.name!r} runs on backend {cls.backend!r}, "
                           f"not {cfg.backend!r}")
     options = {**cfg.options, **{normalize(k): v for k, v in overrides.items()}}
-    return cls(options, allow_insecure=allow_insecure)
+    return cls(options, allow_insecure=allow_insecure, deploy=deploy)

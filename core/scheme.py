@@ -242,6 +242,12 @@ class Scheme(abc.ABC):
     """A configured encryption scheme. Subclass it in a plugin and register the class.
 
     Class attributes describe the scheme; ``secureinfer schemes`` lists them.
+
+    Args:
+        options: the config's keys (``Option`` names), converted and checked.
+        allow_insecure: accept parameters below 128-bit security.
+        deploy: the model is compiled for deployment, where the client does not hold it
+            (``secureinfer.privacy``): unset output-privacy options resolve to on.
     """
 
     name: ClassVar[str]
@@ -261,7 +267,7 @@ class Scheme(abc.ABC):
     ``None`` when zero weights save nothing in particular."""
 
     def __init__(self, options: dict[str, Any] | None = None, *,
-                 allow_insecure: bool = False) -> None:
+                 allow_insecure: bool = False, deploy: bool = False) -> None:
         declared = {o.name: o for o in self.options}
         self.opts: dict[str, Any] = {name: o.default for name, o in declared.items()}
         for key, raw in (options or {}).items():
@@ -270,6 +276,9 @@ class Scheme(abc.ABC):
                 raise UnknownOptionError(self.name, norm, list(declared))
             self.opts[norm] = declared[norm].convert(self.name, raw)
         self.allow_insecure = allow_insecure
+        # compiled for deployment (the client will not hold the model): schemes whose
+        # outputs reveal more than the result resolve unset privacy options from it
+        self.deploy = bool(deploy)
         self.plan_: dict[str, Any] = {}
 
     # ----- description -------------------------------------------------------------
@@ -316,6 +325,15 @@ class Scheme(abc.ABC):
         """
         return None if self.capabilities.encrypts else NOTHING_ENCRYPTED
 
+    def deploy_problem(self) -> str | None:
+        """Why this planned scheme must not be written as an artifact (after ``plan``), with
+        the fix; ``None`` when it may. The default reads the plan's ``output_privacy_by``
+        (``secureinfer.privacy``): a model whose auto privacy option resolved to off
+        because it was compiled for one process is refused."""
+        from .privacy import save_problem
+
+        return save_problem(self.name, self.plan_)
+
     # ----- compile time ------------------------------------------------------------
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
@@ -344,7 +362,7 @@ class Scheme(abc.ABC):
     def fresh(self) -> "Scheme":
         """An unplanned scheme with the same options: every compiled model owns one."""
         options = {k: v for k, v in self.opts.items() if v is not None}
-        return type(self)(options, allow_insecure=self.allow_insecure)
+        return type(self)(options, allow_insecure=self.allow_insecure, deploy=self.deploy)
 
     def reference(self, prefix: Sequence[LayerSpec], x: np.ndarray) -> np.ndarray:
         """The clear result the scheme must reproduce on ``x`` for ``prefix``.

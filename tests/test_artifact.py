@@ -28,7 +28,7 @@ def _need(config: str) -> None:
 def _compiled(config: str, net: str = "mlp_square"):
     layers = NETWORKS[net](np.random.default_rng(3))
     x = inputs(layers, 48, seed=4)
-    return secureinfer.compile_layers(layers, config, calibration=x), x
+    return secureinfer.compile_layers(layers, config, calibration=x, deploy=True), x
 
 
 def _weights(layers) -> list[np.ndarray]:

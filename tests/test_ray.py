@@ -84,7 +84,7 @@ def service(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_service")
     layers = NETWORKS["mlp_square"](np.random.default_rng(11))
     x = inputs(layers, 48, seed=12)
-    sm = secureinfer.compile_layers(layers, "bfv", calibration=x)
+    sm = secureinfer.compile_layers(layers, "bfv", calibration=x, deploy=True)
     sm.save(root / "artifact")
     url = deploy(Settings(artifact=root / "artifact", keys_dir=root / "keys"), port=PORT,
                  replicas=2)

@@ -86,7 +86,7 @@ def _compile(config: str, net: str, directory: Path):
         pytest.skip(f"{config}: {reason}")
     layers = NETWORKS[net](np.random.default_rng(11))
     x = inputs(layers, 48, seed=12)
-    sm = secureinfer.compile_layers(layers, config, calibration=x)
+    sm = secureinfer.compile_layers(layers, config, calibration=x, deploy=True)
     sm.save(directory)
     return sm, x
 

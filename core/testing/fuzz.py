@@ -188,7 +188,8 @@ class SchemeSetup:
     def create(cls, config: str) -> "SchemeSetup":
         """Compile, generate keys, build the server."""
         layers = NETWORKS[FUZZ_NETWORK](np.random.default_rng(0))
-        model = compile_layers(layers, config, calibration=inputs(layers, 64, seed=2))
+        model = compile_layers(layers, config, calibration=inputs(layers, 64, seed=2),
+                               deploy=True)  # as deployed: the artifacts are fuzzed too
         return cls(config, model, model.setup())
 
     @cached_property

@@ -14,7 +14,12 @@ the client's result equals the quantized network run in the clear, integer for i
   used only); ``batch`` packing is CryptoNets' one input per slot;
 * the client rejects NaN, infinite and out-of-range inputs at encrypt time, checks the
   noise budget of every output ciphertext and the bound of every recombined value (a
-  sanity check; the noise budget is the guarantee), or raises.
+  sanity check; the noise budget is the guarantee), or raises;
+* a deployed model's server re-randomizes, slot-masks and noise-floods every output
+  (``rerandomize``, ``flood_bits`` 40 by default; the planner reserves the flood's noise
+  budget), so a decryption shows the result and nothing more of the weights, up to
+  statistical distance ``2^-flood_bits`` against the planner's noise estimate; in one
+  process, where the client holds the model, it does not (``secureinfer.privacy``).
 """
 
 from __future__ import annotations

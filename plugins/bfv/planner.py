@@ -16,6 +16,11 @@
    128-bit bound of the HE standard) that keep the budget, with modulus switching after
    each phase as far as the rest of the network allows; the cheapest by the cost model
    (``program.Ops``) wins.
+4. **Output privacy** (``rerandomize``). A re-randomized output carries the fresh zero's
+   noise too; a flooded one (``flood_bits = lambda``) needs ``lambda + log2 N + 2`` more bits
+   at the output, which every step above keeps in reserve. The plan states the flood's
+   half-width ``2^b`` (``flood_log2_bound``), from the budget estimate before it, and the
+   budget the client will measure after it.
 """
 
 from __future__ import annotations
@@ -88,9 +93,14 @@ class BfvPlan(_Packing):
         rotations: Galois keys to generate (rotation steps).
         relinearize: whether relinearization keys are needed.
         bound: worst-case ``|integer|`` of the output.
-        budget: the noise model's estimate of the budget left at the end, in bits.
+        budget: the noise model's estimate of the budget left at the end (after the
+            output flood, if any: what the client measures), in bits.
         seconds: the cost model's estimate of one evaluation (all primes, one core).
         qnet: the integer reference.
+        rerandomize: outputs get a fresh encryption of zero and uniform non-result slots.
+        flood_bits: the flood's statistical security ``lambda`` (0: no flood).
+        flood_log2: ``b``: flood coefficients are uniform in ``[-2^b, 2^b)``.
+        budget_before_flood: the estimated budget before the flood (``None``: no flood).
     """
 
     packing: str
@@ -107,6 +117,10 @@ class BfvPlan(_Packing):
     budget: float
     seconds: float
     qnet: QuantizedNetwork
+    rerandomize: bool = False
+    flood_bits: int = 0
+    flood_log2: int | None = None
+    budget_before_flood: float | None = None
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -153,6 +167,10 @@ class BfvPlan(_Packing):
             "output_bound_bits": round(math.log2(max(self.bound, 1)), 2),
             "coeff_modulus_bits": list(self.coeff_bits),
             "noise_budget_left_bits": round(self.budget, 1),
+            "noise_budget_before_flood_bits": None if self.budget_before_flood is None
+            else round(self.budget_before_flood, 1),
+            "rerandomize": bool(self.rerandomize), "flood_bits": int(self.flood_bits),
+            "flood_log2_bound": self.flood_log2,
             "estimated_evaluate_s": round(self.seconds, 3),
             "galois_keys": len(self.rotations), "rotation_steps": list(self.rotations),
             "input_im2col": self.im2col is not None, "layers": layers,
@@ -303,8 +321,38 @@ def _single_steps(qnet: QuantizedNetwork, row: int,
 # ----- noise ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Output:
+    """What the server does to the outputs after the last layer (``rerandomize``)."""
+
+    rerandomize: bool = False
+    flood_bits: int = 0
+
+    def floor(self, poly_degree: int) -> float:
+        """The budget the last layer must leave: ``MARGIN``, plus the flood's reserve."""
+        return MARGIN + (self.flood_bits + math.log2(poly_degree) + 2 if self.flood_bits
+                         else 0.0)
+
+    def flood(self, model: NoiseModel, q_bits: float, budget: float) -> tuple[int, float]:
+        """``(b, budget after)`` for a flood over noise of estimated ``budget`` at a data
+        modulus of ``q_bits``: ``||v|| <= q / (2t) 2^-budget``, ``b = ceil(log2 ||v|| +
+        lambda + log2 N)``; half a bit off the budget after for primes just below their
+        size."""
+        headroom = q_bits - model.t_bits - 1
+        b = math.ceil(headroom - budget + self.flood_bits + math.log2(model.poly_degree))
+        return b, headroom - b - 0.5
+
+
 def _simulate(steps: Sequence[Step], model: NoiseModel, data_bits: Sequence[int],
-              drops: Sequence[Sequence[int]] | None = None) -> float:
+              drops: Sequence[Sequence[int]] | None = None,
+              output: _Output = _Output()) -> float:
+    """The budget at the output, before any flood (with the re-randomizing zero's noise)."""
+    return _run(steps, model, data_bits, drops, output)[0]
+
+
+def _run(steps: Sequence[Step], model: NoiseModel, data_bits: Sequence[int],
+         drops: Sequence[Sequence[int]] | None, output: _Output) -> tuple[float, float]:
+    """``(budget, q_bits)`` at the output."""
     chain = list(data_bits)
     q = float(sum(chain))
     budget = model.fresh(q)
@@ -314,7 +362,9 @@ def _simulate(steps: Sequence[Step], model: NoiseModel, data_bits: Sequence[int]
             for _ in range(drops[i][j] if drops else 0):
                 q -= chain.pop()
                 budget = model.switch(budget, q)
-    return budget
+    if output.rerandomize:  # a fresh zero, switched down to the output's level
+        budget = model.switch(budget, q)
+    return budget, q
 
 
 def _chains(poly_degree: int) -> list[list[int]]:
@@ -328,26 +378,29 @@ def _chains(poly_degree: int) -> list[list[int]]:
     return out
 
 
-def _schedule(steps: Sequence[Step], model: NoiseModel,
-              data_bits: Sequence[int]) -> list[list[int]]:
+def _schedule(steps: Sequence[Step], model: NoiseModel, data_bits: Sequence[int],
+              output: _Output) -> list[list[int]]:
     """Switch down after each phase as far as the rest of the network allows."""
+    floor = output.floor(model.poly_degree)
     drops = [[0] * len(step.phases()) for step in steps]
     for i, step in enumerate(steps):
         for j in range(len(step.phases())):
             while sum(map(sum, drops)) < len(data_bits) - 1:
                 drops[i][j] += 1
-                if _simulate(steps, model, data_bits, drops) < MARGIN:
+                if _simulate(steps, model, data_bits, drops, output) < floor:
                     drops[i][j] -= 1
                     break
     return drops
 
 
-def _max_t_bits(steps: Sequence[Step], poly_degree: int) -> int:
+def _max_t_bits(steps: Sequence[Step], poly_degree: int, output: _Output) -> int:
     """The largest plaintext prime (bits) the noise budget allows; 0 if none."""
     smallest = next(batching_primes(poly_degree, 2)).bit_length()
+    floor = output.floor(poly_degree)
     for bits in range(MAX_PLAIN_BITS, smallest - 1, -1):
         model = NoiseModel(poly_degree, float(bits))
-        if any(_simulate(steps, model, c[:-1]) >= MARGIN for c in _chains(poly_degree)):
+        if any(_simulate(steps, model, c[:-1], None, output) >= floor
+               for c in _chains(poly_degree)):
             return bits
     return 0
 
@@ -361,6 +414,7 @@ class _Request:
     poly_degree: int | None
     plain_bits: int | None
     max_primes: int
+    output: _Output = _Output()
 
 
 def _cost(steps: Sequence[Step], poly_degree: int, chain: Sequence[int],
@@ -381,16 +435,19 @@ class _Choice:
     chain: list[int]
     drops: list[list[int]]
     budget: float
+    q_bits: float
     seconds: float
 
 
-def _choose(steps: Sequence[Step], poly_degree: int, moduli: list[int]) -> _Choice | None:
+def _choose(steps: Sequence[Step], poly_degree: int, moduli: list[int],
+            output: _Output) -> _Choice | None:
     """The fewest coefficient primes that keep the budget for ``moduli``, then switching."""
     model = NoiseModel(poly_degree, math.log2(max(moduli)))
     for chain in _chains(poly_degree):
-        if _simulate(steps, model, chain[:-1]) >= MARGIN:
-            drops = _schedule(steps, model, chain[:-1])
-            return _Choice(moduli, chain, drops, _simulate(steps, model, chain[:-1], drops),
+        if _simulate(steps, model, chain[:-1], None, output) >= output.floor(poly_degree):
+            drops = _schedule(steps, model, chain[:-1], output)
+            budget, q_bits = _run(steps, model, chain[:-1], drops, output)
+            return _Choice(moduli, chain, drops, budget, q_bits,
                            len(moduli) * _cost(steps, poly_degree, chain, drops))
     return None
 
@@ -402,7 +459,7 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
         steps, in_slots, in_period, unfold = _single_steps(qnet, row, cache)
     else:
         steps, in_slots, in_period, unfold = _batch_steps(qnet, cache), None, 1, None
-    t_max = _max_t_bits(steps, poly_degree)
+    t_max = _max_t_bits(steps, poly_degree, req.output)
     smallest = next(batching_primes(poly_degree, 2)).bit_length()
     if req.plain_bits is not None and req.plain_bits < smallest:
         raise _Infeasible(f"plain_modulus_bits={req.plain_bits}: the smallest batching prime "
@@ -426,7 +483,7 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
     fewest = len(least)
     for k in range(fewest, min(fewest + 2, req.max_primes) + 1):
         moduli = plain_moduli(poly_degree, bound, k, t_max, req.plain_bits)
-        choice = _choose(steps, poly_degree, moduli) if moduli else None
+        choice = _choose(steps, poly_degree, moduli, req.output) if moduli else None
         if choice is not None:
             choices.append(choice)
     if not choices:
@@ -436,9 +493,15 @@ def _plan_at(qnet: QuantizedNetwork, req: _Request, poly_degree: int, bound: int
         step.drops = drop
     rotations = sorted({s for st in steps if isinstance(st, SingleLinearStep)
                         for s in st.layout.steps})
+    budget, flood_log2, before = best.budget, None, None
+    if req.output.flood_bits:
+        before = best.budget
+        flood_log2, budget = req.output.flood(NoiseModel(poly_degree, math.log2(max(best.moduli))),
+                                              best.q_bits, before)
     return BfvPlan(req.packing, poly_degree, best.moduli, best.chain, steps, in_slots,
                    in_period, unfold, rotations, any(isinstance(s, PolyStep) for s in steps),
-                   bound, best.budget, best.seconds, qnet)
+                   bound, budget, best.seconds, qnet, req.output.rerandomize,
+                   req.output.flood_bits, flood_log2, before)
 
 
 def _search(qnet: QuantizedNetwork, req: _Request) -> BfvPlan:
@@ -460,7 +523,8 @@ def _search(qnet: QuantizedNetwork, req: _Request) -> BfvPlan:
 
 
 def make_plan(qnet: QuantizedNetwork, packing: str = "auto", poly_degree: int | None = None,
-              plain_bits: int | None = None, max_primes: int = 8) -> BfvPlan:
+              plain_bits: int | None = None, max_primes: int = 8, rerandomize: bool = False,
+              flood_bits: int = 0) -> BfvPlan:
     """Plan BFV for ``qnet`` (see the module docstring).
 
     Args:
@@ -469,17 +533,61 @@ def make_plan(qnet: QuantizedNetwork, packing: str = "auto", poly_degree: int | 
         poly_degree: force the ring degree ``N``.
         plain_bits: force the size of every plaintext prime.
         max_primes: the most CRT primes (BFV contexts); 1 disables the CRT.
+        rerandomize: the server adds a fresh encryption of zero to every output.
+        flood_bits: the output flood's statistical security (0: none; needs
+            ``rerandomize``).
 
     Raises:
         CompileError: no parameters hold the network; the message names the output bound
-            and, for each ring degree, what failed.
+            and, for each ring degree, what failed; or no ring holds the flood's reserve,
+            and the message says how much flood the network carries without it.
     """
-    if packing != "auto":
-        return _search(qnet, _Request(packing, poly_degree, plain_bits, max_primes))
+    output = _Output(rerandomize, flood_bits)
     try:
-        return _search(qnet, _Request("single", poly_degree, plain_bits, max_primes))
+        return _plan(qnet, packing, poly_degree, plain_bits, max_primes, output)
+    except CompileError as exc:
+        if not flood_bits:
+            raise
+        carried = _most_flood(qnet, packing, poly_degree, plain_bits, max_primes, output)
+        if carried is None:
+            raise
+        ring = f"N={poly_degree}" if poly_degree else f"any ring degree up to {DEGREES[-1]}"
+        fix = ("leave poly_modulus_degree to the planner" if poly_degree
+               else "use fewer bits")
+        raise CompileError(
+            f"bfv: flood_bits={flood_bits} needs {flood_bits} + log2 N + 2 bits of noise "
+            f"budget at the output beyond the {MARGIN:g} kept, more than {ring} holds for "
+            f"this network: it carries at most flood_bits={carried[0]} (at "
+            f"N={carried[1]}). Lower flood_bits (0 re-randomizes without flooding) or "
+            f"{fix}") from exc
+
+
+def _most_flood(qnet: QuantizedNetwork, packing: str, poly_degree: int | None,
+                plain_bits: int | None, max_primes: int,
+                output: _Output) -> tuple[int, int] | None:
+    """``(flood_bits, N)`` of the largest flood below ``output``'s that plans (bisection;
+    ``None``: none, not even 0)."""
+    lo, hi, found = 0, output.flood_bits - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            plan = _plan(qnet, packing, poly_degree, plain_bits, max_primes,
+                         _Output(output.rerandomize, mid))
+        except CompileError:
+            hi = mid - 1
+        else:
+            found, lo = (mid, plan.poly_degree), mid + 1
+    return found
+
+
+def _plan(qnet: QuantizedNetwork, packing: str, poly_degree: int | None,
+          plain_bits: int | None, max_primes: int, output: _Output) -> BfvPlan:
+    if packing != "auto":
+        return _search(qnet, _Request(packing, poly_degree, plain_bits, max_primes, output))
+    try:
+        return _search(qnet, _Request("single", poly_degree, plain_bits, max_primes, output))
     except CompileError as single:
         try:
-            return _search(qnet, _Request("batch", poly_degree, plain_bits, max_primes))
+            return _search(qnet, _Request("batch", poly_degree, plain_bits, max_primes, output))
         except CompileError as batch:
             raise CompileError(f"{single}\n{batch}") from None

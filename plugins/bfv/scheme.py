@@ -14,8 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from secureinfer import codec
-from secureinfer.errors import CompileError, EnvelopeError, EvaluationError, RangeError
+from secureinfer import codec, privacy
+from secureinfer.errors import (CompileError, ConfigError, EnvelopeError, EvaluationError,
+                                RangeError)
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
@@ -26,7 +27,7 @@ from .layers import BfvLayer, RemoteValue, ServerContext, Value
 from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
-from .rerandomize import Rerandomizer
+from .rerandomize import DEFAULT_FLOOD_BITS, Rerandomizer
 from .workers import WorkerPool
 
 __all__ = ["BfvScheme", "ClientKeys"]
@@ -56,6 +57,11 @@ class BfvScheme(Scheme):
     * ``workers``: the server runs the CRT contexts in that many processes (``workers.py``):
       the contexts never exchange data, so latency falls with the cores given; the
       evaluation keys are loaded once per process.
+    * ``rerandomize``, ``flood_bits``: output privacy (``rerandomize.py``): a fresh
+      encryption of zero, uniform values in the slots beside the result, and a noise flood
+      at statistical distance ``2^-flood_bits`` (against the planner's noise estimate).
+      Unset (auto, ``secureinfer.privacy``): on with ``flood_bits=40`` when compiled for
+      deployment, off in one process, where the client holds the model.
     """
 
     name = "bfv"
@@ -77,13 +83,25 @@ class BfvScheme(Scheme):
         Option("max_primes", int, 8, "most CRT plaintext primes (BFV contexts); 1: no CRT"),
         Option("workers", int, 1, "server processes running the CRT contexts in parallel "
                "(at most one per prime); 1: in the server's process"),
-        Option("rerandomize", bool, True, "add a fresh encryption of zero to every output "
-               "(rerandomize.py); false: only for a client that holds the model"),
+        Option("rerandomize", bool, None, "re-randomize, slot-mask and flood every output "
+               "(rerandomize.py); default: true when compiled for deployment, false in one "
+               "process, where the client holds the model"),
+        Option("flood_bits", int, None, "statistical security of the output noise flood "
+               f"(bits; default {DEFAULT_FLOOD_BITS} when outputs are re-randomized); 0: "
+               "re-randomize without flooding"),
     )
     layer_types = {kind: BfvLayer for kind in _KINDS}
 
     def __init__(self, options: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(options, **kw)
+        bits = self.opts["flood_bits"]
+        if bits is not None and not 0 <= bits <= 128:
+            raise ConfigError(f"scheme 'bfv': flood_bits={bits} must be between 0 (no flood) "
+                              "and 128")
+        if self.opts["rerandomize"] is False and bits:
+            raise ConfigError(f"scheme 'bfv': flood_bits={bits} needs rerandomize=true (the "
+                              "flood hides the noise, the fresh zero and the slot masks the "
+                              "rest); drop flood_bits or set rerandomize=true")
         self._plan: BfvPlan | None = None
         self._client: BfvClientPlan | None = None
         self._index: dict[int, int] = {}
@@ -125,13 +143,26 @@ class BfvScheme(Scheme):
                                f"{MAX_PLAIN_BITS} (SEAL's plaintext primes have at most "
                                f"{MAX_PLAIN_BITS} bits); leave it unset to let the planner "
                                "choose")
+        rerandomize, flood_bits, by = self._privacy()
         self._plan = make_plan(qnet, self.opts["packing"], self.opts["poly_modulus_degree"],
-                               self.opts["plain_modulus_bits"], max_primes)
+                               self.opts["plain_modulus_bits"], max_primes, rerandomize,
+                               flood_bits)
         self._index = {id(spec): i for i, spec in enumerate(prefix)}
         self._levels = np.cumsum([0] + [s.drop for s in self._plan.steps]).tolist()
         self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict(),
-                      **_privacy_plan(self.opts["rerandomize"])}
+                      **_privacy_plan(self._plan, by)}
         return self.plan_
+
+    def _privacy(self) -> tuple[bool, int, str]:
+        """``(rerandomize, flood_bits, who chose)``; unset options resolve from ``deploy``."""
+        rerandomize, bits = self.opts["rerandomize"], self.opts["flood_bits"]
+        if rerandomize is None and bits is None:
+            by = privacy.auto(self.deploy)
+            on = by == privacy.BY_DEPLOY
+            return on, DEFAULT_FLOOD_BITS if on else 0, by
+        if rerandomize is False:
+            return False, 0, privacy.BY_OPTION
+        return True, DEFAULT_FLOOD_BITS if bits is None else int(bits), privacy.BY_OPTION
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
         """Restore the client from ``plan``; the ring degree and coefficient modulus must be
@@ -268,12 +299,13 @@ class BfvScheme(Scheme):
                               self.opts["workers"])
             rerand = Rerandomizer.from_public_keys(
                 plan.poly_degree, plan.plain_moduli, plan.coeff_bits, fields["public_key"],
-                self._levels[-1]) if self.opts["rerandomize"] else None
+                self._levels[-1], plan.flood_log2) if plan.rerandomize else None
             return ServerContext([], pool.input_size, pool, rerand)
         primes = new_contexts(plan.poly_degree, plan.plain_moduli, plan.coeff_bits)
         for i, p in enumerate(primes):
             p.load_keys(fields, i)
-        rerand = Rerandomizer(primes, self._levels[-1]) if self.opts["rerandomize"] else None
+        rerand = Rerandomizer(primes, self._levels[-1], plan.flood_log2) \
+            if plan.rerandomize else None
         return ServerContext(primes, primes[0].ciphertext_size(), None, rerand)
 
     def load_input(self, ctx: Any, payload: bytes) -> Value | RemoteValue:
@@ -291,29 +323,56 @@ class BfvScheme(Scheme):
         return int(value.samples)
 
     def dump_output(self, ctx: Any, value: Value | RemoteValue) -> bytes:
+        plan, rerand = self._planned(), ctx.rerandomizer
         if isinstance(value, RemoteValue):
             try:
                 parts = ctx.pool.dump()
             except RuntimeError as exc:
                 raise EvaluationError(self.name, "(output)", "dump", exc) from exc
-            again = ctx.rerandomizer.apply_bytes if ctx.rerandomizer else lambda i, b: b
-            blobs = [again(i, b) for item in parts for i, per_prime in enumerate(item)
-                     for b in per_prime]
+            blobs = [rerand.apply_bytes(i, b, _result_slots(plan, value.samples, k))
+                     if rerand else b for k, item in enumerate(parts)
+                     for i, per_prime in enumerate(item) for b in per_prime]
         else:
-            again = ctx.rerandomizer.apply if ctx.rerandomizer else lambda i, ct: ct
-            blobs = [again(i, ct).to_bytes(RAW) for item in value.items
+            blobs = [rerand.apply(i, ct, _result_slots(plan, value.samples, k))
+                     if rerand else ct.to_bytes(RAW) for k, item in enumerate(value.items)
                      for i, per_prime in enumerate(item)
                      for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
 
 
-def _privacy_plan(rerandomize: bool) -> dict[str, Any]:
-    """The plan's output-privacy keys."""
-    return {"rerandomize": bool(rerandomize), "output_privacy": (
-        "outputs re-randomized (a fresh public-key encryption of zero added): the ciphertext "
-        "does not show how it was computed; the decrypted noise is not flooded"
-        if rerandomize else "outputs not re-randomized (rerandomize=false): the output "
-        "ciphertext depends on the weights; only for a client that holds the model")}
+def _privacy_plan(plan: BfvPlan, by: str) -> dict[str, Any]:
+    """The plan's output-privacy keys: what protects the outputs, at what security, and
+    who chose it (``secureinfer.privacy``)."""
+    bits = plan.flood_bits
+    if bits:
+        protection = (
+            f"outputs re-randomized, slot-masked and noise-flooded (flood_bits={bits}): each "
+            f"decrypted output ciphertext is within statistical distance 2^-{bits} of one "
+            "showing the result only, measured against the planner's estimated noise bound "
+            f"(budget {plan.budget_before_flood:.1f} bits before the flood; a flood of "
+            f"2^{plan.flood_log2}), not a proven bound")
+    elif plan.rerandomize:
+        protection = ("outputs re-randomized and slot-masked (flood_bits=0): the ciphertext "
+                      "does not show how it was computed; the decrypted noise is not flooded")
+    else:
+        protection = ("outputs not re-randomized (rerandomize=false): the output ciphertext, "
+                      "its other slots and its noise depend on the weights")
+    return {"flood_statistical_security_bits": bits,
+            "flood_measured_against": (
+                f"the noise model's budget estimate before the flood, "
+                f"{plan.budget_before_flood:.1f} bits (noise.py: measured losses, rounded up)"
+                if bits else None),
+            **privacy.plan_keys(by, protection, "rerandomize=false")}
+
+
+def _result_slots(plan: BfvPlan, samples: int, item: int) -> np.ndarray:
+    """The slots of output ciphertext set ``item`` that hold results (the others get
+    uniform values): ``single``, the output positions of the rows with a sample;
+    ``batch``, the first slots, one per sample of the item."""
+    count = min(plan.inputs_per_item, samples - item * plan.inputs_per_item)
+    if plan.packing == "batch":
+        return np.arange(count)
+    return np.concatenate([r * plan.row + plan.output_slots for r in range(count)])
 
 
 def _slot_rows(plan: BfvClientPlan, features: np.ndarray) -> list[Any]:

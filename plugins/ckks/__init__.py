@@ -15,10 +15,13 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   feature; no rotations, highest throughput) or ``auto`` (``single`` when every value fits one ciphertext, else ``batch``).
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
-* ``flood_bits`` (default 16): the server masks and noise-floods every output so that a
-  decryption is within statistical distance ``2^-flood_bits`` of one that shows the result
-  only (``secureinfer.plugins.ckks.flood``); the server then also receives the public key.
-  ``flood_bits=0``: no flooding, for a client that holds the model anyway.
+* ``flood_bits``: the server masks and noise-floods every output so that a decryption is
+  within statistical distance ``2^-flood_bits`` of one that shows the result only, measured
+  against the planner's estimated error bound (``secureinfer.plugins.ckks.flood``); the
+  server then also receives the public key. Unset (auto, ``secureinfer.privacy``): 16 when
+  the model is compiled for deployment (``deploy=True``, ``secureinfer compile --out``,
+  ``load_server``), 0 in one process, where the client holds the model. ``flood_bits=0``
+  explicitly: no flooding, even in an artifact.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from secureinfer import privacy
 from secureinfer.errors import CompileError, EnvelopeError
 from secureinfer.scheme import Calibration
 
@@ -78,7 +79,8 @@ __all__ = [
     "slot_sigma",
 ]
 
-#: The default statistical security of the output flooding (``flood_bits``).
+#: The statistical security of the output flooding (``flood_bits``) when it is unset and the
+#: model is compiled for deployment (``secureinfer.privacy``; 0 in one process).
 DEFAULT_FLOOD_BITS = 16
 #: The flood covers this many times the estimated largest slot error.
 ERROR_MARGIN = 2.0
@@ -194,17 +196,24 @@ def _carried(program: Program, calibration: Calibration | None, degree: int,
     return 0
 
 
-def plan_keys(error: float, bits: int, degree: int) -> dict[str, Any]:
-    """The plan's output-privacy keys, from the estimated error before the flood."""
+def plan_keys(error: float, bits: int, degree: int, by: str) -> dict[str, Any]:
+    """The plan's output-privacy keys, from the estimated error before the flood; ``by``:
+    who chose ``bits`` (``secureinfer.privacy``)."""
+    protection = (
+        f"outputs masked and noise-flooded (flood_bits={bits}): each decrypted output "
+        f"ciphertext is within statistical distance 2^-{bits} of one showing the result "
+        f"only, measured against the planner's estimated error bound ({ERROR_MARGIN:g} x "
+        f"the estimated largest slot error {error:.3g}, not a proven bound)" if bits else
+        "outputs not flooded (flood_bits=0): the decrypted noise and the other slots "
+        "depend on the weights")
     return {"flood_bits": bits, "error_before_flood": error,
             "flood_slot_sigma": slot_sigma(error, bits, degree) if bits else 0.0,
             "public_key": bool(bits),
-            "output_privacy": (
-                f"outputs masked and noise-flooded (flood_bits={bits}): a decryption is within "
-                f"statistical distance 2^-{bits} of one showing the result only (relative to "
-                "the planned error bound)" if bits else
-                "outputs not flooded (flood_bits=0): the decrypted noise and the other slots "
-                "depend on the weights; only for a client that holds the model")}
+            "flood_statistical_security_bits": bits,
+            "flood_measured_against": (
+                f"the estimated slot-error bound {_bound(error):.3g} (ERROR_MARGIN x sqrt 2 x "
+                "params.estimate_error)" if bits else None),
+            **privacy.plan_keys(by, protection, "flood_bits=0")}
 
 
 def open_flooder(seal: Any, plan: dict[str, Any], fields: dict[str, Any]) -> "Flooder | None":

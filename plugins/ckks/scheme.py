@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-from secureinfer import codec
+from secureinfer import codec, privacy
 from secureinfer.errors import CompileError, ConfigError, EnvelopeError, RangeError
 from secureinfer.layers import LayerSpec
 from secureinfer.scheme import (
@@ -227,8 +227,10 @@ class CKKSScheme(Scheme):
         Option("scale_bits", int, None, "log2 of the CKKS scale (default: planned)"),
         Option("coeff_mod_bits", str, None,
                "prime sizes q0,q1,...,special, e.g. 40,26,26,40 (default: planned)"),
-        Option("flood_bits", int, _flood.DEFAULT_FLOOD_BITS,
-               "statistical security of the output flooding; 0: off (client holds the model)"),
+        Option("flood_bits", int, None,
+               f"statistical security of the output flooding (bits); default: "
+               f"{_flood.DEFAULT_FLOOD_BITS} when compiled for deployment, 0 (off) in one "
+               "process, where the client holds the model"),
     )
     layer_types: ClassVar[dict[str, type[SecureLayer]]] = {kind: CKKSLayer for kind in _KINDS}
 
@@ -240,7 +242,7 @@ class CKKSScheme(Scheme):
                               f"{_params.MAX_PRIME_BITS - 1}")
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
-        if not 0 <= self.opts["flood_bits"] <= 64:
+        if self.opts["flood_bits"] is not None and not 0 <= self.opts["flood_bits"] <= 64:
             raise ConfigError(f"scheme 'ckks': flood_bits={self.opts['flood_bits']} must be "
                               "between 0 (no flooding) and 64")
         self.program: _program.Program | None = None
@@ -285,16 +287,25 @@ class CKKSScheme(Scheme):
 
     # ----- compile time ------------------------------------------------------------
 
-    def _choose_params(self, program: _program.Program,
-                       calibration: Calibration | None) -> tuple[Packing, _params.Params]:
+    def _flood_bits(self) -> tuple[int, str]:
+        """``flood_bits`` resolved (an unset one from ``deploy``) and who chose it."""
+        bits = self.opts["flood_bits"]
+        if bits is not None:
+            return int(bits), privacy.BY_OPTION
+        by = privacy.auto(self.deploy)
+        return (_flood.DEFAULT_FLOOD_BITS if by == privacy.BY_DEPLOY else 0), by
+
+    def _choose_params(self, program: _program.Program, calibration: Calibration | None,
+                       flood_bits: int) -> tuple[Packing, _params.Params]:
         """Packing and parameters; ``auto`` is ``single`` unless a value cannot fit."""
+        opts = {**self.opts, "flood_bits": flood_bits}
         wanted = self.opts["packing"]
         names = ["single", "batch"] if wanted == "auto" else [wanted]
         for name in names:
             packing = PACKINGS[name]()
             try:
                 return packing, _flood.choose_params(
-                    program, calibration, self.opts,
+                    program, calibration, opts,
                     lambda degree, p=packing: p.fits(program, degree),
                     self.allow_insecure, TOLERANCE)
             except CompileError:
@@ -304,7 +315,8 @@ class CKKSScheme(Scheme):
 
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
         program = _program.build_program(prefix)
-        packing, params = self._choose_params(program, calibration)
+        flood_bits, by = self._flood_bits()
+        packing, params = self._choose_params(program, calibration, flood_bits)
         fields = packing.layouts(program, params)
         self.grid, self.dense = fields.pop("_grid", None), fields.pop("_dense", None)
         self.program, self.params, self.packing = program, params, packing
@@ -319,7 +331,7 @@ class CKKSScheme(Scheme):
             "input_shape": list(program.input_shape),
             "output_shape": list(program.output_shape),
             "depth_needed": program.depth,
-            "output_drop": program.depth + (_flood.MASK_DEPTH if self.opts["flood_bits"] else 0),
+            "output_drop": program.depth + (_flood.MASK_DEPTH if flood_bits else 0),
             "scale_bits_chosen_by": "option" if self.opts["scale_bits"] or
             self.opts["coeff_mod_bits"] else "planner",
             "stages": [{"stage": s.describe(), "depth": s.depth} for s in program.stages],
@@ -330,9 +342,9 @@ class CKKSScheme(Scheme):
             "calibrated": calibration is not None,
             "input_limit": self._input_bound,
             "output_bound": _params.output_bound(program, calibration),
-            "estimated_max_error": _flood.flooded_error(error, self.opts["flood_bits"],
+            "estimated_max_error": _flood.flooded_error(error, flood_bits,
                                                         params.poly_modulus_degree),
-            **_flood.plan_keys(error, self.opts["flood_bits"], params.poly_modulus_degree),
+            **_flood.plan_keys(error, flood_bits, params.poly_modulus_degree, by),
             "input_ciphertexts_per_message": (1 if packing.name == "single" else
                                               int(np.prod(program.input_shape))),
         }
