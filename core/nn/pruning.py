@@ -48,6 +48,8 @@ from torch import nn
 from ..data import Dataset
 from ..data import load as load_dataset
 from ..errors import ConfigError
+from ..units import SlotUnits
+from .slot_pruning import SlotLayer, slot_layers
 from .training import INPUT_RANGE, accuracy, fit
 
 __all__ = ["UNITS", "PruneResult", "magnitude_prune", "prune", "unit_masks"]
@@ -270,18 +272,18 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     ds = _data(data)
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
-    groups = _groups(student, kind)
+    pruner = _pruner(student, kind, scheme, ds)
     base = accuracy(teacher, ds.x_test, ds.y_test)
-    meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": len(groups),
-                            "target_sparsity": sparsity, "max_drop": max_drop,
-                            "accuracy_before": base, "history": []}
+    meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": pruner.total,
+                            "units_from": pruner.source, "target_sparsity": sparsity,
+                            "max_drop": max_drop, "accuracy_before": base, "history": []}
     best = copy.deepcopy(student.state_dict())
-    pruned_best = sum(_is_pruned(g) for g in groups)
+    pruned_best = pruner.pruned()
     acc_best = base
     if max_drop > 0 and sparsity > 0:
         for k in range(1, steps + 1):
-            _prune_step(groups, sparsity * k / steps)
-            hooks = _grad_masks(groups)
+            pruner.step(sparsity * k / steps)
+            hooks = pruner.hooks()
             try:
                 fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
                     seed=seed + k, progress=progress, desc=f"prune {k}/{steps}")
@@ -289,16 +291,75 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
                 for h in hooks:
                     h.remove()
             acc = accuracy(student, ds.x_test, ds.y_test)
-            count = sum(_is_pruned(g) for g in groups)
+            count = pruner.pruned()
             meta["history"].append({"step": k, "pruned": count, "accuracy": acc})
             if 100.0 * (base - acc) > max_drop:
                 break
             best, pruned_best, acc_best = copy.deepcopy(student.state_dict()), count, acc
     student.load_state_dict(best)
     student.eval()
-    meta.update(pruned=pruned_best, sparsity=pruned_best / max(len(groups), 1),
+    meta.update(pruned=pruned_best, sparsity=pruned_best / max(pruner.total, 1),
                 accuracy_after=acc_best)
     return _finish(student, ds, meta)
+
+
+class _GroupPruner:
+    """Units fixed by the weights' shapes (``_GROUPS``), ranked within their layer."""
+
+    source = "weights"
+
+    def __init__(self, model: nn.Module, unit: str) -> None:
+        self.groups = _groups(model, unit)
+        self.total = len(self.groups)
+
+    def step(self, fraction: float) -> None:
+        _prune_step(self.groups, fraction)
+
+    def hooks(self) -> list[Any]:
+        return _grad_masks(self.groups)
+
+    def pruned(self) -> int:
+        return sum(_is_pruned(g) for g in self.groups)
+
+
+class _SlotPruner:
+    """Units from the compiled plan (``Scheme.pruning_units``), with unit permutation."""
+
+    source = "plan"
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        self.layers = layers
+        self.total = sum(s.count for s in layers)
+
+    def step(self, fraction: float) -> None:
+        for layer in self.layers:  # network order: a permutation moves the next inputs
+            layer.step(fraction)
+
+    def hooks(self) -> list[Any]:
+        return [layer.hook() for layer in self.layers]
+
+    def pruned(self) -> int:
+        return sum(layer.pruned() for layer in self.layers)
+
+
+def _plan_units(model: nn.Module, scheme: str, ds: Dataset) -> list[SlotUnits]:
+    """Compile ``model`` under ``scheme`` (planning only: no keys) and ask for its units."""
+    from ..model import compile as compile_model
+
+    compiled = compile_model(model, scheme, calibration=ds.x_train[:256])
+    return list(compiled.scheme.pruning_units())
+
+
+def _pruner(model: nn.Module, kind: str, scheme: str | None,
+            ds: Dataset) -> _GroupPruner | _SlotPruner:
+    """The plan's own units when the scheme reports them for this model, else the
+    shape-fixed units of ``kind``."""
+    if kind == "diagonals" and scheme is not None:
+        units = _plan_units(model, scheme, ds)
+        layers = slot_layers(model, units) if units else None
+        if layers:
+            return _SlotPruner(layers)
+    return _GroupPruner(model, kind)
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "digits",
