@@ -79,7 +79,7 @@ def _pooled(cur: _grid.Grid | Layout, specs: list[LayerSpec]) -> _grid.Grid | La
 def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
     last = _last_weighted(program)
     out: list[SlotUnits] = []
-    cur: _grid.Grid | Layout | None = None
+    cur: _grid.Grid | Layout | None = plan.input_grid
     for stage, rp in zip(program.stages, plan.stages):
         if rp is None or not isinstance(stage, Affine):
             continue
