@@ -4,11 +4,13 @@ A scheme that packs a layer as plaintext diagonals reports, per weighted layer, 
 diagonal of every weight (``Scheme.pruning_units``). One increment of the schedule, layer
 by layer in network order:
 
-1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``): baby-step
-   giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about as many as for
-   all ``n`` for a scattered set of the same size, so a run frees whole baby and giant
-   steps (rotations and Galois keys). Units that are one rotation each (kernel offsets on
-   a grid) keep the ``keep`` of most weight instead;
+1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``, rounded to a
+   multiple of a power of two ``b`` near ``sqrt(keep)`` and starting at a multiple of
+   it): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
+   as many as for all ``n`` for a scattered set of the same size, so a run frees whole
+   baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
+   ``b``. Units that are one rotation each (kernel offsets on a grid) keep the ``keep``
+   of most weight instead;
 2. for a layer whose output units may move (every layer but the last), permutes them:
    unit ``r`` moved to the slot of unit ``a`` sees its weights in diagonals
    ``(slot(e) - slot(a)) mod width``; the assignment of units to slots that keeps the most
@@ -78,7 +80,10 @@ class SlotLayer:
             np.add.at(per, pos.ravel(), energy.ravel())
             top = np.argsort(-per, kind="stable")[:keep]
             return None, np.isin(pos, top)
-        starts = np.unique(np.linspace(0, n, min(n, _MAX_STARTS), endpoint=False).astype(int))
+        baby = _run_baby(keep)
+        starts = np.arange(0, n, baby)
+        if len(starts) > _MAX_STARTS:
+            starts = starts[np.linspace(0, len(starts), _MAX_STARTS, endpoint=False).astype(int)]
         best: tuple[float, np.ndarray | None, np.ndarray] | None = None
         for t in starts:
             inside = (pos - t) % n < keep  # (anchor, entry)
@@ -100,6 +105,9 @@ class SlotLayer:
     def step(self, fraction: float) -> None:
         """Keep ``1 - fraction`` of the diagonals (a run), permute, zero the rest."""
         keep = self.count - int(round(self.count * fraction))
+        if self.units.contiguous and keep < self.count:
+            baby = _run_baby(keep)
+            keep = max(baby, int(round(keep / baby)) * baby)
         if keep >= self.count:
             self.keep = np.ones(self.module.weight.shape, dtype=bool)
             return
@@ -133,6 +141,14 @@ class SlotLayer:
         """Hold the zeroed weights at zero while fine-tuning."""
         mask = torch.as_tensor(self.keep, dtype=self.module.weight.dtype)
         return self.module.weight.register_hook(lambda grad: grad * mask)
+
+
+def _run_baby(keep: int) -> int:
+    """The power of two near ``sqrt(keep)``: runs of a multiple of it, starting at a
+    multiple of it, split into that many baby steps and giant steps that are multiples of
+    it, so that the Galois keys of the giant steps are powers of two that the
+    rotate-and-sum passes of other stages need anyway."""
+    return 1 << max(0, round(np.log2(max(keep, 1)) / 2))
 
 
 def _movable(between: list[nn.Module], after: nn.Module | None, units: int) -> bool:
