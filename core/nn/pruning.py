@@ -11,18 +11,25 @@ plugin's plan field ``units_skipped``):
   zero row gets no key, its output is the (public) bias.
 * ``"hidden"`` (quadratic FE): units of the degree-2 activation (a row and bias of the
   layer before it, a column of the layer after it). Each costs two pairings per input.
-* ``"diagonals"`` (CKKS and BFV single packing): groups of weights that become one
-  plaintext: for a convolution, one kernel offset ``(di, dj)`` across all channel pairs
-  (one masked rotation of the input and its plaintext products); for a Linear layer, one
-  generalized diagonal ``{(j mod m', (j + i) mod d')}`` of its weight matrix
-  (``m'``, ``d'`` the powers of two above its sizes), the unit of the hybrid diagonal
-  method on a dense layout. These are the units of the plain and chained dense layouts
-  and of the channel-interleaved convolution grid. When the planner picks another layout
-  for a stage (the client's im2col expansion, block layouts, a dense layer read from a
-  grid's slot positions), its plaintexts group the weights differently and pruned units
-  of this kind may save nothing there: the plan (``units_skipped``,
-  ``rotations_per_input``, ``galois_keys``) and ``benchmarks/bench_prune.py`` show what
-  is actually saved. Pruning in the units of the layout actually planned is not done yet.
+* ``"diagonals"`` (CKKS and BFV single packing): the weights that become one plaintext
+  diagonal. When the scheme reports them from its compiled layout
+  (``Scheme.pruning_units``, CKKS single packing), the units are the layout's own: the
+  diagonal of every weight over the slots the planner actually gave the layer's input and
+  output (the client's im2col expansion for a first convolution, a grid's gaps, a dense
+  layout), and a grid convolution's kernel offsets. Each increment then keeps a run of
+  consecutive diagonals per layer (a run frees whole baby and giant steps: rotations and
+  Galois keys; a scattered set of the same size frees almost none) and permutes the output
+  units of every layer but the last (with the next layer's inputs: the function is
+  unchanged) so that the most weight falls inside the run (``slot_pruning``). Block
+  layouts, whose plaintexts mix all of a layer's weights, are not pruned: once enough
+  diagonals are gone, the all-hybrid chain costs fewer rotations and the planner picks it.
+  Otherwise (BFV, or a model whose layers the scheme's units do not name) the units are
+  fixed by the shapes: for a convolution, one kernel offset ``(di, dj)`` across all
+  channel pairs; for a Linear layer, one generalized diagonal
+  ``{(j mod m', (j + i) mod d')}`` of its weight matrix (``m'``, ``d'`` the powers of two
+  above its sizes), the unit of a dense layout. ``meta["units_from"]`` says which
+  (``"plan"`` or ``"weights"``); the plan (``units_skipped``, ``rotations_per_input``,
+  ``galois_keys``) and ``benchmarks/bench_prune.py`` show what is actually saved.
 
 The schedule is iterative: the target ``sparsity`` (fraction of units) is reached in
 ``steps`` equal increments; each increment zeroes, layer by layer, the units of least
@@ -30,13 +37,14 @@ squared weight, then
 fine-tunes the network by distillation from the unpruned model with the pruned weights
 held at zero (their gradients are masked). It stops at the last increment whose test
 accuracy is within ``max_drop`` points of the unpruned model's; a budget of 0 prunes
-nothing. Pruning only zeroes weights: the network keeps its shapes and runs under every
-scheme.
+nothing. Pruning only zeroes weights and permutes units (which leaves the function as it
+was): the network keeps its shapes and runs under every scheme.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +55,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..data import load as load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, SecureInferError
 from ..units import SlotUnits
 from .slot_pruning import SlotLayer, slot_layers
 from .training import INPUT_RANGE, accuracy, fit
@@ -64,8 +72,10 @@ class PruneResult:
 
     Attributes:
         model: the pruned network (a copy; calibrated, with ``secureinfer_meta``).
-        meta: ``unit``, ``sparsity`` reached, ``units`` and ``pruned`` counts,
-            ``accuracy_before``/``accuracy_after`` and the per-step ``history``.
+        meta: ``unit``, ``units_from`` (``"plan"``: the compiled layout's units;
+            ``"weights"``: units fixed by the shapes), ``sparsity`` reached, ``units`` and
+            ``pruned`` counts, ``accuracy_before``/``accuracy_after`` and the per-step
+            ``history``.
     """
 
     model: nn.Module
@@ -346,7 +356,8 @@ def _plan_units(model: nn.Module, scheme: str, ds: Dataset) -> list[SlotUnits]:
     """Compile ``model`` under ``scheme`` (planning only: no keys) and ask for its units."""
     from ..model import compile as compile_model
 
-    compiled = compile_model(model, scheme, calibration=ds.x_train[:256])
+    compiled = compile_model(model, scheme, input_shape=ds.input_shape,
+                             calibration=ds.x_train[:256])
     return list(compiled.scheme.pruning_units())
 
 
@@ -355,7 +366,12 @@ def _pruner(model: nn.Module, kind: str, scheme: str | None,
     """The plan's own units when the scheme reports them for this model, else the
     shape-fixed units of ``kind``."""
     if kind == "diagonals" and scheme is not None:
-        units = _plan_units(model, scheme, ds)
+        try:
+            units = _plan_units(model, scheme, ds)
+        except SecureInferError as exc:  # e.g. its backend is not installed
+            warnings.warn(f"pruning by the shapes' diagonals: compiling under {scheme!r} "
+                          f"to read its layout failed ({exc})", stacklevel=3)
+            units = []
         layers = slot_layers(model, units) if units else None
         if layers:
             return _SlotPruner(layers)
