@@ -1,8 +1,8 @@
 """HE-aware pruning against magnitude pruning, measured under encryption (issue 14).
 
 For each case (model, scheme) three variants of the same trained default model run:
-``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, target
-sparsity ``--sparsity``, budget ``--max-drop`` points) and ``magnitude`` (the same
+``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the
+case's target sparsity, budget ``--max-drop`` points) and ``magnitude`` (the same
 fraction of each layer's weights of least magnitude zeroed, no fine-tuning). Each variant
 is compiled and run in its own process (so peak memory is its own): setup, then
 ``--images`` test images one at a time through encrypt, evaluate and decrypt; the
@@ -39,12 +39,18 @@ from typing import Any
 
 import numpy as np
 
-#: (dataset, arch, scheme, sparsity, schedule steps, distillation epochs per step). ckks runs
-#: unflooded (``flood_bits=0``): the default flood raises the scale enough to double the ring
-#: (N=32768), which makes LeNet-5 take ~7 GB; pruning changes the layouts, not the flood.
-CASES = [("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, 4, 16),
-         ("digits", "mlp", "fe-ip", 0.5, 4, 8)]
-LENET = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75, 4, 8)
+#: (dataset, arch, scheme, sparsity, per-layer sparsities, schedule steps, distillation
+#: epochs per step). ckks runs unflooded (``flood_bits=0``): the default flood raises the
+#: scale enough to double the ring (N=32768), which makes LeNet-5 take ~7 GB; pruning
+#: changes the layouts, not the flood. The cnn's first convolution has 4 diagonals and its
+#: classifier 16: they are pruned by half, the hidden layer by 3/4.
+Case = tuple[str, str, str, float, dict[str, float], int, int]
+CASES: list[Case] = [
+    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"conv1": 0.5, "fc2": 0.5},
+     4, 16),
+    ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8)]
+LENET: Case = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75, {"fc3": 0.5},
+               4, 16)
 
 
 def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, Any]:
@@ -78,8 +84,8 @@ def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, 
             "agree": f"{agree}/{len(x)}"}
 
 
-def _variants(dataset: str, arch: str, scheme: str, sparsity: float, max_drop: float,
-              schedule: tuple[int, int],
+def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
+              layer_sparsity: dict[str, float], max_drop: float, schedule: tuple[int, int],
               folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     from secureinfer import data
     from secureinfer import nn as snn
@@ -89,7 +95,8 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float, max_drop: f
     out = []
     start = time.perf_counter()
     aware = snn.prune(base, scheme, sparsity=sparsity, max_drop=max_drop, data=ds,
-                      steps=schedule[0], epochs=schedule[1], progress=sys.stderr.isatty())
+                      layer_sparsity=layer_sparsity, steps=schedule[0], epochs=schedule[1],
+                      progress=sys.stderr.isatty())
     prune_s = time.perf_counter() - start
     magnitude = snn.magnitude_prune(base, sparsity, data=ds)
     acc = snn.accuracy(base, ds.x_test, ds.y_test)
@@ -115,14 +122,14 @@ def _run_child(path: Path, scheme: str, dataset: str, images: int) -> dict[str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_case(case: tuple[str, str, str, float, int, int], args: argparse.Namespace,
-             folder: Path) -> list[dict[str, Any]]:
+def run_case(case: Case, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """The three variants of one case; a discarded warm-up run first (it builds the
     on-disk tables and caches the first run would otherwise pay alone)."""
-    dataset, arch, scheme, sparsity, steps, epochs = case
-    sparsity = args.sparsity if args.sparsity is not None else sparsity
-    variants = _variants(dataset, arch, scheme, sparsity, args.max_drop, (steps, epochs),
-                         folder)
+    dataset, arch, scheme, sparsity, per_layer, steps, epochs = case
+    if args.sparsity is not None:
+        sparsity, per_layer = args.sparsity, {}
+    variants = _variants(dataset, arch, scheme, sparsity, per_layer, args.max_drop,
+                         (steps, epochs), folder)
     _run_child(variants[0][1], scheme, dataset, 1)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for _ in range(args.rounds):  # variants alternate: a busy spell hits one round of each
@@ -183,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--sparsity", type=float, default=None,
-                        help="override every case's sparsity (default: per case)")
+                        help="one sparsity for every case and layer (default: per case)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every variant, alternating; the fastest median is kept")

@@ -152,6 +152,8 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, help="config string, e.g. ckks or fe-ip")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="fraction of units to zero (default 0.5)")
+    p.add_argument("--layer-sparsity", default="", metavar="NAME=F,...",
+                   help="other sparsities for named layers, e.g. conv1=0.5,fc2=0.5")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy budget in points of test accuracy (default 1.0; 0: none)")
     p.add_argument("--dataset", default="digits", help="fine-tuning and test data "
@@ -165,6 +167,23 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _layer_sparsity(text: str) -> dict[str, float]:
+    """``"conv1=0.5,fc2=0.5"`` as a dict; a malformed item is a ``ConfigError``."""
+    from ..errors import ConfigError
+
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"--layer-sparsity item {item!r} is not NAME=FRACTION "
+                              "(e.g. conv1=0.5)")
+    return out
+
+
 def run_prune(args: argparse.Namespace) -> int:
     """Run ``secureinfer prune``; return the exit code (2 for usage and config errors)."""
     from ..errors import SecureInferError
@@ -174,7 +193,8 @@ def run_prune(args: argparse.Namespace) -> int:
     try:
         model = load(args.model)
         result = prune(model, args.scheme, sparsity=args.sparsity, max_drop=args.max_drop,
-                       data=args.dataset, steps=args.steps, epochs=args.epochs,
+                       data=args.dataset, layer_sparsity=_layer_sparsity(args.layer_sparsity),
+                       steps=args.steps, epochs=args.epochs,
                        progress=not args.json and sys.stderr.isatty())
         out = str(save(result.model, args.out))
     except (SecureInferError, ValueError) as exc:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,22 +229,22 @@ def _finish(model: nn.Module, data: Dataset, meta: dict[str, Any]) -> PruneResul
     return PruneResult(model, meta)
 
 
-def _prune_step(groups: list[_Group], fraction: float) -> None:
-    """Zero, in every layer, the live units of least squared weight until ``fraction`` of
-    that layer's units are zero (layers are pruned alike, so that no small layer, such as
-    a convolution's few kernel offsets, is emptied first)."""
+def _prune_step(groups: list[_Group], fraction: Callable[[int], float]) -> None:
+    """Zero, in every layer, the live units of least squared weight until
+    ``fraction(layer)`` of that layer's units are zero (layers are pruned alike, so that no
+    small layer, such as a convolution's few kernel offsets, is emptied first)."""
     for layer in sorted({g.layer for g in groups}):
         mine = [g for g in groups if g.layer == layer]
         live = [g for g in mine if not _is_pruned(g)]
-        need = int(round(len(mine) * fraction)) - (len(mine) - len(live))
+        need = int(round(len(mine) * fraction(layer))) - (len(mine) - len(live))
         for g in sorted(live, key=_Group.score)[:max(0, need)]:
             g.zero()
 
 
 def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
           max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
-          steps: int = 4, epochs: int = 8, seed: int = 0,
-          progress: bool = False) -> PruneResult:
+          layer_sparsity: Mapping[str, float] | None = None, steps: int = 4,
+          epochs: int = 8, seed: int = 0, progress: bool = False) -> PruneResult:
     """Prune ``model`` in the units ``scheme`` evaluates, within an accuracy budget.
 
     Args:
@@ -257,6 +257,9 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
         data: the dataset (name or ``Dataset``): fine-tuning on its training split,
             accuracy on its test split.
         unit: ``"rows"``, ``"hidden"`` or ``"diagonals"`` (instead of ``scheme``).
+        layer_sparsity: ``{layer name: fraction}`` for layers pruned to another
+            sparsity than ``sparsity`` (names as in ``model.named_modules()``), e.g. a
+            first convolution with few diagonals or the classifier.
         steps: increments of the schedule.
         epochs: distillation epochs after each increment.
         seed: seed of the fine-tuning batches.
@@ -269,8 +272,16 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     Raises:
         ConfigError: a bad sparsity, budget, unit or scheme; the message says what is valid.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity={sparsity} must be in [0, 1) (a fraction of the units)")
+    targets = {str(k): float(v) for k, v in (layer_sparsity or {}).items()}
+    for name, value in {"": sparsity, **targets}.items():
+        if not 0.0 <= value < 1.0:
+            where = f"layer_sparsity[{name!r}]" if name else "sparsity"
+            raise ConfigError(f"{where}={value} must be in [0, 1) (a fraction of the units)")
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    unknown = sorted(set(targets) - layers)
+    if unknown:
+        raise ConfigError(f"layer_sparsity names {', '.join(unknown)}, not a Linear or Conv2d "
+                          f"of this model; valid: {', '.join(sorted(layers))}")
     if max_drop < 0:
         raise ConfigError(f"max_drop={max_drop} must be >= 0 (accuracy points)")
     if steps < 1:
@@ -283,16 +294,18 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
     pruner = _pruner(student, kind, scheme, ds)
+    pruner.targets = lambda name: targets.get(name, sparsity)
     base = accuracy(teacher, ds.x_test, ds.y_test)
     meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": pruner.total,
                             "units_from": pruner.source, "target_sparsity": sparsity,
+                            "layer_sparsity": targets,
                             "max_drop": max_drop, "accuracy_before": base, "history": []}
     best = copy.deepcopy(student.state_dict())
     pruned_best = pruner.pruned()
     acc_best = base
-    if max_drop > 0 and sparsity > 0:
+    if max_drop > 0 and max(sparsity, *targets.values()) > 0:
         for k in range(1, steps + 1):
-            pruner.step(sparsity * k / steps)
+            pruner.step(k / steps)
             hooks = pruner.hooks()
             try:
                 fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
@@ -321,9 +334,13 @@ class _GroupPruner:
     def __init__(self, model: nn.Module, unit: str) -> None:
         self.groups = _groups(model, unit)
         self.total = len(self.groups)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.names = [names[id(m)] for m in _weighted(model)]
+        self.targets: Callable[[str], float] = lambda name: 0.0
 
-    def step(self, fraction: float) -> None:
-        _prune_step(self.groups, fraction)
+    def step(self, progress: float) -> None:
+        """Prune every layer to ``progress`` (0..1) of its target sparsity."""
+        _prune_step(self.groups, lambda layer: self.targets(self.names[layer]) * progress)
 
     def hooks(self) -> list[Any]:
         return _grad_masks(self.groups)
@@ -340,10 +357,12 @@ class _SlotPruner:
     def __init__(self, layers: list[SlotLayer]) -> None:
         self.layers = layers
         self.total = sum(s.count for s in layers)
+        self.targets: Callable[[str], float] = lambda name: 0.0
 
-    def step(self, fraction: float) -> None:
+    def step(self, progress: float) -> None:
+        """Prune every layer to ``progress`` (0..1) of its target sparsity."""
         for layer in self.layers:  # network order: a permutation moves the next inputs
-            layer.step(fraction)
+            layer.step(self.targets(layer.units.layer) * progress)
 
     def hooks(self) -> list[Any]:
         return [layer.hook() for layer in self.layers]

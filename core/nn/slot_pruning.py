@@ -9,13 +9,14 @@ by layer in network order:
    it): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
    as many as for all ``n`` for a scattered set of the same size, so a run frees whole
    baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
-   ``b``. Units that are one rotation each (kernel offsets on a grid) keep the ``keep``
+   ``b``; it starts at 0 (or at a power of two, see ``_run_starts``). Units that are
+   one rotation each (kernel offsets on a grid) keep the ``keep``
    of most weight instead;
 2. for a layer whose output units may move (every layer but the last), permutes them:
    unit ``r`` moved to the slot of unit ``a`` sees its weights in diagonals
    ``(slot(e) - slot(a)) mod width``; the assignment of units to slots that keeps the most
-   squared weight inside the run is solved exactly (``scipy.optimize.linear_sum_assignment``)
-   for every start of the run. The next layer's inputs (and any BatchNorm between) are
+   squared weight inside the run is solved exactly (``scipy.optimize.linear_sum_assignment``).
+   The next layer's inputs (and any BatchNorm between) are
    permuted alike, which leaves the network's function unchanged;
 3. zeroes the weights outside the run; the caller fine-tunes with them held at zero.
 """
@@ -31,10 +32,6 @@ from torch import nn
 from ..units import SlotUnits
 
 __all__ = ["SlotLayer", "slot_layers"]
-
-_MAX_STARTS = 64
-"""Run starts tried per layer (evenly spaced when a layer has more diagonals)."""
-
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not list(m.children())]
@@ -80,10 +77,7 @@ class SlotLayer:
             np.add.at(per, pos.ravel(), energy.ravel())
             top = np.argsort(-per, kind="stable")[:keep]
             return None, np.isin(pos, top)
-        baby = _run_baby(keep)
-        starts = np.arange(0, n, baby)
-        if len(starts) > _MAX_STARTS:
-            starts = starts[np.linspace(0, len(starts), _MAX_STARTS, endpoint=False).astype(int)]
+        starts = _run_starts(n, keep, self.units.permutable)
         best: tuple[float, np.ndarray | None, np.ndarray] | None = None
         for t in starts:
             inside = (pos - t) % n < keep  # (anchor, entry)
@@ -149,6 +143,19 @@ def _run_baby(keep: int) -> int:
     it, so that the Galois keys of the giant steps are powers of two that the
     rotate-and-sum passes of other stages need anyway."""
     return 1 << max(0, round(np.log2(max(keep, 1)) / 2))
+
+
+def _run_starts(n: int, keep: int, permutable: bool) -> list[int]:
+    """Where a run of ``keep`` of ``n`` diagonals may start. The smallest giant step is
+    the start itself, one more Galois key unless it is 0 or a power of two (which the
+    rotate-and-sum passes need anyway), and a run that wraps past ``n`` adds a far giant
+    step: so 0, and for fixed units (no permutation to move the weights into the run)
+    the powers of two at least ``_run_baby(keep)`` whose run does not wrap."""
+    if permutable:
+        return [0]
+    baby = _run_baby(keep)
+    return [0] + [1 << k for k in range(n.bit_length())
+                  if (1 << k) >= baby and (1 << k) + keep <= n]
 
 
 def _movable(between: list[nn.Module], after: nn.Module | None, units: int) -> bool:
