@@ -303,7 +303,7 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     best = copy.deepcopy(student.state_dict())
     pruned_best = pruner.pruned()
     acc_best = base
-    if max_drop > 0 and max(sparsity, *targets.values()) > 0:
+    if max_drop > 0 and max([sparsity, *targets.values()]) > 0:
         for k in range(1, steps + 1):
             pruner.step(k / steps)
             hooks = pruner.hooks()

@@ -5,8 +5,7 @@ diagonal of every weight (``Scheme.pruning_units``). One increment of the schedu
 by layer in network order:
 
 1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``, rounded to a
-   multiple of a power of two ``b`` near ``sqrt(keep)`` and starting at a multiple of
-   it): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
+   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
    as many as for all ``n`` for a scattered set of the same size, so a run frees whole
    baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
    ``b``; it starts at 0 (or at a power of two, see ``_run_starts``). Units that are
@@ -32,6 +31,7 @@ from torch import nn
 from ..units import SlotUnits
 
 __all__ = ["SlotLayer", "slot_layers"]
+
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not list(m.children())]
@@ -138,10 +138,10 @@ class SlotLayer:
 
 
 def _run_baby(keep: int) -> int:
-    """The power of two near ``sqrt(keep)``: runs of a multiple of it, starting at a
-    multiple of it, split into that many baby steps and giant steps that are multiples of
-    it, so that the Galois keys of the giant steps are powers of two that the
-    rotate-and-sum passes of other stages need anyway."""
+    """The power of two near ``sqrt(keep)``: a run a multiple of it long, starting at 0 or
+    at a power of two no smaller, splits into that many baby steps and giant steps that
+    are multiples of it, whose Galois keys the rotate-and-sum passes of other stages
+    mostly need anyway."""
     return 1 << max(0, round(np.log2(max(keep, 1)) / 2))
 
 
