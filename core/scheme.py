@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import ConfigError, UnknownOptionError
 from .layers import LayerSpec
+from .units import SlotUnits
 
 #: What the server learns under a scheme that encrypts nothing (``Scheme.reveals``).
 NOTHING_ENCRYPTED = "everything (reference, no encryption)"
@@ -265,6 +266,13 @@ class Scheme(abc.ABC):
     """The weight group the scheme evaluates as a whole and skips when it is all zero
     (``secureinfer.nn.pruning.UNITS``: ``"rows"``, ``"hidden"``, ``"diagonals"``);
     ``None`` when zero weights save nothing in particular."""
+
+    def pruning_units(self) -> list[SlotUnits]:
+        """After ``plan``: for each weighted layer the compiled layout evaluates as
+        plaintext diagonals, which diagonal every weight lands in (``SlotUnits``), so that
+        ``secureinfer.nn.prune`` zeroes the units the plan really skips. ``[]`` (the
+        default) when the scheme's units do not depend on its layout."""
+        return []
 
     def __init__(self, options: dict[str, Any] | None = None, *,
                  allow_insecure: bool = False, deploy: bool = False) -> None:

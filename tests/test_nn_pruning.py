@@ -80,19 +80,31 @@ def test_hidden_units_for_fe_quad(mlp, digits):
     assert sm.plan["hidden"] == 32 - n and sm.plan["units_skipped"] == n
 
 
-def test_diagonals_of_a_cnn_are_skipped_by_ckks(digits):
+@pytest.fixture(scope="module")
+def small_cnn(digits):
     torch.manual_seed(0)
     model = snn.build("cnn", digits.input_shape, 10, "square", hidden=(16,))
     snn.fit(model, digits.x_train, digits.y_train, epochs=4)
-    result = snn.prune(model, "ckks", sparsity=0.4, max_drop=5.0, data=digits, steps=1,
-                       epochs=2)
-    conv = result.model.conv1.weight.detach()
-    zero_taps = int((conv.abs().sum(dim=(0, 1)) == 0).sum())
-    assert result.meta["unit"] == "diagonals" and result.meta["pruned"] > 0
-    assert zero_taps >= 1  # whole kernel offsets, across every channel pair
+    return model
+
+
+def test_diagonals_of_a_cnn_are_skipped_by_ckks(small_cnn, digits):
     pytest.importorskip("tenseal", reason="ckks needs tenseal: pip install secureinfer[ckks]")
+    result = snn.prune(small_cnn, "ckks", sparsity=0.4, max_drop=100.0, data=digits,
+                       steps=1, epochs=2)  # the budget is tested elsewhere
+    assert result.meta["unit"] == "diagonals" and result.meta["units_from"] == "plan"
+    assert result.meta["pruned"] > 0
     sm = secureinfer.compile(result.model, "ckks?packing=single")
     assert sm.plan["units_skipped"] > 0
+
+
+def test_shape_diagonals_without_a_scheme(small_cnn, digits):
+    result = snn.prune(small_cnn, unit="diagonals", sparsity=0.4, max_drop=5.0, data=digits,
+                       steps=1, epochs=2)
+    conv = result.model.conv1.weight.detach()
+    zero_taps = int((conv.abs().sum(dim=(0, 1)) == 0).sum())
+    assert result.meta["units_from"] == "weights" and result.meta["pruned"] > 0
+    assert zero_taps >= 1  # whole kernel offsets, across every channel pair
 
 
 def test_bad_arguments_say_what_is_valid(mlp, digits):
@@ -104,6 +116,10 @@ def test_bad_arguments_say_what_is_valid(mlp, digits):
         snn.prune(mlp, "clear", data=digits)
     with pytest.raises(ConfigError, match="unknown pruning unit 'tiles'"):
         snn.prune(mlp, unit="tiles", data=digits)
+    with pytest.raises(ConfigError, match="layer_sparsity names conv9.*valid: fc1, fc2"):
+        snn.prune(mlp, "fe-ip", layer_sparsity={"conv9": 0.5}, data=digits)
+    with pytest.raises(ConfigError, match=r"layer_sparsity\['fc1'\]=1.0 must be in"):
+        snn.prune(mlp, "fe-ip", layer_sparsity={"fc1": 1.0}, data=digits)
 
 
 def test_cli_prune(mlp, digits, tmp_path, capsys):
@@ -120,3 +136,6 @@ def test_cli_prune(mlp, digits, tmp_path, capsys):
     assert main(["prune", "--model", str(src), "--scheme", "fe-ip", "--sparsity", "2",
                  "--out", str(out)]) == 2
     assert "sparsity=2.0" in capsys.readouterr().err
+    assert main(["prune", "--model", str(src), "--scheme", "fe-ip", "--layer-sparsity",
+                 "fc1", "--out", str(out)]) == 2
+    assert "'fc1' is not NAME=FRACTION" in capsys.readouterr().err

@@ -135,10 +135,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 _PRUNE_DESCRIPTION = """\
 Prune a model file in the units the scheme evaluates as a whole (fe-ip: rows of the first
-layer; fe-quad: hidden units; ckks/bfv single packing: kernel offsets and weight
-diagonals), fine-tuning by distillation from the unpruned model, until --sparsity is
-reached or the test accuracy has dropped by --max-drop points. The result is a model file
-that every scheme runs; the schemes skip the zero units (plan field units_skipped)."""
+layer; fe-quad: hidden units; ckks single packing: the plaintext diagonals of its
+compiled layouts, in runs, with output units permuted to fill them; bfv single packing:
+kernel offsets and weight diagonals), fine-tuning by distillation from the unpruned model,
+until --sparsity is reached or the test accuracy has dropped by --max-drop points. The
+result is a model file that every scheme runs; the schemes skip the zero units (plan field
+units_skipped)."""
 
 
 def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -150,6 +152,8 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, help="config string, e.g. ckks or fe-ip")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="fraction of units to zero (default 0.5)")
+    p.add_argument("--layer-sparsity", default="", metavar="NAME=F,...",
+                   help="other sparsities for named layers, e.g. conv1=0.5,fc2=0.5")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy budget in points of test accuracy (default 1.0; 0: none)")
     p.add_argument("--dataset", default="digits", help="fine-tuning and test data "
@@ -163,6 +167,23 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _layer_sparsity(text: str) -> dict[str, float]:
+    """``"conv1=0.5,fc2=0.5"`` as a dict; a malformed item is a ``ConfigError``."""
+    from ..errors import ConfigError
+
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"--layer-sparsity item {item!r} is not NAME=FRACTION "
+                              "(e.g. conv1=0.5)")
+    return out
+
+
 def run_prune(args: argparse.Namespace) -> int:
     """Run ``secureinfer prune``; return the exit code (2 for usage and config errors)."""
     from ..errors import SecureInferError
@@ -172,7 +193,8 @@ def run_prune(args: argparse.Namespace) -> int:
     try:
         model = load(args.model)
         result = prune(model, args.scheme, sparsity=args.sparsity, max_drop=args.max_drop,
-                       data=args.dataset, steps=args.steps, epochs=args.epochs,
+                       data=args.dataset, layer_sparsity=_layer_sparsity(args.layer_sparsity),
+                       steps=args.steps, epochs=args.epochs,
                        progress=not args.json and sys.stderr.isatty())
         out = str(save(result.model, args.out))
     except (SecureInferError, ValueError) as exc:

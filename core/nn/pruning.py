@@ -11,18 +11,25 @@ plugin's plan field ``units_skipped``):
   zero row gets no key, its output is the (public) bias.
 * ``"hidden"`` (quadratic FE): units of the degree-2 activation (a row and bias of the
   layer before it, a column of the layer after it). Each costs two pairings per input.
-* ``"diagonals"`` (CKKS and BFV single packing): groups of weights that become one
-  plaintext: for a convolution, one kernel offset ``(di, dj)`` across all channel pairs
-  (one masked rotation of the input and its plaintext products); for a Linear layer, one
-  generalized diagonal ``{(j mod m', (j + i) mod d')}`` of its weight matrix
-  (``m'``, ``d'`` the powers of two above its sizes), the unit of the hybrid diagonal
-  method on a dense layout. These are the units of the plain and chained dense layouts
-  and of the channel-interleaved convolution grid. When the planner picks another layout
-  for a stage (the client's im2col expansion, block layouts, a dense layer read from a
-  grid's slot positions), its plaintexts group the weights differently and pruned units
-  of this kind may save nothing there: the plan (``units_skipped``,
-  ``rotations_per_input``, ``galois_keys``) and ``benchmarks/bench_prune.py`` show what
-  is actually saved. Pruning in the units of the layout actually planned is not done yet.
+* ``"diagonals"`` (CKKS and BFV single packing): the weights that become one plaintext
+  diagonal. When the scheme reports them from its compiled layout
+  (``Scheme.pruning_units``, CKKS single packing), the units are the layout's own: the
+  diagonal of every weight over the slots the planner actually gave the layer's input and
+  output (the client's im2col expansion for a first convolution, a grid's gaps, a dense
+  layout), and a grid convolution's kernel offsets. Each increment then keeps a run of
+  consecutive diagonals per layer (a run frees whole baby and giant steps: rotations and
+  Galois keys; a scattered set of the same size frees almost none) and permutes the output
+  units of every layer but the last (with the next layer's inputs: the function is
+  unchanged) so that the most weight falls inside the run (``slot_pruning``). Block
+  layouts, whose plaintexts mix all of a layer's weights, are not pruned: once enough
+  diagonals are gone, the all-hybrid chain costs fewer rotations and the planner picks it.
+  Otherwise (BFV, or a model whose layers the scheme's units do not name) the units are
+  fixed by the shapes: for a convolution, one kernel offset ``(di, dj)`` across all
+  channel pairs; for a Linear layer, one generalized diagonal
+  ``{(j mod m', (j + i) mod d')}`` of its weight matrix (``m'``, ``d'`` the powers of two
+  above its sizes), the unit of a dense layout. ``meta["units_from"]`` says which
+  (``"plan"`` or ``"weights"``); the plan (``units_skipped``, ``rotations_per_input``,
+  ``galois_keys``) and ``benchmarks/bench_prune.py`` show what is actually saved.
 
 The schedule is iterative: the target ``sparsity`` (fraction of units) is reached in
 ``steps`` equal increments; each increment zeroes, layer by layer, the units of least
@@ -30,14 +37,15 @@ squared weight, then
 fine-tunes the network by distillation from the unpruned model with the pruned weights
 held at zero (their gradients are masked). It stops at the last increment whose test
 accuracy is within ``max_drop`` points of the unpruned model's; a budget of 0 prunes
-nothing. Pruning only zeroes weights: the network keeps its shapes and runs under every
-scheme.
+nothing. Pruning only zeroes weights and permutes units (which leaves the function as it
+was): the network keeps its shapes and runs under every scheme.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +55,9 @@ from torch import nn
 
 from ..data import Dataset
 from ..data import load as load_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, SecureInferError
+from ..units import SlotUnits
+from .slot_pruning import SlotLayer, slot_layers
 from .training import INPUT_RANGE, accuracy, fit
 
 __all__ = ["UNITS", "PruneResult", "magnitude_prune", "prune", "unit_masks"]
@@ -62,8 +72,10 @@ class PruneResult:
 
     Attributes:
         model: the pruned network (a copy; calibrated, with ``secureinfer_meta``).
-        meta: ``unit``, ``sparsity`` reached, ``units`` and ``pruned`` counts,
-            ``accuracy_before``/``accuracy_after`` and the per-step ``history``.
+        meta: ``unit``, ``units_from`` (``"plan"``: the compiled layout's units;
+            ``"weights"``: units fixed by the shapes), ``sparsity`` reached, ``units`` and
+            ``pruned`` counts, ``accuracy_before``/``accuracy_after`` and the per-step
+            ``history``.
     """
 
     model: nn.Module
@@ -217,22 +229,22 @@ def _finish(model: nn.Module, data: Dataset, meta: dict[str, Any]) -> PruneResul
     return PruneResult(model, meta)
 
 
-def _prune_step(groups: list[_Group], fraction: float) -> None:
-    """Zero, in every layer, the live units of least squared weight until ``fraction`` of
-    that layer's units are zero (layers are pruned alike, so that no small layer, such as
-    a convolution's few kernel offsets, is emptied first)."""
+def _prune_step(groups: list[_Group], fraction: Callable[[int], float]) -> None:
+    """Zero, in every layer, the live units of least squared weight until
+    ``fraction(layer)`` of that layer's units are zero (layers are pruned alike, so that no
+    small layer, such as a convolution's few kernel offsets, is emptied first)."""
     for layer in sorted({g.layer for g in groups}):
         mine = [g for g in groups if g.layer == layer]
         live = [g for g in mine if not _is_pruned(g)]
-        need = int(round(len(mine) * fraction)) - (len(mine) - len(live))
+        need = int(round(len(mine) * fraction(layer))) - (len(mine) - len(live))
         for g in sorted(live, key=_Group.score)[:max(0, need)]:
             g.zero()
 
 
 def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
           max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
-          steps: int = 4, epochs: int = 8, seed: int = 0,
-          progress: bool = False) -> PruneResult:
+          layer_sparsity: Mapping[str, float] | None = None, steps: int = 4,
+          epochs: int = 8, seed: int = 0, progress: bool = False) -> PruneResult:
     """Prune ``model`` in the units ``scheme`` evaluates, within an accuracy budget.
 
     Args:
@@ -245,6 +257,9 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
         data: the dataset (name or ``Dataset``): fine-tuning on its training split,
             accuracy on its test split.
         unit: ``"rows"``, ``"hidden"`` or ``"diagonals"`` (instead of ``scheme``).
+        layer_sparsity: ``{layer name: fraction}`` for layers pruned to another
+            sparsity than ``sparsity`` (names as in ``model.named_modules()``), e.g. a
+            first convolution with few diagonals or the classifier.
         steps: increments of the schedule.
         epochs: distillation epochs after each increment.
         seed: seed of the fine-tuning batches.
@@ -257,8 +272,16 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     Raises:
         ConfigError: a bad sparsity, budget, unit or scheme; the message says what is valid.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity={sparsity} must be in [0, 1) (a fraction of the units)")
+    targets = {str(k): float(v) for k, v in (layer_sparsity or {}).items()}
+    for name, value in {"": sparsity, **targets}.items():
+        if not 0.0 <= value < 1.0:
+            where = f"layer_sparsity[{name!r}]" if name else "sparsity"
+            raise ConfigError(f"{where}={value} must be in [0, 1) (a fraction of the units)")
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    unknown = sorted(set(targets) - layers)
+    if unknown:
+        raise ConfigError(f"layer_sparsity names {', '.join(unknown)}, not a Linear or Conv2d "
+                          f"of this model; valid: {', '.join(sorted(layers))}")
     if max_drop < 0:
         raise ConfigError(f"max_drop={max_drop} must be >= 0 (accuracy points)")
     if steps < 1:
@@ -270,18 +293,20 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     ds = _data(data)
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
-    groups = _groups(student, kind)
+    pruner = _pruner(student, kind, scheme, ds)
+    pruner.targets = lambda name: targets.get(name, sparsity)
     base = accuracy(teacher, ds.x_test, ds.y_test)
-    meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": len(groups),
-                            "target_sparsity": sparsity, "max_drop": max_drop,
-                            "accuracy_before": base, "history": []}
+    meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": pruner.total,
+                            "units_from": pruner.source, "target_sparsity": sparsity,
+                            "layer_sparsity": targets,
+                            "max_drop": max_drop, "accuracy_before": base, "history": []}
     best = copy.deepcopy(student.state_dict())
-    pruned_best = sum(_is_pruned(g) for g in groups)
+    pruned_best = pruner.pruned()
     acc_best = base
-    if max_drop > 0 and sparsity > 0:
+    if max_drop > 0 and max([sparsity, *targets.values()]) > 0:
         for k in range(1, steps + 1):
-            _prune_step(groups, sparsity * k / steps)
-            hooks = _grad_masks(groups)
+            pruner.step(k / steps)
+            hooks = pruner.hooks()
             try:
                 fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
                     seed=seed + k, progress=progress, desc=f"prune {k}/{steps}")
@@ -289,16 +314,87 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
                 for h in hooks:
                     h.remove()
             acc = accuracy(student, ds.x_test, ds.y_test)
-            count = sum(_is_pruned(g) for g in groups)
+            count = pruner.pruned()
             meta["history"].append({"step": k, "pruned": count, "accuracy": acc})
             if 100.0 * (base - acc) > max_drop:
                 break
             best, pruned_best, acc_best = copy.deepcopy(student.state_dict()), count, acc
     student.load_state_dict(best)
     student.eval()
-    meta.update(pruned=pruned_best, sparsity=pruned_best / max(len(groups), 1),
+    meta.update(pruned=pruned_best, sparsity=pruned_best / max(pruner.total, 1),
                 accuracy_after=acc_best)
     return _finish(student, ds, meta)
+
+
+class _GroupPruner:
+    """Units fixed by the weights' shapes (``_GROUPS``), ranked within their layer."""
+
+    source = "weights"
+
+    def __init__(self, model: nn.Module, unit: str) -> None:
+        self.groups = _groups(model, unit)
+        self.total = len(self.groups)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.names = [names[id(m)] for m in _weighted(model)]
+        self.targets: Callable[[str], float] = lambda name: 0.0
+
+    def step(self, progress: float) -> None:
+        """Prune every layer to ``progress`` (0..1) of its target sparsity."""
+        _prune_step(self.groups, lambda layer: self.targets(self.names[layer]) * progress)
+
+    def hooks(self) -> list[Any]:
+        return _grad_masks(self.groups)
+
+    def pruned(self) -> int:
+        return sum(_is_pruned(g) for g in self.groups)
+
+
+class _SlotPruner:
+    """Units from the compiled plan (``Scheme.pruning_units``), with unit permutation."""
+
+    source = "plan"
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        self.layers = layers
+        self.total = sum(s.count for s in layers)
+        self.targets: Callable[[str], float] = lambda name: 0.0
+
+    def step(self, progress: float) -> None:
+        """Prune every layer to ``progress`` (0..1) of its target sparsity."""
+        for layer in self.layers:  # network order: a permutation moves the next inputs
+            layer.step(self.targets(layer.units.layer) * progress)
+
+    def hooks(self) -> list[Any]:
+        return [layer.hook() for layer in self.layers]
+
+    def pruned(self) -> int:
+        return sum(layer.pruned() for layer in self.layers)
+
+
+def _plan_units(model: nn.Module, scheme: str, ds: Dataset) -> list[SlotUnits]:
+    """Compile ``model`` under ``scheme`` (planning only: no keys) and ask for its units."""
+    from ..model import compile as compile_model
+
+    compiled = compile_model(model, scheme, input_shape=ds.input_shape,
+                             calibration=ds.x_train[:256])
+    return list(compiled.scheme.pruning_units())
+
+
+def _pruner(model: nn.Module, kind: str, scheme: str | None,
+            ds: Dataset) -> _GroupPruner | _SlotPruner:
+    """The plan's own units when the scheme reports them for this model, else the
+    shape-fixed units of ``kind``."""
+    if kind == "diagonals" and scheme is not None:
+        try:
+            units = _plan_units(model, scheme, ds)
+        except SecureInferError as exc:  # e.g. its backend is not installed
+            warnings.warn(f"pruning by the shapes' diagonals: compiling under {scheme!r} "
+                          f"to read its layout failed ({exc})", stacklevel=3)
+            units = []
+        layers = slot_layers(model, units) if units else None
+        if layers:
+            return _SlotPruner(layers)
+    return _GroupPruner(model, kind)
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "digits",

@@ -207,6 +207,8 @@ class GridPlan:
     output_positions: np.ndarray
     output_period: int
     cost: float
+    input_grid: Grid | None = None
+    """The client's input grid (``None`` when the first stage reads its im2col)."""
 
     def steps(self, slots: int) -> list[int]:
         """Every distinct rotation step normalised to ``[1, slots)``."""
@@ -602,7 +604,8 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         out_pos, out_period = cur.positions(), cur.period
     else:
         out_pos, out_period = cur.positions, cur.period
-    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost)
+    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost,
+                    start if isinstance(start, Grid) else None)
 
 
 def _share_keys(plans: list[RotPlan], slots: int) -> None:

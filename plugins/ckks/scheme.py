@@ -17,6 +17,7 @@ import numpy as np
 from secureinfer import codec, privacy
 from secureinfer.errors import CompileError, ConfigError, EnvelopeError, RangeError
 from secureinfer.layers import LayerSpec
+from secureinfer.units import SlotUnits
 from secureinfer.scheme import (
     Calibration,
     Capabilities,
@@ -31,6 +32,7 @@ from . import grid as _grid
 from . import params as _params
 from . import program as _program
 from . import search as _search
+from . import units as _units
 from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
 from .layers import CKKSLayer, ServerContext, Value, schedule
 
@@ -377,6 +379,13 @@ class CKKSScheme(Scheme):
                 "range the parameters were planned for (the calibrated range with a margin, "
                 "or 1 without calibration); compile with calibration data covering these "
                 "inputs")
+
+    def pruning_units(self) -> list[SlotUnits]:
+        """The diagonal units of the hybrid-diagonal layouts (``units.slot_units``); none
+        under batch packing, where a weight is one plaintext product of its own."""
+        if self.program is None or self.params is None or self.packing.name != "single":
+            return []
+        return _units.slot_units(self.program, self.params.slots)
 
     # ----- client ------------------------------------------------------------------
 

@@ -1,0 +1,53 @@
+"""Slot units: which weights a scheme's compiled layout puts in one plaintext.
+
+A scheme that evaluates an affine layer as plaintext diagonals over slot layouts (CKKS and
+BFV single packing) groups the layer's weights by the difference of two slots: entry
+``(r, e)`` of the weight (output unit ``r``, input entry ``e``) lands in the diagonal
+``(slots[e] - anchors[r]) mod width``. An all-zero diagonal is skipped: no plaintext
+product, and no rotation or Galois key unless another diagonal needs that step. A
+``SlotUnits`` records that map for one layer, as the scheme's planner laid it out, so that
+``secureinfer.nn.prune`` can zero whole diagonals (and permute output units so that the
+surviving weights crowd into few of them) without knowing the scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SlotUnits"]
+
+
+@dataclass(frozen=True)
+class SlotUnits:
+    """The plaintext diagonals of one weighted layer in a compiled layout.
+
+    Attributes:
+        layer: the layer's name (its torch module path, ``LayerSpec.name``).
+        width: the diagonal period: ``min`` of the output and input slot periods.
+        slots: the slot of every input entry, of the weight's shape without its first axis
+            (Linear: one per input feature; Conv2d: one per ``(in channel, di, dj)`` tap).
+        anchors: the slot of every output unit (Linear row, Conv2d output channel).
+        permutable: the output units may be permuted (with the next layer's inputs): false
+            for the network's last layer, whose output order is the result.
+        contiguous: the diagonals are combined by baby-step giant-step, so a run of
+            consecutive diagonals needs fewest rotations (false: every unit is one rotation
+            of its own, e.g. a kernel offset on a grid).
+        note: the layout the map comes from (for messages and records).
+    """
+
+    layer: str
+    width: int
+    slots: np.ndarray
+    anchors: np.ndarray
+    permutable: bool
+    contiguous: bool = True
+    note: str = ""
+
+    def unit_of(self, anchors: np.ndarray | None = None) -> np.ndarray:
+        """The diagonal of every weight entry (the weight's shape), with output unit ``r``
+        at slot ``anchors[r]`` (default: the layout's own anchors)."""
+        a = self.anchors if anchors is None else anchors
+        flat = self.slots.reshape(1, -1) - np.asarray(a).reshape(-1, 1)
+        return (flat % self.width).reshape(len(a), *self.slots.shape)

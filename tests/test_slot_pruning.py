@@ -1,0 +1,119 @@
+"""Pruning in the units of the compiled ckks plan (``SlotUnits``): the diagonals the plan
+evaluates, runs of them kept, output units permuted to crowd the weights into them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import secureinfer  # noqa: E402
+from secureinfer import nn as snn  # noqa: E402
+from secureinfer.nn.slot_pruning import slot_layers  # noqa: E402
+
+from test_skip_zero_units import _run_counted  # noqa: E402
+
+CKKS = "ckks?packing=single&flood_bits=0"
+
+
+@pytest.fixture(scope="module")
+def ckks_ready():
+    pytest.importorskip("tenseal", reason="ckks needs tenseal: pip install secureinfer[ckks]")
+
+
+@pytest.fixture(scope="module")
+def cnn(digits):
+    torch.manual_seed(0)
+    model = snn.build("cnn", digits.input_shape, 10, "square", hidden=(32,))
+    snn.fit(model, digits.x_train, digits.y_train, epochs=6)
+    snn.calibrate(model, digits.x_train, digits.input_shape, input_range=(0.0, 1.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned(cnn, digits, ckks_ready):
+    return snn.prune(cnn, CKKS, sparsity=0.75, max_drop=100.0, data=digits, steps=2,
+                     epochs=2)
+
+
+def _units(model, digits):
+    sm = secureinfer.compile(model, CKKS, calibration=digits.x_train[:256])
+    return sm, sm.scheme.pruning_units()
+
+
+def test_units_come_from_the_plan(cnn, digits, ckks_ready):
+    sm, units = _units(cnn, digits)
+    assert [u.layer for u in units] == ["conv1", "fc1", "fc2"]
+    conv, fc1, fc2 = units
+    assert conv.note == "im2col" and conv.permutable and fc1.permutable and not fc2.permutable
+    # fc1 reads the im2col output: 4 channel blocks of 64 slots (6x6 used): the diagonal of
+    # an entry is its slot minus its row's slot, modulo min(m', d') = 32
+    assert fc1.width == 32 and fc1.slots[36] == 64 and fc1.slots[6] == 6
+    assert fc1.unit_of()[3, 36] == (64 - 3) % 32
+    assert len(np.unique(conv.unit_of())) == 4  # one diagonal per channel-tap shift
+
+
+def test_permuting_units_keeps_the_function(cnn, digits, ckks_ready):
+    import copy
+
+    model = copy.deepcopy(cnn)
+    layers = slot_layers(model, _units(model, digits)[1])
+    x = torch.tensor(digits.x_test[:16])
+    with torch.no_grad():
+        before = model(x)
+        for layer in layers:
+            if layer.units.permutable:
+                n = layer.module.weight.shape[0]
+                layer._permute(torch.as_tensor(np.random.default_rng(n).permutation(n)))
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.fc1.weight, cnn.fc1.weight)
+
+
+def test_pruned_diagonals_are_skipped_in_a_real_run(cnn, pruned, digits, ckks_ready):
+    meta = pruned.meta
+    assert meta["units_from"] == "plan" and meta["pruned"] > 0
+    base = secureinfer.compile(cnn, CKKS, calibration=digits.x_train[:256])
+    sm = secureinfer.compile(pruned.model, CKKS, calibration=digits.x_train[:256])
+    assert sm.plan["units_skipped"] >= meta["pruned"] // 2
+    for key in ("rotations_per_input", "plaintext_products", "galois_keys"):
+        assert sm.plan[key] < base.plan[key], key
+    assert sm.plan["galois_keys"] == len(sm.plan["rotation_steps"])
+    x = digits.x_test[:2]
+    out, counter = _run_counted(sm, x)
+    assert counter.rotations == sm.plan["rotations_per_input"] * len(x)
+    assert counter.products <= sm.plan["plaintext_products"] * len(x)
+    _, counter_base = _run_counted(base, x)
+    assert counter.rotations < counter_base.rotations
+    np.testing.assert_allclose(out, sm.predict_clear(x), atol=sm.scheme.capabilities.tolerance)
+
+
+def test_every_zeroed_weight_is_a_whole_diagonal(pruned, digits, ckks_ready):
+    _, units = _units(pruned.model, digits)
+    model = pruned.model
+    for u in units:
+        w = dict(model.named_modules())[u.layer].weight.detach().numpy()
+        diag = u.unit_of()
+        for v in np.unique(diag):
+            live = w[diag == v] != 0
+            assert live.all() or not live.any(), (u.layer, v)  # no diagonal half pruned
+
+
+def test_budget_zero_changes_nothing_under_ckks(cnn, digits, ckks_ready):
+    result = snn.prune(cnn, CKKS, sparsity=0.75, max_drop=0.0, data=digits, epochs=1)
+    for (k, a), b in zip(cnn.state_dict().items(), result.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert result.meta["pruned"] == 0
+
+
+def test_model_pruned_for_ckks_runs_under_clear_and_fe_ip(pruned, digits):
+    x = digits.x_test[:3]
+    clear = secureinfer.compile(pruned.model, "clear")
+    with torch.no_grad():
+        np.testing.assert_allclose(clear.predict_clear(x),
+                                   pruned.model(torch.tensor(x)).double().numpy(), atol=1e-4)
+    pytest.importorskip("pymcl", reason="fe-ip needs pymcl: pip install secureinfer[fe]")
+    sm = secureinfer.compile(pruned.model, "fe-ip", calibration=digits.x_train[:256])
+    client, server, _ = sm.setup()
+    np.testing.assert_array_equal(server.infer(client.encrypt(x)), sm.reference(x))
