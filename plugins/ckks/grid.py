@@ -20,6 +20,11 @@ giant steps ``g`` the partial products) plus rotate-and-add passes before or aft
   level); its ``1 / k^2`` goes into the stage's plaintexts.
 * Dense layer after a grid: the hybrid diagonal method over the grid's slot positions (the
   weights of that layer only, built against those positions).
+* Client shifts: when the first stage reads the input itself (no pool before it), the
+  client encrypts its input rotated by each of that stage's baby steps (the shifted copies
+  are a public function of the input, they reveal nothing about the weights) and the
+  server skips those rotations, the most expensive of the network (top level, most
+  limbs). ``GridPlan.shifts`` lists them; one input ciphertext per shift.
 
 No matrix over the flattened tensor is ever built for a convolution or a pool. The search
 (``plan_grid``) is a pure function of the program and the slot count; the diagonals are
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -125,6 +130,8 @@ class RotPlan:
         skipped: all-zero masks or diagonals (pruned units: a kernel offset of a channel
             pair, a dense diagonal) left out: no product, and no rotation or Galois key
             unless another unit still uses that step.
+        client_babies: the client sends the input rotated by every baby step (first
+            stage only): no baby rotation and no baby Galois key on the server.
     """
 
     name: str
@@ -138,6 +145,7 @@ class RotPlan:
     bias: Callable[[], np.ndarray] = field(repr=False)
     known: frozenset[int] = frozenset()
     skipped: int = 0
+    client_babies: bool = False
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -174,7 +182,8 @@ class RotPlan:
     def rotations(self) -> int:
         """Ciphertext rotations per evaluation."""
         passes = sum(len(p) for p in self.pre) + sum(len(p) for p in self.post)
-        return passes + len(self.babies()) + len(self.giants()) + len(self.rotsum)
+        babies = 0 if self.client_babies else len(self.babies())
+        return passes + babies + len(self.giants()) + len(self.rotsum)
 
     def products(self) -> int:
         """Plaintext products per evaluation."""
@@ -183,7 +192,7 @@ class RotPlan:
     def steps(self) -> set[int]:
         """Distinct rotation steps (Galois keys), modulo the width."""
         passes = {s for p in (*self.pre, *self.post) for s in p} | set(self.rotsum)
-        tree = {k for _, _, k in self.baby_tree()}
+        tree = set() if self.client_babies else {k for _, _, k in self.baby_tree()}
         chain = {k for _, k in self.giant_chain()}
         return ({s % self.width for s in passes} | tree | chain) - {0}
 
@@ -191,6 +200,7 @@ class RotPlan:
         return {"kind": self.name, "width": self.width, "rotations": self.rotations(),
                 "galois_steps": len(self.steps()),
                 "baby_steps": len(self.babies()), "giant_steps": len(self.giants()),
+                "client_babies": self.client_babies,
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
                 "units_skipped": self.skipped}
@@ -199,7 +209,10 @@ class RotPlan:
 @dataclass(eq=False)
 class GridPlan:
     """The layouts of a whole program: one ``RotPlan`` per stage (``None`` for stages
-    that are not affine or move nothing), the client's input map and the output slots."""
+    that are not affine or move nothing), the client's input map and the output slots.
+
+    ``shifts``: the rotations of its input the client encrypts, one ciphertext each
+    (``(0,)``: the input alone; else ``0`` and the first stage's baby steps)."""
 
     period: int
     stages: list[RotPlan | None]
@@ -207,6 +220,7 @@ class GridPlan:
     output_positions: np.ndarray
     output_period: int
     cost: float
+    shifts: tuple[int, ...] = (0,)
 
     def steps(self, slots: int) -> list[int]:
         """Every distinct rotation step normalised to ``[1, slots)``."""
@@ -568,11 +582,36 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     return gather, plan
 
 
+#: Fewest baby steps for which the client sends shifted copies: each copy is one more
+#: input ciphertext (bytes, encryption), worth it only against several top-level rotations.
+MIN_SHIFTS = 4
+#: Most shifted copies (input ciphertexts) per input.
+MAX_SHIFTS = 32
+
+
+def _client_shifts(program: Program, stages: list[RotPlan | None],
+                   max_shifts: int) -> tuple[int, ...]:
+    """The input rotations the client sends: the first stage's baby steps when that stage
+    reads the input itself (no pass before it) and has ``MIN_SHIFTS..max_shifts - 1`` of
+    them; that stage is replaced in ``stages`` by its ``client_babies`` form."""
+    for k, (stage, rp) in enumerate(zip(program.stages, stages)):
+        if isinstance(stage, Polynomial):
+            return (0,)
+        if rp is None:
+            continue
+        babies = rp.babies()
+        if rp.pre or not MIN_SHIFTS <= len(babies) < max_shifts:
+            return (0,)
+        stages[k] = replace(rp, client_babies=True)
+        return (0, *babies)
+    return (0,)
+
+
 def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
-               slots: int, search: bool) -> GridPlan | None:
+               slots: int, search: bool, max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
     stages: list[RotPlan | None] = []
+    levels: list[int] = []
     level = program.depth
-    cost = 0.0
     if isinstance(start, Grid):
         cur: Grid | Layout = start
         gather = start.slot_map()
@@ -594,15 +633,19 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         if rp is None or rp.width > slots:
             return None
         stages.append(rp)
-        cost += _level_weight(level) * (rp.rotations() + PRODUCT_COST * rp.products())
+        levels.append(level)
         cur = rp.out
         level -= 1
-    _share_keys([rp for rp in stages if rp is not None], slots)
+    shifts = _client_shifts(program, stages, max_shifts)
+    plans = [rp for rp in stages if rp is not None]
+    cost = sum(_level_weight(lv) * (rp.rotations() + PRODUCT_COST * rp.products())
+               for rp, lv in zip(plans, levels))
+    _share_keys(plans, slots)
     if isinstance(cur, Grid):
         out_pos, out_period = cur.positions(), cur.period
     else:
         out_pos, out_period = cur.positions, cur.period
-    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost)
+    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost, shifts)
 
 
 def _share_keys(plans: list[RotPlan], slots: int) -> None:
@@ -615,13 +658,15 @@ def _share_keys(plans: list[RotPlan], slots: int) -> None:
         known |= {s % slots for s in rp.steps()}
 
 
-def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | None:
+def plan_grid(program: Program, slots: int, search: bool = True,
+              max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
     """The cheapest grid layouts of ``program`` in ``slots`` slots, or ``None``.
 
     Pure: reads the program, mutates nothing. Tries every power-of-two period that holds
     the input, every interleave of the input's channels and the client's im2col, and keeps
     the plan with the lowest level-weighted rotation count. ``search=False`` skips the
-    block layouts of dense layers after dense layers (never needed to fit).
+    block layouts of dense layers after dense layers (never needed to fit). ``max_shifts``:
+    most input ciphertexts per input (the client's shifted copies; 1: none).
     """
     if not applicable(program):
         return None
@@ -639,11 +684,11 @@ def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | N
     best: GridPlan | None = None
     best_start = None
     for start in starts:
-        plan = _plan_with(program, start, slots, False)
+        plan = _plan_with(program, start, slots, False, max_shifts)
         if plan is not None and (best is None or plan.cost < best.cost):
             best, best_start = plan, start
     if search and best_start is not None:
-        searched = _plan_with(program, best_start, slots, True)
+        searched = _plan_with(program, best_start, slots, True, max_shifts)
         if searched is not None and searched.cost < best.cost:
             best = searched
     return best
