@@ -50,6 +50,11 @@ __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 PRODUCT_COST = 0.04
 #: Largest ``input period x outputs`` of a dense layer whose block layouts are searched.
 _BLOCK_SEARCH_MAX = 1 << 19
+#: Fewest baby steps for which the client sends shifted copies: each copy is one more
+#: input ciphertext (bytes, encryption), worth it only against several top-level rotations.
+MIN_SHIFTS = 4
+#: Most shifted copies (input ciphertexts) per input.
+MAX_SHIFTS = 32
 
 
 @dataclass(frozen=True)
@@ -515,7 +520,23 @@ def _level_weight(level: int) -> float:
     return float((level + 2) ** 1.3)
 
 
-def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | None:
+def _client_baby(indices: Sequence[int], max_shifts: int) -> int:
+    """Baby-step size of a first stage's diagonals: the fewest giant steps (server
+    rotations) whose babies the client can send as ``MIN_SHIFTS`` to ``max_shifts - 1``
+    shifted copies, else the size with the fewest rotations."""
+    top = max(indices, default=0) + 1
+    best, best_key = _best_baby(indices), None
+    for b in (1 << k for k in range(top.bit_length() + 1)):
+        babies = len({i % b for i in indices} - {0})
+        if MIN_SHIFTS <= babies < max_shifts:
+            key = (len({i - i % b for i in indices} - {0}), babies)
+            if best_key is None or key < best_key:
+                best, best_key = b, key
+    return best
+
+
+def _im2col_first(program: Program, slots: int,
+                  max_shifts: int = 1) -> tuple[np.ndarray, RotPlan] | None:
     """The first convolution on the client's im2col expansion, when it fits the slots.
 
     Slot ``k * P' + p`` holds tap ``k`` of window ``p``; output channel ``o`` lands in
@@ -552,7 +573,7 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     every = set(diag_index.tolist())
     o_i, k_i, diag_index, slot = o_i[live], k_i[live], diag_index[live], slot[live]
     indices = sorted(set(diag_index.tolist()))
-    baby = _best_baby(indices)
+    baby = _client_baby(indices, max_shifts)
     keys = frozenset((i - i % baby, i % baby) for i in indices)
     out = Grid(m, (oc, oh, ow), ow, 1, tuple((o, o * pw) for o in range(oc)))
     scale = stage.scale
@@ -580,13 +601,6 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     plan = RotPlan("im2col", width, (), keys, rotsum, tuple(post), cur, diagonals,
                    _stage_bias(stage, cur), skipped=len(every) - len(indices))
     return gather, plan
-
-
-#: Fewest baby steps for which the client sends shifted copies: each copy is one more
-#: input ciphertext (bytes, encryption), worth it only against several top-level rotations.
-MIN_SHIFTS = 4
-#: Most shifted copies (input ciphertexts) per input.
-MAX_SHIFTS = 32
 
 
 def _client_shifts(program: Program, stages: list[RotPlan | None],
@@ -678,7 +692,7 @@ def plan_grid(program: Program, slots: int, search: bool = True,
     while period <= slots:
         starts.extend(_input_grids(program.input_shape, period, max_cs))
         period *= 2
-    first = _im2col_first(program, slots)
+    first = _im2col_first(program, slots, max_shifts)
     if first is not None:
         starts.append(first)
     best: GridPlan | None = None
