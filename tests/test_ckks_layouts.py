@@ -196,9 +196,10 @@ def test_lenet5_operation_counts() -> None:
     assert plan["layout"] == "grid" and plan["security_bits"] == 128
     c1, c2, fc1, fc2, fc3 = plan["grid_stages"]
     assert c1["kind"] == c2["kind"] == "conv"
-    # conv 1->6: the client sends the image shifted by each tap: products only
-    assert c1["plaintext_products"] <= 25 and c1["rotations"] == 0
-    assert len(plan["input_shifts"]) == 25
+    # conv 1->6: the client sends the image shifted by each kernel column (5 copies), the
+    # server rotates by the 4 other kernel rows; 25 products
+    assert c1["plaintext_products"] <= 25 and c1["client_babies"]
+    assert len(plan["input_shifts"]) == 5 and c1["rotations"] == 4
     # pool + conv 6->16: (6 + 16 - 1) channel differences x 25 taps at most
     assert c2["plaintext_products"] <= 21 * 25
     assert c2["rotations"] <= 24 + 20 + 2

@@ -55,6 +55,9 @@ _BLOCK_SEARCH_MAX = 1 << 19
 MIN_SHIFTS = 4
 #: Most shifted copies (input ciphertexts) per input.
 MAX_SHIFTS = 32
+#: One more input ciphertext against one top-level rotation: the server loads it (about
+#: a fifth of a rotation at N=16384, measured with SEAL), the client encrypts and sends it.
+COPY_COST = 0.25
 
 
 @dataclass(frozen=True)
@@ -355,8 +358,18 @@ def _place_conv(grid: Grid, conv: Conv2d) -> tuple[Grid, dict[tuple[int, int], i
     return out, choice
 
 
+def _tap_key(grid: Grid, g: int, di: int, dj: int, split_rows: bool) -> tuple[int, int]:
+    """The ``(giant, baby)`` of kernel offset ``(di, dj)`` (padding subtracted) read at
+    base difference ``g``: the whole offset is the baby step, or (``split_rows``) only its
+    column part, the row part joining the giant step."""
+    row, col = di * grid.rs, dj * grid.cs
+    if split_rows:
+        return (g + row) % grid.period, col % grid.period
+    return g, (row + col) % grid.period
+
+
 def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
-               nonzero: bool = True) -> frozenset[tuple[int, int]]:
+               nonzero: bool = True, split_rows: bool = False) -> frozenset[tuple[int, int]]:
     """The ``(giant, baby)`` masks of the convolution: those with a nonzero weight, or
     (``nonzero=False``) every mask its channel pairs' taps would use unpruned."""
     period = grid.period
@@ -369,12 +382,13 @@ def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int]
         for di in range(kh):
             for dj in range(kw):
                 if not nonzero or conv.weight[o, c, di, dj] != 0.0:
-                    keys.add((g, ((di - ph) * grid.rs + (dj - pw) * grid.cs) % period))
+                    keys.add(_tap_key(grid, g, di - ph, dj - pw, split_rows))
     return frozenset(keys)
 
 
 def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
-                    scale: float) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
+                    scale: float, split_rows: bool = False,
+                    ) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
     def diagonals() -> dict[tuple[int, int], np.ndarray]:
         period = grid.period
         _, _, kh, kw = conv.weight.shape
@@ -397,7 +411,7 @@ def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int,
                     if weight == 0.0:
                         continue
                     ok = rows_ok & (jj + dj >= 0) & (jj + dj < w)
-                    key = (g, ((di - ph) * grid.rs + (dj - pw) * grid.cs) % period)
+                    key = _tap_key(grid, g, di - ph, dj - pw, split_rows)
                     vec = diags.get(key)
                     if vec is None:
                         vec = diags[key] = np.zeros(period)
@@ -435,8 +449,9 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
 
 
 def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
-                search: bool) -> RotPlan | None:
-    """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot."""
+                search: bool, split_rows: bool = False) -> RotPlan | None:
+    """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot.
+    ``split_rows``: a convolution's kernel rows go to the giant steps (``_tap_key``)."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
     scale = stage.scale
@@ -466,12 +481,13 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         assert in_grid is not None
         # post-pools re-scale the convolution: fold the total factor into its plaintexts
         conv_out = _conv_out(in_grid, conv, cur)
-        keys = _conv_keys(in_grid, conv, conv_out, choice)
+        keys = _conv_keys(in_grid, conv, conv_out, choice, split_rows=split_rows)
         if cur.slot_map() is None:
             return None
-        skipped = len(_conv_keys(in_grid, conv, conv_out, choice, nonzero=False)) - len(keys)
+        every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False, split_rows=split_rows)
+        skipped = len(every) - len(keys)
         return RotPlan("conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
-                       _conv_diagonals(in_grid, conv, conv_out, choice, scale),
+                       _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows),
                        _stage_bias(stage, cur), skipped=skipped)
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
@@ -521,17 +537,19 @@ def _level_weight(level: int) -> float:
 
 
 def _client_baby(indices: Sequence[int], max_shifts: int) -> int:
-    """Baby-step size of a first stage's diagonals: the fewest giant steps (server
-    rotations) whose babies the client can send as ``MIN_SHIFTS`` to ``max_shifts - 1``
-    shifted copies, else the size with the fewest rotations."""
+    """Baby-step size of a first stage's diagonals: the lowest giant steps (server
+    rotations) plus ``COPY_COST`` per copy, the client sending the babies as ``MIN_SHIFTS``
+    to ``max_shifts - 1`` shifted copies, or the size with the fewest rotations."""
     top = max(indices, default=0) + 1
-    best, best_key = _best_baby(indices), None
+    best = _best_baby(indices)
+    giants = {i - i % best for i in indices} - {0}
+    best_key = (len({i % best for i in indices} - {0}) + len(giants) + COPY_COST, 0)
     for b in (1 << k for k in range(top.bit_length() + 1)):
         babies = len({i % b for i in indices} - {0})
         if MIN_SHIFTS <= babies < max_shifts:
-            key = (len({i - i % b for i in indices} - {0}), babies)
-            if best_key is None or key < best_key:
-                best, best_key = b, key
+            cost = len({i - i % b for i in indices} - {0}) + COPY_COST * (babies + 1)
+            if (cost, babies) < best_key:
+                best, best_key = b, (cost, babies)
     return best
 
 
@@ -603,6 +621,28 @@ def _im2col_first(program: Program, slots: int,
     return gather, plan
 
 
+def _first_cost(rp: RotPlan, max_shifts: int) -> float:
+    """Server rotations plus ``COPY_COST`` per input ciphertext of a first stage, with
+    the client's shifted copies when ``_client_shifts`` would use them."""
+    babies = len(rp.babies())
+    if not rp.pre and MIN_SHIFTS <= babies < max_shifts:
+        return rp.rotations() - babies + COPY_COST * (babies + 1)
+    return rp.rotations() + COPY_COST
+
+
+def _first_stage(stage: Affine, cur: Grid | Layout, slots: int, search: bool,
+                 max_shifts: int) -> RotPlan | None:
+    """The first stage's plan: a convolution's whole kernel offsets as baby steps, or
+    only their columns (the client sends ``kw`` copies and the server rotates by the
+    rows), whichever costs less with the client's copies."""
+    whole = _plan_stage(stage, cur, slots, search)
+    if whole is None or whole.name != "conv" or max_shifts <= MIN_SHIFTS:
+        return whole
+    rows = _plan_stage(stage, cur, slots, search, split_rows=True)
+    cands = [whole] + ([rows] if rows is not None else [])
+    return min(cands, key=lambda rp: (_first_cost(rp, max_shifts), rp.products()))
+
+
 def _client_shifts(program: Program, stages: list[RotPlan | None],
                    max_shifts: int) -> tuple[int, ...]:
     """The input rotations the client sends: the first stage's baby steps when that stage
@@ -642,7 +682,12 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         if stage.is_noop:
             stages.append(None)
             continue
-        rp = first if first is not None else _plan_stage(stage, cur, slots, search)
+        if first is not None:
+            rp = first
+        elif level == program.depth and all(p is None for p in stages):
+            rp = _first_stage(stage, cur, slots, search, max_shifts)
+        else:
+            rp = _plan_stage(stage, cur, slots, search)
         first = None
         if rp is None or rp.width > slots:
             return None
@@ -654,6 +699,7 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
     plans = [rp for rp in stages if rp is not None]
     cost = sum(_level_weight(lv) * (rp.rotations() + PRODUCT_COST * rp.products())
                for rp, lv in zip(plans, levels))
+    cost += _level_weight(program.depth) * COPY_COST * (len(shifts) - 1)
     _share_keys(plans, slots)
     if isinstance(cur, Grid):
         out_pos, out_period = cur.positions(), cur.period
