@@ -148,6 +148,18 @@ def test_first_convolution_on_the_clients_shifted_copies() -> None:
     assert np.abs(y_off - y).max() < 2 * TOL
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_first_convolution_split_by_kernel_rows(stride: int, monkeypatch) -> None:
+    """A 5x5 first convolution: the client sends 5 column shifts, the server rotates by
+    the 4 other kernel rows (cheaper than 25 copies at ``COPY_COST``); same as clear."""
+    monkeypatch.setattr(grid, "_im2col_first", lambda *_: None)
+    sm, y, ref = _run(conv_net(1, 9, 3, 5, stride, 2, stride == 1))
+    first = sm.plan["grid_stages"][0]
+    assert first["client_babies"] and len(sm.plan["input_shifts"]) == 5
+    assert first["baby_steps"] == 4 and first["rotations"] == first["giant_steps"] >= 4
+    assert np.abs(y - ref).max() < TOL
+
+
 def test_input_message_with_the_wrong_number_of_copies_is_refused() -> None:
     layers = conv_net(1, 8, 4, 3, 1, 1, True)
     rng = np.random.default_rng(7)
