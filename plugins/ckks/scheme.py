@@ -355,10 +355,9 @@ class CKKSScheme(Scheme):
             "estimated_max_error": _flood.flooded_error(error, self.opts["flood_bits"],
                                                         params.poly_modulus_degree),
             **_flood.plan_keys(error, self.opts["flood_bits"], params.poly_modulus_degree),
-            "input_ciphertexts_per_message": packing.per_group(
-                {**fields, "input_shape": list(program.input_shape)}, "input")[0],
         }
         self.plan_["batch_size"] = packing.batch_size(self.plan_)
+        self.plan_["input_ciphertexts_per_message"] = packing.per_group(self.plan_, "input")[0]
         return self.plan_
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
