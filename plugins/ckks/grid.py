@@ -24,7 +24,9 @@ giant steps ``g`` the partial products) plus rotate-and-add passes before or aft
   client encrypts its input rotated by each of that stage's baby steps (the shifted copies
   are a public function of the input, they reveal nothing about the weights) and the
   server skips those rotations, the most expensive of the network (top level, most
-  limbs). ``GridPlan.shifts`` lists them; one input ciphertext per shift.
+  limbs). ``GridPlan.shifts`` lists them; one input ciphertext per shift. A convolution
+  may instead keep its kernel rows as giant steps (the client sends the ``kw`` column
+  shifts, the server rotates by the rows), whichever costs less at ``COPY_COST`` per copy.
 
 No matrix over the flattened tensor is ever built for a convolution or a pool. The search
 (``plan_grid``) is a pure function of the program and the slot count; the diagonals are
