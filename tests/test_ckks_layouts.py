@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("tenseal", reason="ckks needs TenSEAL: pip install secureinfer[ckks]")
 
 from secureinfer import codec
-from secureinfer.errors import EnvelopeError
+from secureinfer.errors import ConfigError, EnvelopeError
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
 from secureinfer.model import compile_layers
 from secureinfer.plugins.ckks import grid, program
@@ -158,6 +158,12 @@ def test_first_convolution_split_by_kernel_rows(stride: int, monkeypatch) -> Non
     assert first["client_babies"] and len(sm.plan["input_shifts"]) == 5
     assert first["baby_steps"] == 4 and first["rotations"] == first["giant_steps"] >= 4
     assert np.abs(y - ref).max() < TOL
+
+
+@pytest.mark.parametrize("value", [0, 257])
+def test_input_shifts_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(ConfigError, match="input_shifts"):
+        compile_layers(conv_net(1, 8, 2, 3, 1, 1, False), f"ckks?input_shifts={value}")
 
 
 def test_input_message_with_the_wrong_number_of_copies_is_refused() -> None:
