@@ -25,8 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from secureinfer.nn.activations import Square
 from torch import nn
+
+try:
+    from secureinfer.nn.activations import Square
+except ImportError:  # the anchors' venv need not hold secureinfer: the same x^2, same name
+
+    class Square(nn.Module):  # type: ignore[no-redef]
+        """``x * x``, as ``secureinfer.nn.activations.Square`` (the anchors match by name)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
 
 __all__ = ["NETWORKS", "build", "run_child", "run_ours"]
 
@@ -159,7 +168,13 @@ def _floor(plan: dict[str, Any], units: dict[int, dict[str, float]]) -> dict[str
             **{f"{k}s": v for k, v in counts.items()}}
 
 
-def run_ours(name: str, weights: str, runs: int) -> dict[str, Any]:
+#: Our config in the table: without the output flood, which only a deployment whose
+#: client must not learn more than the outputs needs (``flood_bits`` > 0 raises the scale
+#: and often the ring degree).
+OURS_CONFIG = "ckks?flood_bits=0"
+
+
+def run_ours(name: str, weights: str, runs: int, config: str = OURS_CONFIG) -> dict[str, Any]:
     """Compile, set up and time ``name`` with the ``ckks`` plugin (in this process)."""
     import secureinfer
 
@@ -169,13 +184,15 @@ def run_ours(name: str, weights: str, runs: int) -> dict[str, Any]:
     calib = rng.random((32, *shape))
     baseline = _rss_gb()
     start = time.perf_counter()
-    sm = secureinfer.compile(net, "ckks", input_shape=shape, calibration=calib)
+    sm = secureinfer.compile(net, config, input_shape=shape, calibration=calib)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     client, server, _ = sm.setup()
     setup_s = time.perf_counter() - start
     x = rng.random((1, *shape))
+    start = time.perf_counter()
     msg = client.encrypt(x)
+    encrypt_s = time.perf_counter() - start
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -187,7 +204,10 @@ def run_ours(name: str, weights: str, runs: int) -> dict[str, Any]:
     rss = _rss_gb()
     units = _unit_costs(sm.scheme)
     est = plan.get("estimated_memory", {}).get("peak_one_process")
-    return {"system": "ours", "network": name, "evaluate_s": statistics.median(times),
+    return {"system": "ours", "network": name, "config": config,
+            "evaluate_s": statistics.median(times), "encrypt_s": encrypt_s,
+            "input_ciphertexts": plan["input_ciphertexts_per_message"],
+            "input_mb": len(msg) / 1e6,
             "compile_s": compile_s, "setup_s": setup_s, "peak_rss_gb": rss,
             "estimated_peak_gb": baseline + est / 1e9 if est else None,
             "max_abs_error": float(np.abs(y - ref).max()),
@@ -209,7 +229,7 @@ def _available_gb() -> float:
 
 
 def run_child(python: str, system: str, name: str, weights: str, runs: int,
-              timeout: float, need_gb: float = 0.0) -> dict[str, Any]:
+              timeout: float, need_gb: float = 0.0, config: str = OURS_CONFIG) -> dict[str, Any]:
     """Run one system on one network in a fresh interpreter; its JSON line back.
 
     Skipped (with the reason) when the machine has less than ``need_gb`` available: it is
@@ -221,6 +241,8 @@ def run_child(python: str, system: str, name: str, weights: str, runs: int,
     here = Path(__file__).resolve().parent
     script = here / ("_anchors.py" if system != "ours" else "bench_ckks.py")
     cmd = [python, str(script), "--child", system, name, weights, str(runs)]
+    if system == "ours":
+        cmd += ["--config", config]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -240,8 +262,8 @@ def save_weights(name: str, path: str) -> None:
     np.savez(path, **{k: v.detach().numpy() for k, v in net.state_dict().items()})
 
 
-def child_main(argv: list[str]) -> None:
+def child_main(argv: list[str], config: str = OURS_CONFIG) -> None:
     system, name, weights, runs = argv[0], argv[1], argv[2], int(argv[3])
     assert system == "ours"
-    print(json.dumps(run_ours(name, weights, runs)))
+    print(json.dumps(run_ours(name, weights, runs, config)))
     sys.stdout.flush()

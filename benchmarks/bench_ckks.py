@@ -243,13 +243,14 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
     names = [n for n in args.networks.split(",") if n]
     anchors = [a for a in (args.vs or "").split(",") if a]
     python = args.anchors_python
+    config = args.config or _cnn.OURS_CONFIG
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             weights = os.path.join(tmp, f"{name}.npz")
             _cnn.save_weights(name, weights)
             row = {"ours": _cnn.run_child(sys.executable, "ours", name, weights, args.runs,
-                                          args.timeout)}
+                                          args.timeout, config=config)}
             for anchor in anchors:
                 if not os.path.exists(python):
                     row[anchor] = {"skipped": f"no anchors venv at {python}"}
@@ -259,7 +260,7 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
                                                  _cnn.ANCHOR_GB.get((anchor, name), 8.0))
             rows.append((name, row))
             print(json.dumps({name: row}, default=float), flush=True)
-    print()
+    print(f"\nours: {config}; evaluate = median of {args.runs} runs, one input")
     head = (f"{'network':11s} {'ours s':>7s} {'floor s':>7s} {'setup s':>7s} {'RSS GB':>6s} "
             f"{'est GB':>6s} {'rot':>4s} {'keys':>4s} {'key GB':>6s} {'err':>8s} "
             + " ".join(f"{a + ' s':>10s} {a + ' GB':>9s}" for a in anchors))
@@ -281,6 +282,8 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
         for a in anchors:
             if "skipped" in row[a]:
                 print(f"  {a} skipped: {row[a]['skipped']}")
+        print(f"  input: {o['input_ciphertexts']} ciphertexts, {o['input_mb']:.1f} MB, "
+              f"encrypt {o['encrypt_s']:.2f} s")
         print(f"  floor: {o['rotations']} rotations {o['rotation_s']:.2f} s, "
               f"{o['pt_products']} pt products {o['pt_product_s']:.2f} s, {o['ct_products']} "
               f"ct products {o['ct_product_s']:.2f} s, {o['rescales']} rescales "
@@ -319,13 +322,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per system")
     ap.add_argument("--anchors-python", default="/work/venvs/anchors/bin/python",
                     help="interpreter of the venv holding orion-fhe and pyhelayers")
+    ap.add_argument("--config", default=None, help="--networks: our config (default "
+                    "ckks?flood_bits=0: no output flooding)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.child:
         import _cnn
 
-        _cnn.child_main(args.child)
+        _cnn.child_main(args.child, args.config or _cnn.OURS_CONFIG)
         return {}
     if args.networks:
         return networks_main(args)

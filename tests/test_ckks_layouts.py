@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("tenseal", reason="ckks needs TenSEAL: pip install secureinfer[ckks]")
 
+from secureinfer import codec
+from secureinfer.errors import ConfigError, EnvelopeError
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, LayerSpec, Linear, Poly
 from secureinfer.model import compile_layers
 from secureinfer.plugins.ckks import grid, program
@@ -92,10 +94,12 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_grid_layout_matches_clear(case: str, first: str, monkeypatch) -> None:
     """``rotations``: the first convolution in the slots (kernel-offset rotations), the
-    client's im2col disabled; ``planner``: whatever the planner picks."""
+    client's im2col and shifted copies disabled; ``planner``: whatever the planner picks."""
+    config = "ckks"
     if first == "rotations":
         monkeypatch.setattr(grid, "_im2col_first", lambda *_: None)
-    sm, y, ref = _run(conv_net(*CASES[case]))
+        config = "ckks?input_shifts=1"
+    sm, y, ref = _run(conv_net(*CASES[case]), config)
     assert sm.plan["layout"] == "grid"
     if first == "rotations":
         assert sm.plan["grid_stages"][0]["kind"] == "conv"
@@ -127,8 +131,56 @@ def test_pool_after_conv_and_pool_alone() -> None:
     assert np.abs(y - ref).max() < TOL
 
 
+def test_first_convolution_on_the_clients_shifted_copies() -> None:
+    """The client sends its input rotated by each kernel offset: the first convolution
+    costs products only, the result is the same as with the server's rotations."""
+    layers = conv_net(1, 8, 4, 3, 1, 1, True)
+    sm, y, ref = _run(layers)
+    first = sm.plan["grid_stages"][0]
+    assert first["kind"] == "conv" and first["client_babies"] and first["rotations"] == 0
+    assert sm.plan["input_shifts"][0] == 0 and len(sm.plan["input_shifts"]) == 9
+    assert sm.plan["input_ciphertexts_per_message"] == 9
+    assert np.abs(y - ref).max() < TOL
+    off, y_off, _ = _run(layers, "ckks?input_shifts=1")
+    assert off.plan["input_shifts"] == [0] and off.plan["input_ciphertexts_per_message"] == 1
+    assert off.plan["grid_stages"][0]["rotations"] > 0
+    assert off.plan["rotations_per_input"] > sm.plan["rotations_per_input"]
+    assert np.abs(y_off - y).max() < 2 * TOL
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_first_convolution_split_by_kernel_rows(stride: int, monkeypatch) -> None:
+    """A 5x5 first convolution: the client sends 5 column shifts, the server rotates by
+    the 4 other kernel rows (cheaper than 25 copies at ``COPY_COST``); same as clear."""
+    monkeypatch.setattr(grid, "_im2col_first", lambda *_: None)
+    sm, y, ref = _run(conv_net(1, 9, 3, 5, stride, 2, stride == 1))
+    first = sm.plan["grid_stages"][0]
+    assert first["client_babies"] and len(sm.plan["input_shifts"]) == 5
+    assert first["baby_steps"] == 4 and first["rotations"] == first["giant_steps"] >= 4
+    assert np.abs(y - ref).max() < TOL
+
+
+@pytest.mark.parametrize("value", [0, 257])
+def test_input_shifts_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(ConfigError, match="input_shifts"):
+        compile_layers(conv_net(1, 8, 2, 3, 1, 1, False), f"ckks?input_shifts={value}")
+
+
+def test_input_message_with_the_wrong_number_of_copies_is_refused() -> None:
+    layers = conv_net(1, 8, 4, 3, 1, 1, True)
+    rng = np.random.default_rng(7)
+    sm = compile_layers(layers, "ckks", calibration=rng.random((8, 1, 8, 8)))
+    client, server, _ = sm.setup()
+    one = compile_layers(layers, "ckks?input_shifts=1", calibration=rng.random((8, 1, 8, 8)))
+    one_client = one.setup()[0]
+    fields = codec.unpack_fields(one.scheme.encrypt(one_client._enc_keys, rng.random((1, 1, 8, 8))))
+    payload = codec.pack_fields(fields)
+    with pytest.raises(EnvelopeError, match="expected 9 per group"):
+        sm.scheme.load_input(server.ctx, payload)
+
+
 def test_first_convolution_on_the_clients_im2col() -> None:
-    sm, y, ref = _run(conv_net(1, 10, 4, 4, 3, 0, False))
+    sm, y, ref = _run(conv_net(1, 10, 4, 4, 3, 0, False), "ckks?input_shifts=1")
     assert sm.plan["grid_stages"][0]["kind"] == "im2col"
     assert "im2col" in sm.plan["input_layout"]
     assert np.abs(y - ref).max() < TOL
@@ -162,8 +214,10 @@ def test_lenet5_operation_counts() -> None:
     assert plan["layout"] == "grid" and plan["security_bits"] == 128
     c1, c2, fc1, fc2, fc3 = plan["grid_stages"]
     assert c1["kind"] == c2["kind"] == "conv"
-    # conv 1->6: the client interleaves copies of the image, one tap per baby step
-    assert c1["plaintext_products"] <= 25 and c1["rotations"] <= 24
+    # conv 1->6: the client sends the image shifted by each kernel column (5 copies), the
+    # server rotates by the 4 other kernel rows; 25 products
+    assert c1["plaintext_products"] <= 25 and c1["client_babies"]
+    assert len(plan["input_shifts"]) == 5 and c1["rotations"] == 4
     # pool + conv 6->16: (6 + 16 - 1) channel differences x 25 taps at most
     assert c2["plaintext_products"] <= 21 * 25
     assert c2["rotations"] <= 24 + 20 + 2

@@ -121,9 +121,9 @@ def ckks_ready():
     pytest.importorskip("tenseal", reason="ckks needs tenseal: pip install secureinfer[ckks]")
 
 
-def _ckks_pair(layers_dense, layers_pruned, x, calib):
-    dense = compile_layers(layers_dense, "ckks?packing=single", calibration=calib)
-    pruned = compile_layers(layers_pruned, "ckks?packing=single", calibration=calib)
+def _ckks_pair(layers_dense, layers_pruned, x, calib, config="ckks?packing=single"):
+    dense = compile_layers(layers_dense, config, calibration=calib)
+    pruned = compile_layers(layers_pruned, config, calibration=calib)
     return dense, pruned
 
 
@@ -162,7 +162,9 @@ def test_ckks_grid_zero_kernel_offsets_skipped(ckks_ready):
     rng = np.random.default_rng(8)
     calib, x = rng.uniform(-1, 1, (32, 1, 8, 8)), rng.uniform(-1, 1, (2, 1, 8, 8))
     taps = ((0, 0), (0, 2), (2, 0), (2, 2), (1, 0))
-    dense, pruned = _ckks_pair(_conv_net(0), _conv_net(0, taps), x, calib)
+    # the client's shifted copies off: the server rotates by every live kernel offset
+    dense, pruned = _ckks_pair(_conv_net(0), _conv_net(0, taps), x, calib,
+                               "ckks?packing=single&input_shifts=1")
     assert dense.plan["layout"] == pruned.plan["layout"] == "grid"
     assert dense.plan["units_skipped"] == 0 and pruned.plan["units_skipped"] > 0
     assert pruned.plan["rotations_per_input"] < dense.plan["rotations_per_input"]
@@ -172,6 +174,21 @@ def test_ckks_grid_zero_kernel_offsets_skipped(ckks_ready):
         out, counter = _run_counted(sm, x)
         assert counter.rotations == sm.plan["rotations_per_input"] * len(x)
         assert counter.products == sm.plan["plaintext_products"] * len(x)
+        np.testing.assert_allclose(out, sm.predict_clear(x), atol=1e-2)
+
+
+def test_ckks_grid_zero_kernel_offsets_need_no_shifted_copy(ckks_ready):
+    """With the client's shifted copies, a pruned kernel offset is one input ciphertext
+    fewer (no copy for a baby step nothing reads)."""
+    rng = np.random.default_rng(8)
+    calib, x = rng.uniform(-1, 1, (32, 1, 8, 8)), rng.uniform(-1, 1, (2, 1, 8, 8))
+    taps = ((0, 2), (2, 0), (2, 2))
+    dense, pruned = _ckks_pair(_conv_net(0), _conv_net(0, taps), x, calib)
+    shifts = len(dense.plan["input_shifts"])
+    assert shifts > 1 and len(pruned.plan["input_shifts"]) == shifts - len(taps)
+    for sm in (dense, pruned):
+        out, counter = _run_counted(sm, x)
+        assert counter.rotations == sm.plan["rotations_per_input"] * len(x)
         np.testing.assert_allclose(out, sm.predict_clear(x), atol=1e-2)
 
 

@@ -14,7 +14,7 @@ from secureinfer.nn.slot_pruning import slot_layers  # noqa: E402
 
 from test_skip_zero_units import _run_counted  # noqa: E402
 
-CKKS = "ckks?packing=single&flood_bits=0"
+CKKS = "ckks?packing=single&flood_bits=0&input_shifts=1"  # the im2col first stage
 
 
 @pytest.fixture(scope="module")

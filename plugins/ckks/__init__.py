@@ -13,6 +13,11 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   diagonal matrix products with baby-step giant-step otherwise, module ``search``),
   ``batch`` (CryptoNets-style, input ``j`` of a group in slot ``j`` of one ciphertext per
   feature; no rotations, highest throughput) or ``auto`` (``single`` when every value fits one ciphertext, else ``batch``).
+* ``input_shifts`` (default 32): most ciphertexts per input in ``single`` packing. When
+  the first layer reads the input itself (a convolution on the grid or the client's
+  im2col), the client also encrypts its input rotated by each of that layer's baby steps
+  (public shifts of its own data, nothing about the weights) and the server skips those
+  rotations, the costliest of the network (top level). ``1``: one ciphertext per input.
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
 * ``flood_bits``: the server masks and noise-floods every output so that a decryption is

@@ -20,6 +20,13 @@ giant steps ``g`` the partial products) plus rotate-and-add passes before or aft
   level); its ``1 / k^2`` goes into the stage's plaintexts.
 * Dense layer after a grid: the hybrid diagonal method over the grid's slot positions (the
   weights of that layer only, built against those positions).
+* Client shifts: when the first stage reads the input itself (no pool before it), the
+  client encrypts its input rotated by each of that stage's baby steps (the shifted copies
+  are a public function of the input, they reveal nothing about the weights) and the
+  server skips those rotations, the most expensive of the network (top level, most
+  limbs). ``GridPlan.shifts`` lists them; one input ciphertext per shift. A convolution
+  may instead keep its kernel rows as giant steps (the client sends the ``kw`` column
+  shifts, the server rotates by the rows), whichever costs less at ``COPY_COST`` per copy.
 
 No matrix over the flattened tensor is ever built for a convolution or a pool. The search
 (``plan_grid``) is a pure function of the program and the slot count; the diagonals are
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +52,14 @@ __all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
 PRODUCT_COST = 0.04
 #: Largest ``input period x outputs`` of a dense layer whose block layouts are searched.
 _BLOCK_SEARCH_MAX = 1 << 19
+#: Fewest baby steps for which the client sends shifted copies: each copy is one more
+#: input ciphertext (bytes, encryption), worth it only against several top-level rotations.
+MIN_SHIFTS = 4
+#: Most shifted copies (input ciphertexts) per input.
+MAX_SHIFTS = 32
+#: One more input ciphertext against one top-level rotation: the server loads it (about
+#: a fifth of a rotation at N=16384, measured with SEAL), the client encrypts and sends it.
+COPY_COST = 0.25
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,8 @@ class RotPlan:
         skipped: all-zero masks or diagonals (pruned units: a kernel offset of a channel
             pair, a dense diagonal) left out: no product, and no rotation or Galois key
             unless another unit still uses that step.
+        client_babies: the client sends the input rotated by every baby step (first
+            stage only): no baby rotation and no baby Galois key on the server.
     """
 
     name: str
@@ -138,6 +155,7 @@ class RotPlan:
     bias: Callable[[], np.ndarray] = field(repr=False)
     known: frozenset[int] = frozenset()
     skipped: int = 0
+    client_babies: bool = False
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -174,7 +192,8 @@ class RotPlan:
     def rotations(self) -> int:
         """Ciphertext rotations per evaluation."""
         passes = sum(len(p) for p in self.pre) + sum(len(p) for p in self.post)
-        return passes + len(self.babies()) + len(self.giants()) + len(self.rotsum)
+        babies = 0 if self.client_babies else len(self.babies())
+        return passes + babies + len(self.giants()) + len(self.rotsum)
 
     def products(self) -> int:
         """Plaintext products per evaluation."""
@@ -183,7 +202,7 @@ class RotPlan:
     def steps(self) -> set[int]:
         """Distinct rotation steps (Galois keys), modulo the width."""
         passes = {s for p in (*self.pre, *self.post) for s in p} | set(self.rotsum)
-        tree = {k for _, _, k in self.baby_tree()}
+        tree = set() if self.client_babies else {k for _, _, k in self.baby_tree()}
         chain = {k for _, k in self.giant_chain()}
         return ({s % self.width for s in passes} | tree | chain) - {0}
 
@@ -191,6 +210,7 @@ class RotPlan:
         return {"kind": self.name, "width": self.width, "rotations": self.rotations(),
                 "galois_steps": len(self.steps()),
                 "baby_steps": len(self.babies()), "giant_steps": len(self.giants()),
+                "client_babies": self.client_babies,
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
                 "units_skipped": self.skipped}
@@ -199,7 +219,10 @@ class RotPlan:
 @dataclass(eq=False)
 class GridPlan:
     """The layouts of a whole program: one ``RotPlan`` per stage (``None`` for stages
-    that are not affine or move nothing), the client's input map and the output slots."""
+    that are not affine or move nothing), the client's input map and the output slots.
+
+    ``shifts``: the rotations of its input the client encrypts, one ciphertext each
+    (``(0,)``: the input alone; else ``0`` and the first stage's baby steps)."""
 
     period: int
     stages: list[RotPlan | None]
@@ -207,6 +230,7 @@ class GridPlan:
     output_positions: np.ndarray
     output_period: int
     cost: float
+    shifts: tuple[int, ...] = (0,)
     input_grid: Grid | None = None
     """The client's input grid (``None`` when the first stage reads its im2col)."""
 
@@ -338,8 +362,18 @@ def _place_conv(grid: Grid, conv: Conv2d) -> tuple[Grid, dict[tuple[int, int], i
     return out, choice
 
 
+def _tap_key(grid: Grid, g: int, di: int, dj: int, split_rows: bool) -> tuple[int, int]:
+    """The ``(giant, baby)`` of kernel offset ``(di, dj)`` (padding subtracted) read at
+    base difference ``g``: the whole offset is the baby step, or (``split_rows``) only its
+    column part, the row part joining the giant step."""
+    row, col = di * grid.rs, dj * grid.cs
+    if split_rows:
+        return (g + row) % grid.period, col % grid.period
+    return g, (row + col) % grid.period
+
+
 def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
-               nonzero: bool = True) -> frozenset[tuple[int, int]]:
+               nonzero: bool = True, split_rows: bool = False) -> frozenset[tuple[int, int]]:
     """The ``(giant, baby)`` masks of the convolution: those with a nonzero weight, or
     (``nonzero=False``) every mask its channel pairs' taps would use unpruned."""
     period = grid.period
@@ -352,12 +386,13 @@ def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int]
         for di in range(kh):
             for dj in range(kw):
                 if not nonzero or conv.weight[o, c, di, dj] != 0.0:
-                    keys.add((g, ((di - ph) * grid.rs + (dj - pw) * grid.cs) % period))
+                    keys.add(_tap_key(grid, g, di - ph, dj - pw, split_rows))
     return frozenset(keys)
 
 
 def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
-                    scale: float) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
+                    scale: float, split_rows: bool = False,
+                    ) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
     def diagonals() -> dict[tuple[int, int], np.ndarray]:
         period = grid.period
         _, _, kh, kw = conv.weight.shape
@@ -380,7 +415,7 @@ def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int,
                     if weight == 0.0:
                         continue
                     ok = rows_ok & (jj + dj >= 0) & (jj + dj < w)
-                    key = (g, ((di - ph) * grid.rs + (dj - pw) * grid.cs) % period)
+                    key = _tap_key(grid, g, di - ph, dj - pw, split_rows)
                     vec = diags.get(key)
                     if vec is None:
                         vec = diags[key] = np.zeros(period)
@@ -418,8 +453,9 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
 
 
 def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
-                search: bool) -> RotPlan | None:
-    """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot."""
+                search: bool, split_rows: bool = False) -> RotPlan | None:
+    """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot.
+    ``split_rows``: a convolution's kernel rows go to the giant steps (``_tap_key``)."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
     scale = stage.scale
@@ -449,12 +485,13 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         assert in_grid is not None
         # post-pools re-scale the convolution: fold the total factor into its plaintexts
         conv_out = _conv_out(in_grid, conv, cur)
-        keys = _conv_keys(in_grid, conv, conv_out, choice)
+        keys = _conv_keys(in_grid, conv, conv_out, choice, split_rows=split_rows)
         if cur.slot_map() is None:
             return None
-        skipped = len(_conv_keys(in_grid, conv, conv_out, choice, nonzero=False)) - len(keys)
+        every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False, split_rows=split_rows)
+        skipped = len(every) - len(keys)
         return RotPlan("conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
-                       _conv_diagonals(in_grid, conv, conv_out, choice, scale),
+                       _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows),
                        _stage_bias(stage, cur), skipped=skipped)
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
@@ -503,7 +540,25 @@ def _level_weight(level: int) -> float:
     return float((level + 2) ** 1.3)
 
 
-def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | None:
+def _client_baby(indices: Sequence[int], max_shifts: int) -> int:
+    """Baby-step size of a first stage's diagonals: the lowest giant steps (server
+    rotations) plus ``COPY_COST`` per copy, the client sending the babies as ``MIN_SHIFTS``
+    to ``max_shifts - 1`` shifted copies, or the size with the fewest rotations."""
+    top = max(indices, default=0) + 1
+    best = _best_baby(indices)
+    giants = {i - i % best for i in indices} - {0}
+    best_key = (len({i % best for i in indices} - {0}) + len(giants) + COPY_COST, 0)
+    for b in (1 << k for k in range(top.bit_length() + 1)):
+        babies = len({i % b for i in indices} - {0})
+        if MIN_SHIFTS <= babies < max_shifts:
+            cost = len({i - i % b for i in indices} - {0}) + COPY_COST * (babies + 1)
+            if (cost, babies) < best_key:
+                best, best_key = b, (cost, babies)
+    return best
+
+
+def _im2col_first(program: Program, slots: int,
+                  max_shifts: int = 1) -> tuple[np.ndarray, RotPlan] | None:
     """The first convolution on the client's im2col expansion, when it fits the slots.
 
     Slot ``k * P' + p`` holds tap ``k`` of window ``p``; output channel ``o`` lands in
@@ -540,7 +595,7 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     every = set(diag_index.tolist())
     o_i, k_i, diag_index, slot = o_i[live], k_i[live], diag_index[live], slot[live]
     indices = sorted(set(diag_index.tolist()))
-    baby = _best_baby(indices)
+    baby = _client_baby(indices, max_shifts)
     keys = frozenset((i - i % baby, i % baby) for i in indices)
     out = Grid(m, (oc, oh, ow), ow, 1, tuple((o, o * pw) for o in range(oc)))
     scale = stage.scale
@@ -570,11 +625,51 @@ def _im2col_first(program: Program, slots: int) -> tuple[np.ndarray, RotPlan] | 
     return gather, plan
 
 
+def _first_cost(rp: RotPlan, max_shifts: int) -> float:
+    """Server rotations plus ``COPY_COST`` per input ciphertext of a first stage, with
+    the client's shifted copies when ``_client_shifts`` would use them."""
+    babies = len(rp.babies())
+    if not rp.pre and MIN_SHIFTS <= babies < max_shifts:
+        return rp.rotations() - babies + COPY_COST * (babies + 1)
+    return rp.rotations() + COPY_COST
+
+
+def _first_stage(stage: Affine, cur: Grid | Layout, slots: int, search: bool,
+                 max_shifts: int) -> RotPlan | None:
+    """The first stage's plan: a convolution's whole kernel offsets as baby steps, or
+    only their columns (the client sends ``kw`` copies and the server rotates by the
+    rows), whichever costs less with the client's copies."""
+    whole = _plan_stage(stage, cur, slots, search)
+    if whole is None or whole.name != "conv" or max_shifts <= MIN_SHIFTS:
+        return whole
+    rows = _plan_stage(stage, cur, slots, search, split_rows=True)
+    cands = [whole] + ([rows] if rows is not None else [])
+    return min(cands, key=lambda rp: (_first_cost(rp, max_shifts), rp.products()))
+
+
+def _client_shifts(program: Program, stages: list[RotPlan | None],
+                   max_shifts: int) -> tuple[int, ...]:
+    """The input rotations the client sends: the first stage's baby steps when that stage
+    reads the input itself (no pass before it) and has ``MIN_SHIFTS..max_shifts - 1`` of
+    them; that stage is replaced in ``stages`` by its ``client_babies`` form."""
+    for k, (stage, rp) in enumerate(zip(program.stages, stages)):
+        if isinstance(stage, Polynomial):
+            return (0,)
+        if rp is None:
+            continue
+        babies = rp.babies()
+        if rp.pre or not MIN_SHIFTS <= len(babies) < max_shifts:
+            return (0,)
+        stages[k] = replace(rp, client_babies=True)
+        return (0, *babies)
+    return (0,)
+
+
 def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
-               slots: int, search: bool) -> GridPlan | None:
+               slots: int, search: bool, max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
     stages: list[RotPlan | None] = []
+    levels: list[int] = []
     level = program.depth
-    cost = 0.0
     if isinstance(start, Grid):
         cur: Grid | Layout = start
         gather = start.slot_map()
@@ -591,20 +686,30 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         if stage.is_noop:
             stages.append(None)
             continue
-        rp = first if first is not None else _plan_stage(stage, cur, slots, search)
+        if first is not None:
+            rp = first
+        elif level == program.depth and all(p is None for p in stages):
+            rp = _first_stage(stage, cur, slots, search, max_shifts)
+        else:
+            rp = _plan_stage(stage, cur, slots, search)
         first = None
         if rp is None or rp.width > slots:
             return None
         stages.append(rp)
-        cost += _level_weight(level) * (rp.rotations() + PRODUCT_COST * rp.products())
+        levels.append(level)
         cur = rp.out
         level -= 1
-    _share_keys([rp for rp in stages if rp is not None], slots)
+    shifts = _client_shifts(program, stages, max_shifts)
+    plans = [rp for rp in stages if rp is not None]
+    cost = sum(_level_weight(lv) * (rp.rotations() + PRODUCT_COST * rp.products())
+               for rp, lv in zip(plans, levels))
+    cost += _level_weight(program.depth) * COPY_COST * (len(shifts) - 1)
+    _share_keys(plans, slots)
     if isinstance(cur, Grid):
         out_pos, out_period = cur.positions(), cur.period
     else:
         out_pos, out_period = cur.positions, cur.period
-    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost,
+    return GridPlan(len(gather), stages, gather, out_pos, out_period, cost, shifts,
                     start if isinstance(start, Grid) else None)
 
 
@@ -618,13 +723,15 @@ def _share_keys(plans: list[RotPlan], slots: int) -> None:
         known |= {s % slots for s in rp.steps()}
 
 
-def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | None:
+def plan_grid(program: Program, slots: int, search: bool = True,
+              max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
     """The cheapest grid layouts of ``program`` in ``slots`` slots, or ``None``.
 
     Pure: reads the program, mutates nothing. Tries every power-of-two period that holds
     the input, every interleave of the input's channels and the client's im2col, and keeps
     the plan with the lowest level-weighted rotation count. ``search=False`` skips the
-    block layouts of dense layers after dense layers (never needed to fit).
+    block layouts of dense layers after dense layers (never needed to fit). ``max_shifts``:
+    most input ciphertexts per input (the client's shifted copies; 1: none).
     """
     if not applicable(program):
         return None
@@ -636,17 +743,17 @@ def plan_grid(program: Program, slots: int, search: bool = True) -> GridPlan | N
     while period <= slots:
         starts.extend(_input_grids(program.input_shape, period, max_cs))
         period *= 2
-    first = _im2col_first(program, slots)
+    first = _im2col_first(program, slots, max_shifts)
     if first is not None:
         starts.append(first)
     best: GridPlan | None = None
     best_start = None
     for start in starts:
-        plan = _plan_with(program, start, slots, False)
+        plan = _plan_with(program, start, slots, False, max_shifts)
         if plan is not None and (best is None or plan.cost < best.cost):
             best, best_start = plan, start
     if search and best_start is not None:
-        searched = _plan_with(program, best_start, slots, True)
+        searched = _plan_with(program, best_start, slots, True, max_shifts)
         if searched is not None and searched.cost < best.cost:
             best = searched
     return best

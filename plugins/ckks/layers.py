@@ -232,6 +232,7 @@ class RotationKernel(_Kernel):
 
     Plaintexts are the plan's diagonals pre-rotated by their giant step, tiled over the
     slots and encoded once at the level where they are used; the bias at the output level.
+    With ``client_babies`` the item is the client's tuple of shifted input copies.
     """
 
     def __init__(self, ctx: ServerContext, stage: Affine, step: Step, plan: RotPlan) -> None:
@@ -268,11 +269,15 @@ class RotationKernel(_Kernel):
             ct = acc
         return ct
 
-    def __call__(self, ct: Any) -> Any:
-        ct = self._passes(ct, self.plan.pre)
-        rotated = {0: ct}
-        for a, parent, key in self.tree:
-            rotated[a] = self._rotate(rotated[parent], key)
+    def __call__(self, item: Any) -> Any:
+        if self.plan.client_babies:  # the client's shifted copies: input, then each baby
+            ct = item[0]
+            rotated = dict(zip((0, *self.plan.babies()), item))
+        else:
+            ct = self._passes(item, self.plan.pre)
+            rotated = {0: ct}
+            for a, parent, key in self.tree:
+                rotated[a] = self._rotate(rotated[parent], key)
         acc = None
         prod = self._new()
         for g, key in self.chain:  # Horner over the giant steps, largest first

@@ -47,6 +47,9 @@ class Packing(abc.ABC):
 
     name: ClassVar[str]
 
+    def __init__(self, opts: Mapping[str, Any] | None = None) -> None:
+        self.opts = dict(opts or {})
+
     @abc.abstractmethod
     def fits(self, program: _program.Program, degree: int) -> bool:
         """Whether the program's values fit the slots of ring degree ``degree``."""
@@ -84,12 +87,15 @@ class SinglePacking(Packing):
 
     name = "single"
 
-    def __init__(self) -> None:
+    def __init__(self, opts: Mapping[str, Any] | None = None) -> None:
+        super().__init__(opts)
+        self.max_shifts = int(self.opts.get("input_shifts") or _grid.MAX_SHIFTS)
         self._grids: dict[int, _grid.GridPlan | None] = {}
 
     def _grid(self, program: _program.Program, degree: int) -> _grid.GridPlan | None:
         if degree not in self._grids:
-            self._grids[degree] = _grid.plan_grid(program, degree // 2, search=False)
+            self._grids[degree] = _grid.plan_grid(program, degree // 2, search=False,
+                                                  max_shifts=self.max_shifts)
         return self._grids[degree]
 
     def fits(self, program: _program.Program, degree: int) -> bool:
@@ -98,11 +104,14 @@ class SinglePacking(Packing):
         return _search.layout_single(program, degree // 2, search=False) is not None
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
-        grid = _grid.plan_grid(program, params.slots) if _grid.applicable(program) else None
+        grid = (_grid.plan_grid(program, params.slots, max_shifts=self.max_shifts)
+                if _grid.applicable(program) else None)
         if grid is not None:
             first = next((rp for rp in grid.stages if rp is not None), None)
             how = "im2col" if first is not None and first.name == "im2col" \
                 else "channel-interleaved"
+            if len(grid.shifts) > 1:
+                how += f", {len(grid.shifts)} shifted copies (one ciphertext each)"
             return {
                 "_grid": grid, "layout": "grid",
                 "layouts": [f"{s.describe()}: {rp.name}, {rp.rotations()} rotations, "
@@ -138,18 +147,21 @@ class SinglePacking(Packing):
         return 1
 
     def per_group(self, plan: dict[str, Any], what: str) -> tuple[int, int]:
-        return 1, 1
+        return (len(plan.get("input_shifts", [0])) if what == "input" else 1), 1
 
     def encrypt(self, keys: ClientKeys, x: np.ndarray,
                 plan: dict[str, Any]) -> tuple[list[bytes], np.ndarray]:
         gather = np.asarray(plan["input_gather"], dtype=np.int64)
         width = int(plan["input_period"])
+        shifts = [int(s) for s in plan.get("input_shifts", [0])]
         padded = np.concatenate([x, np.zeros((len(x), 1))], axis=1)
         period = np.zeros(width)
         blobs = []
         for row in padded:
             period[: len(gather)] = row[gather]
-            blobs.append(to_bytes(keys.encrypt(np.tile(period, keys.seal.slots // width))))
+            for shift in shifts:  # slot i of copy ``shift`` holds slot i + shift of the input
+                tiled = np.tile(np.roll(period, -shift), keys.seal.slots // width)
+                blobs.append(to_bytes(keys.encrypt(tiled)))
         return blobs, np.ones(len(x), dtype=np.int64)
 
     def decrypt(self, keys: ClientKeys, cts: list[Any], counts: list[int],
@@ -158,7 +170,11 @@ class SinglePacking(Packing):
         return np.stack([keys.decrypt(ct)[positions] for ct in cts])
 
     def group(self, cts: list[Any], counts: list[int], plan: dict[str, Any]) -> Value:
-        return Value("single", cts, counts)
+        k = len(plan.get("input_shifts", [0]))
+        if k == 1:
+            return Value("single", cts, counts)
+        return Value("single", [tuple(cts[i * k: (i + 1) * k]) for i in range(len(counts))],
+                     counts)
 
 
 class BatchPacking(Packing):
@@ -229,6 +245,9 @@ class CKKSScheme(Scheme):
         Option("scale_bits", int, None, "log2 of the CKKS scale (default: planned)"),
         Option("coeff_mod_bits", str, None,
                "prime sizes q0,q1,...,special, e.g. 40,26,26,40 (default: planned)"),
+        Option("input_shifts", int, _grid.MAX_SHIFTS,
+               "most input ciphertexts per image: the client sends its input rotated by the "
+               "first layer's baby steps so the server skips them (1: one ciphertext)"),
         Option("flood_bits", int, None,
                f"statistical security of the output flooding (bits); default: "
                f"{_flood.DEFAULT_FLOOD_BITS} when compiled for deployment, 0 (off) in one "
@@ -244,6 +263,9 @@ class CKKSScheme(Scheme):
                               f"{_params.MAX_PRIME_BITS - 1}")
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
+        if not 1 <= self.opts["input_shifts"] <= 256:
+            raise ConfigError(f"scheme 'ckks': input_shifts={self.opts['input_shifts']} must "
+                              "be between 1 (the input alone) and 256 ciphertexts per image")
         if self.opts["flood_bits"] is not None and not 0 <= self.opts["flood_bits"] <= 64:
             raise ConfigError(f"scheme 'ckks': flood_bits={self.opts['flood_bits']} must be "
                               "between 0 (no flooding) and 64")
@@ -251,7 +273,7 @@ class CKKSScheme(Scheme):
         self.grid: _grid.GridPlan | None = None
         self.dense: _search.DenseLayouts | None = None
         self.params: _params.Params | None = None
-        self.packing: Packing = SinglePacking()
+        self.packing: Packing = SinglePacking(self.opts)
         self.plan_: dict[str, Any] = {}
         self._input_bound = 1.0
 
@@ -304,7 +326,7 @@ class CKKSScheme(Scheme):
         wanted = self.opts["packing"]
         names = ["single", "batch"] if wanted == "auto" else [wanted]
         for name in names:
-            packing = PACKINGS[name]()
+            packing = PACKINGS[name](self.opts)
             try:
                 return packing, _flood.choose_params(
                     program, calibration, opts,
@@ -347,10 +369,9 @@ class CKKSScheme(Scheme):
             "estimated_max_error": _flood.flooded_error(error, flood_bits,
                                                         params.poly_modulus_degree),
             **_flood.plan_keys(error, flood_bits, params.poly_modulus_degree, by),
-            "input_ciphertexts_per_message": (1 if packing.name == "single" else
-                                              int(np.prod(program.input_shape))),
         }
         self.plan_["batch_size"] = packing.batch_size(self.plan_)
+        self.plan_["input_ciphertexts_per_message"] = packing.per_group(self.plan_, "input")[0]
         return self.plan_
 
     def load_plan(self, plan: Mapping[str, Any]) -> None:
@@ -368,7 +389,7 @@ class CKKSScheme(Scheme):
                 f"{level}-bit security; refused (pass allow_insecure=True to accept it)")
         self.params = _params.Params(degree, bits, int(plan["scale_bits"]),
                                      int(plan["depth_available"]), level)
-        self.packing = PACKINGS[str(plan["packing"])]()
+        self.packing = PACKINGS[str(plan["packing"])](self.opts)
         self._input_bound = float(plan["input_limit"])
 
     def check_input(self, x: np.ndarray) -> None:
@@ -385,7 +406,7 @@ class CKKSScheme(Scheme):
         under batch packing, where a weight is one plaintext product of its own."""
         if self.program is None or self.params is None or self.packing.name != "single":
             return []
-        return _units.slot_units(self.program, self.params.slots)
+        return _units.slot_units(self.program, self.params.slots, self.opts["input_shifts"])
 
     # ----- client ------------------------------------------------------------------
 
@@ -505,8 +526,11 @@ def _grid_fields(grid: _grid.GridPlan, program: _program.Program,
             per_stage.append({"stage": stage.describe(), "level": level, **rp.describe()})
         level -= stage.depth
     keys = (len(grid.steps(params.slots)) + int(program.needs_relin)) * _key_bytes(params)
+    # the client's message and the server's loaded copies, at the top level
+    inputs = 2 * len(grid.shifts) * 2 * n * (top + 1) * 8
     return {
         "input_gather": grid.gather.tolist(),
+        "input_shifts": list(grid.shifts),
         "input_period": grid.period,
         "output_positions": grid.output_positions.tolist(),
         "output_period": grid.output_period,
@@ -514,8 +538,9 @@ def _grid_fields(grid: _grid.GridPlan, program: _program.Program,
         "grid_stages": per_stage,
         "plaintext_products": grid.products(),
         "estimated_memory": {
-            "plaintexts": plain_bytes, "evaluation_keys": keys, "ciphertexts": ct_peak,
+            "plaintexts": plain_bytes, "evaluation_keys": keys,
+            "ciphertexts": ct_peak + inputs,
             # the client's key objects, their bytes and the server's copies in one process
-            "peak_one_process": plain_bytes + 3 * keys + ct_peak,
+            "peak_one_process": plain_bytes + 3 * keys + ct_peak + inputs,
         },
     }

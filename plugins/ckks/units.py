@@ -114,11 +114,13 @@ def _dense_units(program: Program, layouts: _search.DenseLayouts) -> list[SlotUn
     return out
 
 
-def slot_units(program: Program, slots: int) -> list[SlotUnits]:
+def slot_units(program: Program, slots: int,
+               max_shifts: int = _grid.MAX_SHIFTS) -> list[SlotUnits]:
     """The diagonal units of every weighted layer that the hybrid-diagonal layouts of
-    ``program`` in ``slots`` slots evaluate as whole plaintexts (``[]`` if none fit)."""
+    ``program`` in ``slots`` slots evaluate as whole plaintexts (``[]`` if none fit);
+    ``max_shifts``: the scheme's ``input_shifts`` (the client's shifted copies)."""
     if _grid.applicable(program):
-        plan = _grid.plan_grid(program, slots, search=False)
+        plan = _grid.plan_grid(program, slots, search=False, max_shifts=max_shifts)
         return _grid_units(program, plan) if plan is not None else []
     layouts = _search.layout_single(program, slots, search=False)
     return _dense_units(program, layouts) if layouts is not None else []
