@@ -102,21 +102,24 @@ def _front_class(settings: Settings) -> Any:
     return Front
 
 
-#: Ray errors that mean "the replica (or its node) went away or ran out of a resource":
-#: the request may be retried on a replacement.
-_GONE = ("RayActorError", "DeploymentUnavailableError", "OutOfMemoryError",
-         "ObjectStoreFullError", "OutOfDiskError", "ObjectLostError", "NodeDiedError",
-         "WorkerCrashedError")
+def _gone() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the replica (or its node) went away or ran out of a resource:
+    the request may be retried on a replacement."""
+    from ray import exceptions as rx
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return (rx.RayActorError, DeploymentUnavailableError, rx.OutOfMemoryError,
+            rx.ObjectStoreFullError, rx.OutOfDiskError, rx.ObjectLostError,
+            rx.NodeDiedError, rx.WorkerCrashedError)
 
 
 def _failure(exc: Exception) -> JSONResponse:
     """The JSON answer for a call to a replica that raised ``exc`` (never a bare 500)."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
     text = str(exc)
     hint = (" The node ran low on memory (Ray's memory monitor stops workers above "
             "RAY_memory_usage_threshold): run fewer replicas per node, a smaller --cache-mb, "
             "or give the node more memory." if "memory" in text.lower() else "")
-    if names.isdisjoint(_GONE):
+    if not isinstance(exc, _gone()):
         return JSONResponse({"error": "ReplicaFailed", "detail":
                              f"the replica's call failed ({type(exc).__name__}: "
                              f"{text.splitlines()[0][:300] if text else ''}); the service "
