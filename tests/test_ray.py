@@ -242,6 +242,24 @@ def test_too_big_or_failed_uploads_are_json_errors_and_the_service_keeps_serving
     np.testing.assert_array_equal(session.client.decrypt(r.content), sm.reference(x[:1]))
 
 
+def test_a_service_clients_reach_ignores_the_staging_header(tmp_path):
+    # Only replicas behind the front honour X-Secureinfer-Staged; plain `secureinfer serve`
+    # parses the body, so a client cannot make it adopt a file of the keys dir.
+    from test_serve import TOKEN as SERVE_TOKEN, Service, _compile
+
+    sm, _ = _compile("bfv", "mlp_square", tmp_path / "artifact")
+    keys_dir = tmp_path / "keys"
+    service = Service(tmp_path / "artifact", keys_dir).start()
+    try:
+        planted = keys_dir / f".upload.{'1' * 32}.part"
+        planted.write_bytes(_bundle(sm))
+        r = httpx.post(service.url + "/v1/keys", content=b"x", timeout=60, headers={
+            "Authorization": f"Bearer {SERVE_TOKEN}", "X-Secureinfer-Staged": planted.name})
+        assert r.status_code == 400 and r.json()["error"] == "EnvelopeError"
+        assert planted.exists() and not list(keys_dir.glob("*.keys"))
+    finally:
+        service.stop()
+
 def test_a_ray_failure_is_a_json_answer_never_a_bare_500():
     from ray.exceptions import ActorDiedError, ObjectStoreFullError
 
