@@ -2,9 +2,10 @@
 28x28 cnn (the network of ``bench_serve.py``), on a local Ray cluster of 2 CPUs.
 
 For each scheme and replica count, senders (threads of a few key owners) send requests in
-parallel for a fixed time (after a warm-up in which every replica has opened every owner's keys); the table gives the
-requests per second, the ratio to 1 replica, the mean round trip and the server's own time
-per request, and the message sizes (the inputs to the k-machine projection in the README).
+parallel for a fixed time, after a warm-up in which every replica has opened every owner's
+keys; the table gives the requests per second, the ratio to 1 replica, the mean round trip,
+the server's own time and the replicas' CPU time per request, and the message sizes (the
+inputs to the k-machine projection in the README).
 A second table says where the CPU went during the measured window: the replicas, Ray's
 HTTP proxy, the front, the rest of Ray, this process (the key owners encrypting and
 sending) and everything else on the machine (other jobs), in cores (CPU-seconds per
@@ -196,8 +197,8 @@ def main() -> None:
           "| replica CPU-s/req | input KiB | output KiB | keys MiB | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, replicas, r, ratio in rows:
-        print(f"| {name} | {replicas} | {OWNERS[name]} / {SENDERS[name]} | {r['per_s']:.2f} | {ratio:.2f}x | "
-              f"{r['round_trip_s'] * 1e3:.0f} | {r['server_s'] * 1e3:.0f} | "
+        print(f"| {name} | {replicas} | {OWNERS[name]} / {SENDERS[name]} | "
+              f"{r['per_s']:.2f} | {ratio:.2f}x | {r['round_trip_s'] * 1e3:.0f} | {r['server_s'] * 1e3:.0f} | "
               f"{r['replica_cpu_s']:.2f} | "
               f"{r['input_bytes'] / 1024:.0f} | {r['output_bytes'] / 1024:.0f} | "
               f"{r['keys_bytes'] / 2 ** 20:.1f} | {r['errors']} |")
