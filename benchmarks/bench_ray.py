@@ -70,18 +70,18 @@ def _busy_seconds() -> float:
     """CPU seconds the whole machine spent busy since boot (``/proc/stat``)."""
     with open("/proc/stat") as fh:
         cpu = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(cpu) - cpu[3] - cpu[4]) / _TICK  # minus idle and iowait
+    return (sum(cpu[:8]) - cpu[3] - cpu[4]) / _TICK  # user..steal, minus idle and iowait
 
 
 def cpu_by_role() -> dict[str, float]:
-    """CPU seconds so far of this process (the key owners), of its Ray descendants by
-    role, and of the whole machine."""
+    """CPU seconds so far of this process (the load generator: the owners' senders), of
+    its Ray descendants by role, and of the whole machine."""
     procs = _processes()
     me = os.getpid()
     mine: set[int] = {me}
     for _ in range(6):  # descendants: the driver starts Ray, the raylet its workers
         mine |= {p for p, (parent, _, _) in procs.items() if parent in mine}
-    out = {"owners": procs.get(me, (0, "", 0.0))[2], "replicas": 0.0, "proxy": 0.0,
+    out = {"load generator": procs.get(me, (0, "", 0.0))[2], "replicas": 0.0, "proxy": 0.0,
            "front": 0.0, "other ray": 0.0}
     for pid in mine - {me}:
         _, cmd, cpu = procs[pid]
