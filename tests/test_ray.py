@@ -1,9 +1,12 @@
 """Scale-out on a real local Ray cluster (127.0.0.1, 2 CPUs, one per module):
-``secureinfer serve --ray`` replicas sharing keys, a killed replica, bfv workers as Ray
-actors, and ``--ray`` without the extra."""
+``secureinfer serve --ray`` replicas sharing keys, key uploads streamed into the key store
+(too big, garbage, cut off: JSON errors, the service serving on), a killed replica, bfv
+workers as Ray actors, and ``--ray`` without the extra."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +30,10 @@ from secureinfer.serve import Settings  # noqa: E402
 from secureinfer.serve.cluster import deploy  # noqa: E402
 
 PORT = 18731
+TOKEN = "ray-s3cret"
+#: The service's body limit in these tests: above the bfv keys of mlp_square (about 25 MiB),
+#: small enough to send a body past it quickly.
+LIMIT = 40 << 20
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +93,26 @@ def service(cluster, tmp_path_factory):
     x = inputs(layers, 48, seed=12)
     sm = secureinfer.compile_layers(layers, "bfv", calibration=x, deploy=True)
     sm.save(root / "artifact")
-    url = deploy(Settings(artifact=root / "artifact", keys_dir=root / "keys"), port=PORT,
-                 replicas=2)
+    url = deploy(Settings(artifact=root / "artifact", keys_dir=root / "keys", token=TOKEN,
+                          max_request_bytes=LIMIT), port=PORT, replicas=2)
     yield sm, x, url, root / "keys"
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _infer(url: str, session: remote.Session, x: np.ndarray) -> httpx.Response:
     return httpx.post(url + "/v1/infer", content=session.client.encrypt(x),
-                      headers={"X-Key-Id": session.key_id}, timeout=60)
+                      headers={"X-Key-Id": session.key_id, **AUTH}, timeout=60)
+
+
+def _staged(keys_dir: Path) -> list[Path]:
+    return sorted(keys_dir.glob(".upload.*.part"))
+
+
+def _bundle(sm) -> bytes:
+    owner = sm.owner()
+    return remote.bundle_keys(owner.keys.public_keys(), None)
 
 
 def test_keys_registered_on_one_replica_serve_on_the_other(service):
@@ -101,7 +120,7 @@ def test_keys_registered_on_one_replica_serve_on_the_other(service):
     with httpx.Client(timeout=60) as http:
         ids = {http.get(url + "/healthz").headers["x-replica-id"] for _ in range(30)}
     assert len(ids) == 2  # both replicas answer
-    session = remote.connect(url)
+    session = remote.connect(url, token=TOKEN)
     assert (keys_dir / f"{session.key_id}.keys").is_file()  # the shared store has them
     answered: dict[str, np.ndarray] = {}
     for k in range(30):
@@ -117,6 +136,144 @@ def test_keys_registered_on_one_replica_serve_on_the_other(service):
         np.testing.assert_array_equal(diff, 0)
 
 
+def test_key_upload_streams_into_the_key_store_not_through_ray(service):
+    # The front writes the body to the shared keys dir as it arrives, and the replica gets
+    # only the file's name: half-way through the upload the staging file already holds
+    # the first half (through Ray's calls the bytes would only land once all were read).
+    sm, x, url, keys_dir = service
+    body = _bundle(sm)
+    half, seen, sent = len(body) // 2, threading.Event(), threading.Event()
+    grown: list[int] = []
+
+    def chunks():
+        for i in range(0, half, 1 << 20):
+            yield body[i:min(i + (1 << 20), half)]
+        sent.set()
+        seen.wait(60)
+        for i in range(half, len(body), 1 << 20):
+            yield body[i:i + (1 << 20)]
+
+    def watch() -> None:
+        sent.wait(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not grown:
+            sizes = [p.stat().st_size for p in _staged(keys_dir) if p.exists()]
+            if sizes and max(sizes) >= half:
+                grown.append(max(sizes))
+            time.sleep(0.05)
+        seen.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    r = httpx.post(url + "/v1/keys", content=chunks(), headers=AUTH, timeout=120)
+    watcher.join()
+    assert r.status_code == 200, r.text
+    assert grown, "no staging file in the keys dir held half the body mid-upload"
+    key_id = r.json()["key_id"]
+    assert key_id == hashlib.sha256(body).hexdigest()
+    assert (keys_dir / f"{key_id}.keys").read_bytes() == body
+    assert _staged(keys_dir) == []
+    # and the staged keys serve on both replicas like any others
+    session = remote.connect(url, token=TOKEN)
+    r = _infer(url, session, x[:1])
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(session.client.decrypt(r.content), sm.reference(x[:1]))
+
+
+def _raw_upload(url: str, declared: int, body: bytes) -> bytes:
+    """POST /v1/keys declaring ``declared`` bytes and sending ``body``; what the service
+    answered before the socket was closed (``b""`` when nothing came in 2 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        head = (f"POST /v1/keys HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}"
+                f"\r\nContent-Length: {declared}\r\n\r\n")
+        sock.sendall(head.encode() + body)
+        answer = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                length = [int(v) for k, _, v in (line.partition(b":") for line in
+                                                 head.split(b"\r\n"))
+                          if k.strip().lower() == b"content-length"]
+                if length and len(rest) >= length[0]:
+                    break
+        except TimeoutError:
+            pass
+        return answer
+
+
+def test_too_big_or_failed_uploads_are_json_errors_and_the_service_keeps_serving(service):
+    sm, x, url, keys_dir = service
+    stored = sorted(keys_dir.glob("*.keys"))
+
+    def over_the_limit():  # streamed (chunked): no Content-Length to refuse up front
+        for _ in range(LIMIT // (1 << 20) + 2):
+            yield b"\0" * (1 << 20)
+
+    with httpx.Client(timeout=120) as http:
+        big = http.post(url + "/v1/keys", content=over_the_limit(), headers=AUTH)
+        assert big.status_code == 413, big.text
+        assert big.json()["error"] == "RequestTooLarge"
+        assert str(LIMIT) in big.json()["detail"] and "--max-request-mb" in big.json()["detail"]
+        declared = _raw_upload(url, LIMIT + 1, b"")  # refused before any byte is read
+        assert declared.startswith(b"HTTP/1.1 413") and str(LIMIT).encode() in declared
+        garbage = http.post(url + "/v1/keys", content=b"not a key bundle" * 4096, headers=AUTH)
+        assert garbage.status_code == 400 and garbage.json()["error"] == "EnvelopeError"
+        anonymous = http.post(url + "/v1/keys", content=_bundle(sm))
+        assert anonymous.status_code == 401 and anonymous.json()["error"] == "Unauthorized"
+        planted = keys_dir / f".upload.{'0' * 32}.part"  # valid keys a client names
+        planted.write_bytes(_bundle(sm))
+        forged = http.post(url + "/v1/keys", content=b"x",
+                           headers={**AUTH, "X-Secureinfer-Staged": planted.name})
+        assert forged.status_code == 400  # the front drops the header: b"x" is the body
+        assert planted.exists()
+        planted.unlink()
+        cut = _bundle(sm)
+        assert _raw_upload(url, len(cut), cut[: len(cut) // 2]) == b""  # then goes away
+        deadline = time.monotonic() + 30
+        while _staged(keys_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # nothing half-written or stored by any of them, and the service still serves
+    assert _staged(keys_dir) == [] and sorted(keys_dir.glob("*.keys")) == stored
+    session = remote.connect(url, token=TOKEN)
+    r = _infer(url, session, x[:1])
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(session.client.decrypt(r.content), sm.reference(x[:1]))
+
+
+def test_a_service_clients_reach_ignores_the_staging_header(tmp_path):
+    # Only replicas behind the front honour X-Secureinfer-Staged; plain `secureinfer serve`
+    # parses the body, so a client cannot make it adopt a file of the keys dir.
+    from test_serve import TOKEN as SERVE_TOKEN, Service, _compile
+
+    sm, _ = _compile("bfv", "mlp_square", tmp_path / "artifact")
+    keys_dir = tmp_path / "keys"
+    service = Service(tmp_path / "artifact", keys_dir).start()
+    try:
+        planted = keys_dir / f".upload.{'1' * 32}.part"
+        planted.write_bytes(_bundle(sm))
+        r = httpx.post(service.url + "/v1/keys", content=b"x", timeout=60, headers={
+            "Authorization": f"Bearer {SERVE_TOKEN}", "X-Secureinfer-Staged": planted.name})
+        assert r.status_code == 400 and r.json()["error"] == "EnvelopeError"
+        assert planted.exists() and not list(keys_dir.glob("*.keys"))
+    finally:
+        service.stop()
+
+def test_a_ray_failure_is_a_json_answer_never_a_bare_500():
+    from ray.exceptions import ActorDiedError, ObjectStoreFullError
+
+    from secureinfer.serve.cluster import _failure
+
+    died = _failure(ActorDiedError())
+    assert died.status_code == 503 and died.headers["retry-after"] == "1"
+    full = _failure(ObjectStoreFullError("object store full: 4 GiB"))
+    assert full.status_code == 503
+    other = _failure(RuntimeError("serialization failed"))
+    assert other.status_code == 500
+    assert b'"ReplicaFailed"' in other.body and b"serialization failed" in other.body
+
+
 def _replica_actors() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("SERVE_REPLICA::secureinfer#SecureInfer#")]
@@ -124,7 +281,7 @@ def _replica_actors() -> list[str]:
 
 def test_a_killed_replica_is_replaced_and_no_key_is_lost(service):
     sm, x, url, _ = service
-    session = remote.connect(url)
+    session = remote.connect(url, token=TOKEN)
     statuses: list[httpx.Response] = []
     stop = threading.Event()
 
@@ -133,7 +290,7 @@ def test_a_killed_replica_is_replaced_and_no_key_is_lost(service):
             while not stop.is_set():
                 statuses.append(http.post(url + "/v1/infer",
                                           content=session.client.encrypt(x[:1]),
-                                          headers={"X-Key-Id": session.key_id}))
+                                          headers={"X-Key-Id": session.key_id, **AUTH}))
 
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:

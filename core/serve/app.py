@@ -46,7 +46,7 @@ from .metrics import Metrics
 from .routes import infer_router, keys_router, model_router, ops_router
 from .settings import Settings
 
-__all__ = ["STATUS", "create_app"]
+__all__ = ["STATUS", "create_app", "install_error_handlers"]
 
 log = logging.getLogger("secureinfer.serve")
 
@@ -70,13 +70,18 @@ def _bundle(settings: Settings) -> bytes:
 
 def _error(request: Request, status: int, exc: BaseException) -> JSONResponse:
     kind = type(exc).__name__
-    request.app.state.metrics.error(kind)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.error(kind)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": kind, "detail": str(exc)}, status_code=status,
                         headers=headers)
 
 
-def _install_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app`` with its status (``STATUS``) and a one-line JSON body,
+    counted in ``app.state.metrics`` when the application has one (the Ray front has
+    none)."""
     async def secureinfer_error(request: Request, exc: Exception) -> JSONResponse:
         status = next(code for cls, code in STATUS if isinstance(exc, cls))
         if status >= 500:
@@ -113,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.client_bundle = _bundle(settings)
     app.state.keys = KeyStore(model, settings.key_store, int(settings.cache_mb * (1 << 20)))
     app.state.metrics = Metrics()
-    _install_handlers(app)
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:

@@ -5,14 +5,17 @@ compiled server, its own LRU of opened keys, its own metrics) and runs every req
 through it in process; a light front deployment (``@serve.ingress``, no CPU reserved)
 receives the HTTP requests from Ray's proxy and hands them to a replica, whose answer
 carries an ``X-Replica-Id`` header. Keys are shared through the key store directory
-(``Settings.key_store``): a key bundle registered on one replica is written there atomically
-and opened from there by any other replica on its first request. On several machines the
-directory must be shared storage (NFS or similar) mounted at the same path.
+(``Settings.key_store``): the front streams a ``POST /v1/keys`` body into a staging file
+there (``secureinfer.serve.upload``; hundreds of MB must not be copied through Ray's calls
+and object store), the replica that takes the request checks, opens and renames it to its
+key id, and any other replica opens it from there on its first request with that key id.
+On several machines the directory must be shared storage (NFS or similar) mounted at the
+same path, on the front's node too.
 
 Ray replaces a replica that dies; a request that was in flight on it gets a 503 with
-``Retry-After: 1`` from the front (Ray's own proxy would answer 500), and no key is lost
-since keys live on disk, not in the replica. Needs the ``ray`` extra:
-``pip install 'secureinfer[ray]'``.
+``Retry-After: 1`` from the front (Ray's own proxy would answer a bare 500), any other Ray
+failure a JSON 500, and no key is lost since keys live on disk, not in the replica. Needs
+the ``ray`` extra: ``pip install 'secureinfer[ray]'``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..errors import BackendNotInstalledError
+from .app import install_error_handlers
+from .deps import read_body, require_token
 from .settings import Settings
+from .upload import STAGED_HEADER, clean_staged, stage_body
 
 __all__ = ["RAY_EXTRA", "deploy", "import_ray"]
 
@@ -77,48 +83,89 @@ def _replica_class() -> Any:
     return Replica
 
 
-def _front_class(max_request_bytes: int) -> Any:
+def _front_class(settings: Settings) -> Any:
     from ray import serve
 
     @serve.ingress()
     class Front:
-        """The HTTP entry: forwards each request to a replica; a replica that died while
-        holding it is a 503 with ``Retry-After`` (Ray replaces the replica)."""
+        """The HTTP entry: streams key uploads into the key store, forwards each request
+        to a replica; a replica that died while holding it is a 503 with ``Retry-After``
+        (Ray replaces the replica)."""
 
         def __init__(self, replicas: Any) -> None:
             self.replicas = replicas
+            clean_staged(settings.key_store)  # what a killed front left staged
 
         def __serve_build_asgi_app__(self) -> Any:
-            return _front_app(self.replicas, max_request_bytes)
+            return _front_app(self.replicas, settings)
 
     return Front
 
 
-def _front_app(replicas: Any, max_request_bytes: int) -> Any:
-    """The front's FastAPI application (built on its replica, never pickled)."""
-    from ray.exceptions import RayActorError
+def _gone() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the replica (or its node) went away or ran out of a resource:
+    the request may be retried on a replacement."""
+    from ray import exceptions as rx
     from ray.serve.exceptions import DeploymentUnavailableError
 
+    return (rx.RayActorError, DeploymentUnavailableError, rx.OutOfMemoryError,
+            rx.ObjectStoreFullError, rx.OutOfDiskError, rx.ObjectLostError,
+            rx.NodeDiedError, rx.WorkerCrashedError)
+
+
+def _failure(exc: Exception) -> JSONResponse:
+    """The JSON answer for a call to a replica that raised ``exc`` (never a bare 500)."""
+    text = str(exc)
+    hint = (" The node ran low on memory (Ray's memory monitor stops workers above "
+            "RAY_memory_usage_threshold): run fewer replicas per node, a smaller --cache-mb, "
+            "or give the node more memory." if "memory" in text.lower() else "")
+    if not isinstance(exc, _gone()):
+        return JSONResponse({"error": "ReplicaFailed", "detail":
+                             f"the replica's call failed ({type(exc).__name__}: "
+                             f"{text.splitlines()[0][:300] if text else ''}); the service "
+                             f"keeps serving.{hint}"}, status_code=500)
+    return JSONResponse({"error": "ReplicaUnavailable", "detail":
+                         f"the replica holding this request stopped ({type(exc).__name__}); "
+                         f"Ray is replacing it: retry.{hint}"},
+                        status_code=503, headers={"Retry-After": "1"})
+
+
+async def _call(replicas: Any, request: Request, path: str, body: bytes,
+                extra: dict[str, str]) -> Response:
+    """One request through a replica's application, its answer as the front's."""
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() not in _DROP and k.lower() != STAGED_HEADER}
+    try:
+        status, out, content = await replicas.handle.remote(
+            request.method, path, request.url.query, {**headers, **extra}, body)
+    except Exception as exc:  # noqa: BLE001 - every Ray failure is answered as JSON
+        return _failure(exc)
+    return Response(content, status_code=status, headers=dict(out))
+
+
+def _front_app(replicas: Any, settings: Settings) -> Any:
+    """The front's FastAPI application (built on its replica, never pickled).
+
+    ``POST /v1/keys`` (after the token check) streams the body into a staging file of the
+    key store and hands the replica its name, so the keys never travel through Ray; every
+    other request is read (at most ``max_request_bytes``) and forwarded as it is.
+    """
     front = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    front.state.settings = settings
+    install_error_handlers(front)
+
+    @front.post("/v1/keys", dependencies=[Depends(require_token)])
+    async def keys(request: Request) -> Response:
+        staged = await stage_body(request, settings.key_store, settings.max_request_bytes)
+        try:
+            return await _call(replicas, request, "/v1/keys", b"",
+                               {STAGED_HEADER: staged.name})
+        finally:  # the replica renamed or removed it, unless it never got there
+            staged.unlink(missing_ok=True)
 
     @front.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request, path: str) -> Response:
-        size = request.headers.get("content-length", "0")
-        if size.isdigit() and int(size) > max_request_bytes:
-            return JSONResponse({"error": "RequestTooLarge", "detail":
-                                 f"the body of {size} bytes exceeds this server's limit of "
-                                 f"{max_request_bytes}"}, status_code=413)
-        body = await request.body()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-        try:
-            status, out, content = await replicas.handle.remote(
-                request.method, "/" + path, request.url.query, headers, body)
-        except (RayActorError, DeploymentUnavailableError) as exc:
-            return JSONResponse({"error": "ReplicaUnavailable", "detail":
-                                 f"the replica holding this request stopped "
-                                 f"({type(exc).__name__}); Ray is replacing it: retry"},
-                                status_code=503, headers={"Retry-After": "1"})
-        return Response(content, status_code=status, headers=dict(out))
+        return await _call(replicas, request, "/" + path, await read_body(request), {})
 
     return front
 
@@ -165,11 +212,11 @@ def deploy(settings: Settings, *, address: str | None = None, host: str = "127.0
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     settings = dataclasses.replace(settings, artifact=Path(settings.artifact).resolve(),
-                                   keys_dir=settings.key_store.resolve())
+                                   keys_dir=settings.key_store.resolve(), staged_uploads=True)
     settings.key_store.mkdir(parents=True, exist_ok=True)
     serve.start(http_options={"host": host, "port": port})
     replicas_app = serve.deployment(_replica_class(), name="SecureInfer", **options)
-    front = serve.deployment(_front_class(settings.max_request_bytes), name="Front",
+    front = serve.deployment(_front_class(settings), name="Front",
                              ray_actor_options={"num_cpus": 0})
     app = front.bind(replicas_app.bind(settings))
     serve.run(app, name=name, route_prefix="/", blocking=False)

@@ -8,7 +8,8 @@ from fastapi import Request
 
 from ..errors import SecureInferError
 
-__all__ = ["BadRequest", "RequestTooLarge", "Unauthorized", "read_body", "require_token"]
+__all__ = ["BadRequest", "RequestTooLarge", "Unauthorized", "check_declared_length", "read_body",
+           "require_token"]
 
 
 class Unauthorized(SecureInferError):
@@ -37,23 +38,34 @@ def require_token(request: Request) -> None:
                            "<token> (secureinfer.remote.connect(url, token=...))")
 
 
+def check_declared_length(request: Request, limit: int) -> None:
+    """Refuse a request whose ``Content-Length`` is above ``limit``, before reading it.
+
+    Raises:
+        BadRequest: the header is not a number (400).
+        RequestTooLarge: it is above ``limit`` (413).
+    """
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        size = int(declared)
+    except ValueError:
+        raise BadRequest(f"Content-Length {declared[:40]!r} is not a number") from None
+    if size > limit:
+        raise RequestTooLarge(f"the body is {size} bytes, above this server's limit of "
+                              f"{limit}: start the service with a larger --max-request-mb")
+
+
 async def read_body(request: Request) -> bytes:
     """The request body, at most ``max_request_bytes``: a larger ``Content-Length`` is
     refused before any byte is read, and a streamed body as soon as it passes the limit."""
     limit = request.app.state.settings.max_request_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise BadRequest(f"Content-Length {declared[:40]!r} is not a number") from None
-        if size > limit:
-            raise RequestTooLarge(f"the body is {size} bytes, above this server's limit of "
-                                  f"{limit} (--max-request-mb)")
+    check_declared_length(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise RequestTooLarge(f"the body passed this server's limit of {limit} bytes "
-                                  "(--max-request-mb)")
+            raise RequestTooLarge(f"the body passed this server's limit of {limit} bytes: "
+                                  "start the service with a larger --max-request-mb")
     return bytes(body)

@@ -8,7 +8,9 @@ or none; a temporary file that a killed writer left behind is removed when the s
 and a write that fails (a full disk) removes its own and raises ``KeyStoreError``. Opened
 servers (parsed keys, encoded layers) stay in memory, least recently used first out, while
 their estimated size fits the budget. One lock per key id serializes what touches one key
-owner's server (opening, evaluating); different key owners run at once.
+owner's server (opening, evaluating); different key owners run at once. Under ``serve --ray``
+an upload arrives already written to a staging file of the directory (``put_staged``; see
+``secureinfer.serve.upload``), and is checked, opened and renamed the same way.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import codec
 from ..codec import Kind
 from ..errors import EnvelopeError, SecureInferError
 from ..model import SecureModel, Server
+from .upload import is_staged_name
 
 __all__ = ["KEY_MEMORY_FACTOR", "ForeignKeysError", "KeyStore", "KeyStoreError",
            "UnknownKeyError", "check_model", "estimated_size", "key_id_of"]
@@ -81,6 +84,13 @@ def check_model(model: SecureModel, data: bytes, kind: Kind) -> None:
             "client artifact (GET /v1/model) and make new keys from it")
     if env.kind != kind:
         raise EnvelopeError(f"expected a {kind.name} message, got {env.kind.name}")
+
+
+def _cannot_store(path: Path, size: int, exc: OSError) -> KeyStoreError:
+    return KeyStoreError(
+        f"the key store {path.parent} cannot store {size} bytes of keys: "
+        f"{exc.strerror or exc}; nothing was stored: free space there, or start the "
+        "service with --keys-dir on another filesystem, then upload again")
 
 
 def _check_id(key_id: Any) -> str:
@@ -172,7 +182,34 @@ class KeyStore:
         Raises:
             EnvelopeError: malformed bundle or keys (400).
             ForeignKeysError: keys of another model (409).
+            KeyStoreError: the store cannot write (507).
         """
+        return self._store(data, lambda path: self._write(path, data))
+
+    def put_staged(self, name: str) -> tuple[str, bool]:
+        """``put`` for a key bundle already written to ``directory/name`` (a staged upload,
+        ``secureinfer.serve.upload``): checked and opened like ``put``, then renamed to its
+        key id, or removed when it is refused or already stored.
+
+        Raises:
+            EnvelopeError: malformed bundle or keys, or no such staged upload (400).
+            ForeignKeysError: keys of another model (409).
+            KeyStoreError: the store cannot rename it (507).
+        """
+        if not is_staged_name(name):
+            raise EnvelopeError(f"{name[:80]!r} is not a staged upload's name")
+        staged = self.directory / name
+        try:
+            try:
+                data = staged.read_bytes()
+            except FileNotFoundError:
+                raise EnvelopeError(f"the staged upload {name} is gone (its front stopped "
+                                    "or it was already used): upload the keys again") from None
+            return self._store(data, lambda path: self._commit(staged, path))
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _store(self, data: bytes, commit: Callable[[Path], None]) -> tuple[str, bool]:
         public, functional = self._parse(data)
         key_id = key_id_of(data)
         with self.lock(key_id):
@@ -182,7 +219,7 @@ class KeyStore:
             server, size = self._open(public, functional)
             created = not path.exists()
             if created:
-                self._write(path, data)
+                commit(path)
             self._insert(key_id, server, size)
         if created:
             with self._lock:
@@ -259,14 +296,22 @@ class KeyStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise KeyStoreError(
-                f"the key store {path.parent} cannot store {len(data)} bytes of keys: "
-                f"{exc.strerror or exc}; nothing was stored: free space there, or start the "
-                "service with --keys-dir on another filesystem, then upload again") from None
-        try:  # the rename itself survives a crash once the directory is synced
+            raise _cannot_store(path, len(data), exc) from None
+        KeyStore._commit(tmp, path)
+
+    @staticmethod
+    def _commit(tmp: Path, path: Path) -> None:
+        """Rename the synced file ``tmp`` to ``path``, then sync the directory (so the
+        rename itself survives a crash)."""
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            size = tmp.stat().st_size if tmp.exists() else 0
+            tmp.unlink(missing_ok=True)
+            raise _cannot_store(path, size, exc) from None
+        try:
             fd = os.open(path.parent, os.O_RDONLY)
         except OSError:
             return

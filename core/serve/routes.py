@@ -12,6 +12,7 @@ from ..errors import EvaluationError, SecureInferError
 from ..metrics import Meter
 from .deps import read_body, require_token
 from .keystore import check_model
+from .upload import staged_name
 
 __all__ = ["infer_router", "keys_router", "model_router", "ops_router"]
 
@@ -37,10 +38,18 @@ def get_model(request: Request) -> Response:
 
 
 @keys_router.post("/keys")
-async def post_keys(request: Request, body: bytes = Depends(read_body)) -> dict[str, object]:
-    """Store one key owner's keys; the key id is the SHA-256 of the uploaded bytes."""
+async def post_keys(request: Request) -> dict[str, object]:
+    """Store one key owner's keys; the key id is the SHA-256 of the uploaded bytes.
+
+    Behind the ``serve --ray`` front the body is already in the key store directory, and
+    the request names its staging file instead (``secureinfer.serve.upload``).
+    """
     store = request.app.state.keys
-    key_id, created = await run_in_threadpool(store.put, body)
+    staged = staged_name(request)
+    if staged is not None:
+        key_id, created = await run_in_threadpool(store.put_staged, staged)
+    else:
+        key_id, created = await run_in_threadpool(store.put, await read_body(request))
     return {"key_id": key_id, "stored": created}
 
 

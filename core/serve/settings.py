@@ -19,6 +19,11 @@ class Settings:
         max_request_bytes: the largest request body; larger ones get 413 before they are
             read.
         cache_mb: memory budget of the opened keys (servers) kept in memory.
+        staged_uploads: the service sits behind the ``serve --ray`` front, which streams
+            key uploads into the key store directory and names the file in the
+            ``X-Secureinfer-Staged`` header (``secureinfer.serve.upload``). Set by
+            ``cluster.deploy`` for its replicas only: never on a service that clients
+            reach directly.
     """
 
     artifact: Path
@@ -26,6 +31,7 @@ class Settings:
     keys_dir: Path | None = None
     max_request_bytes: int = 256 << 20
     cache_mb: float = 1024.0
+    staged_uploads: bool = False
 
     @property
     def key_store(self) -> Path:
