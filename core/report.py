@@ -238,6 +238,8 @@ def write_reports(results: Sequence[dict[str, Any]], out_dir: str | Path,
                          f"({r['security_bits']} bits, allow_insecure).")
         if r.get("reveals"):
             notes.append(f"- `{r['config']}`: the server learns {r['reveals']}.")
+        if (r.get("plan") or {}).get("output_privacy"):
+            notes.append(f"- `{r['config']}` outputs: {r['plan']['output_privacy']}.")
     meta = results[0] if results else {}
     paths[1].write_text(
         f"# {title or 'secureinfer benchmark'}\n\n"

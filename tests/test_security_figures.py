@@ -83,3 +83,26 @@ def test_reports_state_the_source(tmp_path):
     md_path = write_reports([r], tmp_path)[1]
     assert "- `fe-ip`: 128-bit figure from BLS12-381: listed at the 128-bit level (CFRG)." \
         in md_path.read_text()
+
+
+def test_reports_state_what_protects_he_outputs(tmp_path):
+    if get_registry().get("ckks").availability():
+        pytest.skip(f"ckks: {get_registry().get('ckks').availability()}")
+    layers = NETWORKS["mlp_square"](np.random.default_rng(0))
+    calib = inputs(layers, 16, seed=1)
+    results = []
+    for deploy in (False, True):
+        sm = compile_layers(layers, "ckks", calibration=calib, deploy=deploy)
+        r = {k: None for k in REPORT_FIELDS}
+        r.update(scheme="ckks", config=f"ckks-{deploy}", output="encrypted", security_bits=128,
+                 plan=sm.plan, accuracy=0.9, clear_accuracy=0.9, agreement=1.0,
+                 max_abs_error=0.0, throughput_per_s=10.0, peak_rss_mb=100.0,
+                 dataset="digits", samples=5,
+                 latency_s={"keygen": 0.1, "encrypt": 0.01, "evaluate": 0.1, "decrypt": 0.01},
+                 bytes={"input": 1000, "output": 100, "public_keys": 10, "functional_keys": 0})
+        results.append(r)
+    md = write_reports(results, tmp_path)[1].read_text()
+    one, deployed = (next(line for line in md.splitlines()
+                          if line.startswith(f"- `ckks-{d}` outputs")) for d in (False, True))
+    assert "off by default" in one and "one process" in one
+    assert "on by default" in deployed and "2^-16" in deployed
