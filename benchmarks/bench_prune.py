@@ -20,8 +20,9 @@ Targets (issue 14): digits cnn (and LeNet-5) under ckks single packing, >= 40 % 
 evaluate latency and >= 30 % fewer key bytes at <= 1 point loss; digits mlp under fe-ip,
 >= 40 % fewer functional keys and lower decrypt time at <= 1 point loss.
 
-Run: ``python benchmarks/bench_prune.py [--images 10] [--rounds 3] [--sparsity S] [--max-drop 1.0]
-[--lenet] [--out r.json]``. ``--lenet`` adds LeNet-5 on 28x28 digits (minutes, ~2.5 GB).
+Run: ``python benchmarks/bench_prune.py [--images 10] [--rounds 3] [--sparsity S]
+[--max-drop 1.0] [--lenet] [--only 0,2] [--out r.json]``. ``--lenet`` adds LeNet-5 on
+28x28 digits (minutes, ~2.5 GB per process, two at once while timing).
 The sparsity (fraction of each layer's units) and the schedule are per case (``CASES``):
 ckks needs enough of a dense layer's diagonals gone for the all-hybrid chain of layouts to
 beat the block layouts, which is where the rotations go.
@@ -43,16 +44,16 @@ from typing import Any
 import numpy as np
 
 #: (dataset, arch, scheme, sparsity, per-layer sparsities, schedule steps, distillation
-#: epochs per step). ckks runs unflooded (``flood_bits=0``): the default flood raises the
-#: scale enough to double the ring (N=32768), which makes LeNet-5 take ~7 GB; pruning
-#: changes the layouts, not the flood. The classifiers (16 diagonals in the cnn) are pruned
-#: by half, the other layers by 3/4.
-Case = tuple[str, str, str, float, dict[str, float], int, int]
+#: epochs per step, fine-tuning weight decay). ckks runs unflooded (``flood_bits=0``): the
+#: default flood raises the scale enough to double the ring (N=32768), which makes LeNet-5
+#: take ~7 GB; pruning changes the layouts, not the flood. The classifiers (16 diagonals in
+#: the cnn) are pruned by half, the other layers by 3/4.
+Case = tuple[str, str, str, float, dict[str, float], int, int, float]
 CASES: list[Case] = [
-    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"fc2": 0.5}, 4, 16),
-    ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8)]
+    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"fc2": 0.5}, 4, 16, 0.0),
+    ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8, 0.0)]
 LENET: Case = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75, {"fc3": 0.5},
-               4, 16)
+               4, 16, 0.0)
 
 
 def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, Any]:
@@ -87,7 +88,8 @@ def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, 
 
 
 def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
-              layer_sparsity: dict[str, float], max_drop: float, schedule: tuple[int, int],
+              layer_sparsity: dict[str, float], max_drop: float,
+              schedule: tuple[int, int, float],
               folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     from secureinfer import data
     from secureinfer import nn as snn
@@ -98,7 +100,7 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
     start = time.perf_counter()
     aware = snn.prune(base, scheme, sparsity=sparsity, max_drop=max_drop, data=ds,
                       layer_sparsity=layer_sparsity, steps=schedule[0], epochs=schedule[1],
-                      progress=sys.stderr.isatty())
+                      weight_decay=schedule[2], progress=sys.stderr.isatty())
     prune_s = time.perf_counter() - start
     magnitude = snn.magnitude_prune(base, sparsity, data=ds)
     acc = snn.accuracy(base, ds.x_test, ds.y_test)
@@ -166,11 +168,11 @@ def run_case(case: Case, args: argparse.Namespace, folder: Path) -> list[dict[st
     memory), then every pruned variant timed against ``base`` alternately in one process;
     a discarded warm-up run first (it builds the on-disk tables and caches the first run
     would otherwise pay alone)."""
-    dataset, arch, scheme, sparsity, per_layer, steps, epochs = case
+    dataset, arch, scheme, sparsity, per_layer, steps, epochs, decay = case
     if args.sparsity is not None:
         sparsity, per_layer = args.sparsity, {}
     variants = _variants(dataset, arch, scheme, sparsity, per_layer, args.max_drop,
-                         (steps, epochs), folder)
+                         (steps, epochs, decay), folder)
     _run_child(variants[0][1], scheme, dataset, 1)
     alone = {name: _run_child(path, scheme, dataset, args.images)
              for name, path, _ in variants}
@@ -230,7 +232,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         for r in group[1:]:
             drop = 100 * (group[0]["accuracy"] - r["accuracy"])
             out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate "
-                       f"{r['vs_base']} (timed beside base), Galois key bytes {keys[r['variant']]}, functional keys "
+                       f"{r['vs_base']} (timed beside base), Galois key bytes "
+                       f"{keys[r['variant']]}, functional keys "
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
     return out
 

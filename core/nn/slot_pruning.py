@@ -5,12 +5,15 @@ diagonal of every weight (``Scheme.pruning_units``). One increment of the schedu
 by layer in network order:
 
 1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``, rounded to a
-   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
+   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs
+   about ``2 sqrt(keep)`` rotations for a run, and about
    as many as for all ``n`` for a scattered set of the same size, so a run frees whole
    baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
    ``b``; it starts at 0 (or at a power of two, see ``_run_starts``). Units that are
-   one rotation each (kernel offsets on a grid) keep the ``keep``
-   of most weight instead;
+   one rotation each (kernel offsets on a grid) keep the ``keep`` of most weight among
+   those whose rotation needs no Galois key the plan lacks (reached from 0 or from a kept
+   offset by a step the plan keys whatever the weights: ``SlotUnits.free_steps``), then
+   the others by weight at the fewest new keys;
 2. for a layer whose output units may move (every layer but the last), permutes them:
    unit ``r`` moved to the slot of unit ``a`` sees its weights in diagonals
    ``(slot(e) - slot(a)) mod width``; the assignment of units to slots that keeps the most
