@@ -147,3 +147,20 @@ def test_power_of_two_baby_steps_win_ties():
 def test_negative_weight_decay_is_refused(cnn, digits):
     with pytest.raises(secureinfer.SecureInferError, match="weight_decay"):
         snn.prune(cnn, unit="diagonals", weight_decay=-1.0, data=digits)
+
+
+def test_a_diagonal_that_encodes_to_zero_is_left_out(cnn, digits, ckks_ready):
+    """One tiny weight in a diagonal passes the slot check (value x scale >= 1/2) but its
+    encoding rounds to the zero polynomial, whose product SEAL refuses (transparent
+    ciphertext): the kernel leaves it out; a normal diagonal is kept."""
+    from secureinfer.plugins.ckks.backend import Seal
+    from secureinfer.plugins.ckks.layers import _encode_factor
+
+    sm = secureinfer.compile(cnn, CKKS, calibration=digits.x_train[:256])
+    seal = Seal(sm.scheme.params)
+    scale = 2.0 ** 20
+    tiny = np.zeros(seal.slots)
+    tiny[3] = 0.6 / scale
+    assert _encode_factor(seal, tiny, seal.top, scale) is None
+    tiny[3] = 1.0
+    assert _encode_factor(seal, tiny, seal.top, scale) is not None
