@@ -4,21 +4,25 @@ For each case (model, scheme) three variants of the same trained default model r
 ``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the
 case's target sparsity, budget ``--max-drop`` points) and ``magnitude`` (the same
 fraction of each layer's weights of least magnitude zeroed, no fine-tuning). Each variant
-is compiled and run in its own process (so peak memory is its own): setup, then
-``--images`` test images one at a time through encrypt, evaluate and decrypt; the
-variants run ``--rounds`` times, alternating, and the round of lowest median is kept (the
-machine is shared). Printed per
-variant: test accuracy of the float model (the whole test split), the median evaluate
-latency (for FE this is the server's functional decryption), the process's peak RSS,
-Galois key bytes and functional key count from the plan, the units the plan skipped, and
-whether the encrypted decisions agree with the clear model on the images run.
+is first compiled and run in its own process (so peak memory is its own): setup, then
+``--images`` test images through encrypt, evaluate and decrypt, to check that the
+encrypted decisions agree with the clear model. Evaluate latency is then measured in one
+process per pair (``base`` and one pruned variant, both set up): the two evaluate the same
+test images alternately, image after image, for ``--rounds`` rounds, and each latency is
+the median of its ``rounds x images`` calls, so a busy spell on the shared machine hits
+both alike; the change against ``base`` is taken within the pair. Printed per variant:
+test accuracy of the float model (the whole test split), the median evaluate latency (for
+FE this is the server's functional decryption), the change against ``base``, the
+process's peak RSS, Galois key bytes and functional key count from the plan, the units
+the plan skipped, and the agreement with the clear model.
 
 Targets (issue 14): digits cnn (and LeNet-5) under ckks single packing, >= 40 % lower
 evaluate latency and >= 30 % fewer key bytes at <= 1 point loss; digits mlp under fe-ip,
 >= 40 % fewer functional keys and lower decrypt time at <= 1 point loss.
 
-Run: ``python benchmarks/bench_prune.py [--images 10] [--sparsity S] [--max-drop 1.0]
-[--lenet] [--out r.json]``. ``--lenet`` adds LeNet-5 on 28x28 digits (minutes, ~2.5 GB).
+Run: ``python benchmarks/bench_prune.py [--images 10] [--rounds 3] [--sparsity S]
+[--max-drop 1.0] [--lenet] [--only 0,2] [--out r.json]``. ``--lenet`` adds LeNet-5 on
+28x28 digits (minutes, ~2.5 GB per process, two at once while timing).
 The sparsity (fraction of each layer's units) and the schedule are per case (``CASES``):
 ckks needs enough of a dense layer's diagonals gone for the all-hybrid chain of layouts to
 beat the block layouts, which is where the rotations go.
@@ -40,16 +44,16 @@ from typing import Any
 import numpy as np
 
 #: (dataset, arch, scheme, sparsity, per-layer sparsities, schedule steps, distillation
-#: epochs per step). ckks runs unflooded (``flood_bits=0``): the default flood raises the
-#: scale enough to double the ring (N=32768), which makes LeNet-5 take ~7 GB; pruning
-#: changes the layouts, not the flood. The classifiers (16 diagonals in the cnn) are pruned
-#: by half, the other layers by 3/4.
-Case = tuple[str, str, str, float, dict[str, float], int, int]
+#: epochs per step, fine-tuning weight decay). ckks runs unflooded (``flood_bits=0``): the
+#: default flood raises the scale enough to double the ring (N=32768), which makes LeNet-5
+#: take ~7 GB; pruning changes the layouts, not the flood. The classifiers (16 diagonals in
+#: the cnn) are pruned by half, the other layers by 3/4.
+Case = tuple[str, str, str, float, dict[str, float], int, int, float]
 CASES: list[Case] = [
-    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"fc2": 0.5}, 4, 16),
-    ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8)]
+    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"fc2": 0.5}, 4, 16, 0.0),
+    ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8, 0.0)]
 LENET: Case = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75, {"fc3": 0.5},
-               4, 16)
+               4, 16, 0.0)
 
 
 def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, 
         evals.append(time.perf_counter() - start)
         y = client.decrypt(out)
         agree += int(np.argmax(y) == np.argmax(sm.predict_clear(x[i:i + 1])))
-    return {"evaluate_ms": 1e3 * statistics.median(evals),
+    return {"alone_evaluate_ms": 1e3 * statistics.median(evals),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "galois_key_bytes": int(plan.get("galois_key_bytes") or 0),
             "galois_keys": int(plan.get("galois_keys") or 0),
@@ -84,7 +88,8 @@ def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, 
 
 
 def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
-              layer_sparsity: dict[str, float], max_drop: float, schedule: tuple[int, int],
+              layer_sparsity: dict[str, float], max_drop: float,
+              schedule: tuple[int, int, float],
               folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     from secureinfer import data
     from secureinfer import nn as snn
@@ -95,7 +100,7 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
     start = time.perf_counter()
     aware = snn.prune(base, scheme, sparsity=sparsity, max_drop=max_drop, data=ds,
                       layer_sparsity=layer_sparsity, steps=schedule[0], epochs=schedule[1],
-                      progress=sys.stderr.isatty())
+                      weight_decay=schedule[2], progress=sys.stderr.isatty())
     prune_s = time.perf_counter() - start
     magnitude = snn.magnitude_prune(base, sparsity, data=ds)
     acc = snn.accuracy(base, ds.x_test, ds.y_test)
@@ -113,33 +118,82 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
     return out
 
 
-def _run_child(path: Path, scheme: str, dataset: str, images: int) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--child", str(path), scheme, dataset,
-                           str(images)], capture_output=True, text=True, check=False)
+def timing(paths: list[str], scheme: str, dataset: str, images: int,
+           rounds: int) -> list[float]:
+    """Median evaluate ms of each model of ``paths``, all set up in this process and run
+    alternately (image by image) for ``rounds`` rounds of ``images`` test images."""
+    import secureinfer
+    from secureinfer import data
+    from secureinfer import nn as snn
+
+    ds = data.load(dataset)
+    parties = []
+    for path in paths:
+        sm = secureinfer.compile(snn.load(path), scheme, calibration=ds.x_train[:256])
+        client, server, _ = sm.setup()
+        parties.append((client, server))
+    x = ds.x_test[:images]
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i in range(len(x)):
+            for k, (client, server) in enumerate(parties):
+                ct = client.encrypt(x[i:i + 1])
+                start = time.perf_counter()
+                server.evaluate(ct)
+                times[k].append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def _run(args: list[str], what: str) -> Any:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          check=False)
     if proc.returncode:
-        raise RuntimeError(f"{path.name} under {scheme}: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{what}: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _run_child(path: Path, scheme: str, dataset: str, images: int) -> dict[str, Any]:
+    return _run(["--child", str(path), scheme, dataset, str(images)],
+                f"{path.name} under {scheme}")
+
+
+def _run_timing(paths: list[Path], scheme: str, dataset: str, images: int,
+                rounds: int) -> list[float]:
+    return _run(["--timing", scheme, dataset, str(images), str(rounds),
+                 *map(str, paths)], f"timing {', '.join(p.name for p in paths)}")
+
+
 def run_case(case: Case, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
-    """The three variants of one case; a discarded warm-up run first (it builds the
-    on-disk tables and caches the first run would otherwise pay alone)."""
-    dataset, arch, scheme, sparsity, per_layer, steps, epochs = case
+    """The three variants of one case: each alone in its process (figures, agreement, peak
+    memory), then every pruned variant timed against ``base`` alternately in one process;
+    a discarded warm-up run first (it builds the on-disk tables and caches the first run
+    would otherwise pay alone)."""
+    dataset, arch, scheme, sparsity, per_layer, steps, epochs, decay = case
     if args.sparsity is not None:
         sparsity, per_layer = args.sparsity, {}
     variants = _variants(dataset, arch, scheme, sparsity, per_layer, args.max_drop,
-                         (steps, epochs), folder)
+                         (steps, epochs, decay), folder)
     _run_child(variants[0][1], scheme, dataset, 1)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
-    for _ in range(args.rounds):  # variants alternate: a busy spell hits one round of each
-        for name, path, _ in variants:
-            runs[name].append(_run_child(path, scheme, dataset, args.images))
+    alone = {name: _run_child(path, scheme, dataset, args.images)
+             for name, path, _ in variants}
+    base_path = variants[0][1]
+    timed: dict[str, tuple[float, float]] = {}
+    for name, path, _ in variants[1:]:
+        base_ms, ms = _run_timing([base_path, path], scheme, dataset, args.images,
+                                  args.rounds)
+        timed[name] = (base_ms, ms)
     rows = []
     for name, _, meta in variants:
-        best = min(runs[name], key=lambda r: r["evaluate_ms"])
-        best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs[name])
-        rows.append({"model": f"{dataset} {arch}", "scheme": scheme, "variant": name,
-                     "sparsity": sparsity, **meta, **best})
+        row = {"model": f"{dataset} {arch}", "scheme": scheme, "variant": name,
+               "sparsity": sparsity, **meta, **alone[name]}
+        if name == "base":
+            row["evaluate_ms"] = timed[variants[1][0]][0]
+            row["vs_base"] = "-"
+        else:
+            base_ms, ms = timed[name]
+            row["evaluate_ms"], row["base_ms"] = ms, base_ms
+            row["vs_base"] = f"{100 * (ms - base_ms) / base_ms:+.0f}%"
+        rows.append(row)
     return rows
 
 
@@ -153,15 +207,16 @@ def _change(rows: list[dict[str, Any]], key: str) -> dict[str, str]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | scheme | variant | units pruned | accuracy | evaluate ms | peak MB "
+    head = ("| model | scheme | variant | units pruned | accuracy | evaluate ms | vs base "
+            "| peak MB "
             "| rotations | products | Galois keys | Galois key MB | functional keys "
             "| units skipped | agree |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         fk, rot, prod = (r.get(k) if r.get(k) is not None else "-"
                          for k in ("functional_keys", "rotations", "products"))
         lines.append(f"| {r['model']} | {r['scheme']} | {r['variant']} | {r.get('units', '-')} "
-                     f"| {100 * r['accuracy']:.2f}% | {r['evaluate_ms']:.1f} "
+                     f"| {100 * r['accuracy']:.2f}% | {r['evaluate_ms']:.1f} | {r['vs_base']} "
                      f"| {r['peak_rss_mb']:.0f} | {rot} | {prod} | {r['galois_keys']} "
                      f"| {r['galois_key_bytes'] / 2**20:.1f} | {fk} "
                      f"| {r['units_skipped']} | {r['agree']} |")
@@ -172,12 +227,13 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for start in range(0, len(rows), 3):
         group = rows[start:start + 3]
-        lat, keys = _change(group, "evaluate_ms"), _change(group, "galois_key_bytes")
+        keys = _change(group, "galois_key_bytes")
         fk = _change(group, "functional_keys")
         for r in group[1:]:
             drop = 100 * (group[0]["accuracy"] - r["accuracy"])
             out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate "
-                       f"{lat[r['variant']]}, Galois key bytes {keys[r['variant']]}, functional keys "
+                       f"{r['vs_base']} (timed beside base), Galois key bytes "
+                       f"{keys[r['variant']]}, functional keys "
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
     return out
 
@@ -186,13 +242,18 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--timing":
+        print(json.dumps(timing(sys.argv[6:], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                int(sys.argv[5]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--sparsity", type=float, default=None,
                         help="one sparsity for every case and layer (default: per case)")
     parser.add_argument("--max-drop", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="runs of every variant, alternating; the fastest median is kept")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --images evaluations per variant, alternating with "
+                             "base in one process; the median of all is kept")
     parser.add_argument("--lenet", action="store_true", help="add LeNet-5 on 28x28 digits")
     parser.add_argument("--only", help="comma-separated case indices (0-based) to run")
     parser.add_argument("--out", help="write the rows as JSON")

@@ -35,6 +35,9 @@ class SlotUnits:
             consecutive diagonals needs fewest rotations (false: every unit is one rotation
             of its own, e.g. a kernel offset on a grid).
         note: the layout the map comes from (for messages and records).
+        free_steps: rotation steps (modulo ``width``) whose Galois keys the plan needs
+            whatever the weights (pool passes, rotate-and-sums): a unit reached from 0 or
+            from a kept unit by one of them costs no key of its own.
     """
 
     layer: str
@@ -44,6 +47,7 @@ class SlotUnits:
     permutable: bool
     contiguous: bool = True
     note: str = ""
+    free_steps: frozenset[int] = frozenset()
 
     def unit_of(self, anchors: np.ndarray | None = None) -> np.ndarray:
         """The diagonal of every weight entry (the weight's shape), with output unit ``r``

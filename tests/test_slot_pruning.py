@@ -117,3 +117,50 @@ def test_model_pruned_for_ckks_runs_under_clear_and_fe_ip(pruned, digits):
     sm = secureinfer.compile(pruned.model, "fe-ip", calibration=digits.x_train[:256])
     client, server, _ = sm.setup()
     np.testing.assert_array_equal(server.infer(client.encrypt(x)), sm.reference(x))
+
+
+def test_kernel_offsets_are_kept_where_the_plan_has_their_keys():
+    """One rotation per kernel offset (a grid convolution): with a heavier offset whose
+    step no kept unit or free key reaches, the choice keeps the keyed ones first, and
+    every kept step is reached from 0 or another kept step by one free step."""
+    from secureinfer.nn.slot_pruning import _keyed_choice, _new_keys
+
+    width, free = 1024, frozenset({8, 224})
+    values = np.array([0, 8, 16, 200, 224, 232, 1016])  # 1016 = -8: a key of its own
+    energy = np.array([1.0, 2.0, 3.0, 9.0, 4.0, 5.0, 8.0])
+    kept = _keyed_choice(values, energy, 5, width, free)
+    assert sorted(values[kept].tolist()) == [0, 8, 16, 224, 232]
+    assert _new_keys(values[kept].tolist(), width, free) == 0
+    # more units than the keyed ones: the rest by weight, at the fewest new keys
+    kept = _keyed_choice(values, energy, 6, width, free)
+    assert 200 in values[kept].tolist() and _new_keys([200], width, free) == 1
+
+
+def test_power_of_two_baby_steps_win_ties():
+    """A run of 56 diagonals costs 13 rotations with baby steps of 7 or of 8; 8 is chosen
+    (its giant steps are multiples of 8, keyed by the rotate-and-sums anyway)."""
+    from secureinfer.plugins.ckks.search import _best_baby
+
+    assert _best_baby(list(range(56))) == 8
+
+
+def test_negative_weight_decay_is_refused(cnn, digits):
+    with pytest.raises(secureinfer.SecureInferError, match="weight_decay"):
+        snn.prune(cnn, unit="diagonals", weight_decay=-1.0, data=digits)
+
+
+def test_a_diagonal_that_encodes_to_zero_is_left_out(cnn, digits, ckks_ready):
+    """One tiny weight in a diagonal passes the slot check (value x scale >= 1/2) but its
+    encoding rounds to the zero polynomial, whose product SEAL refuses (transparent
+    ciphertext): the kernel leaves it out; a normal diagonal is kept."""
+    from secureinfer.plugins.ckks.backend import Seal
+    from secureinfer.plugins.ckks.layers import _encode_factor
+
+    sm = secureinfer.compile(cnn, CKKS, calibration=digits.x_train[:256])
+    seal = Seal(sm.scheme.params)
+    scale = 2.0 ** 20
+    tiny = np.zeros(seal.slots)
+    tiny[3] = 0.6 / scale
+    assert _encode_factor(seal, tiny, seal.top, scale) is None
+    tiny[3] = 1.0
+    assert _encode_factor(seal, tiny, seal.top, scale) is not None

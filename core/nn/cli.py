@@ -161,6 +161,9 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="schedule increments (default 4)")
     p.add_argument("--epochs", type=int, default=8,
                    help="distillation epochs per increment (default 8)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay while fine-tuning (default 0); smaller weights "
+                        "let the ckks planner pick a smaller scale, maybe a smaller ring")
     p.add_argument("--out", required=True, help="where to write the pruned model file")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
     p.set_defaults(func=run_prune)
@@ -195,6 +198,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune(model, args.scheme, sparsity=args.sparsity, max_drop=args.max_drop,
                        data=args.dataset, layer_sparsity=_layer_sparsity(args.layer_sparsity),
                        steps=args.steps, epochs=args.epochs,
+                       weight_decay=args.weight_decay,
                        progress=not args.json and sys.stderr.isatty())
         out = str(save(result.model, args.out))
     except (SecureInferError, ValueError) as exc:

@@ -244,7 +244,8 @@ def _prune_step(groups: list[_Group], fraction: Callable[[int], float]) -> None:
 def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
           max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
           layer_sparsity: Mapping[str, float] | None = None, steps: int = 4,
-          epochs: int = 8, seed: int = 0, progress: bool = False) -> PruneResult:
+          epochs: int = 8, weight_decay: float = 0.0, seed: int = 0,
+          progress: bool = False) -> PruneResult:
     """Prune ``model`` in the units ``scheme`` evaluates, within an accuracy budget.
 
     Args:
@@ -262,6 +263,10 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
             first convolution with few diagonals or the classifier.
         steps: increments of the schedule.
         epochs: distillation epochs after each increment.
+        weight_decay: Adam's L2 weight decay while fine-tuning. Smaller weights amplify
+            the encryption noise less (CKKS: each affine stage by its largest row norm), so
+            the planner may choose a smaller scale and, when the chain then fits, a
+            smaller ring.
         seed: seed of the fine-tuning batches.
         progress: tqdm bars.
 
@@ -286,6 +291,8 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
         raise ConfigError(f"max_drop={max_drop} must be >= 0 (accuracy points)")
     if steps < 1:
         raise ConfigError(f"steps={steps} must be at least 1")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay={weight_decay} must be >= 0")
     if (scheme is None) == (unit is None):
         raise ConfigError("give exactly one of scheme= (e.g. 'ckks') or unit= "
                           f"({', '.join(UNITS)})")
@@ -298,7 +305,7 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     base = accuracy(teacher, ds.x_test, ds.y_test)
     meta: dict[str, Any] = {"unit": kind, "scheme": scheme, "units": pruner.total,
                             "units_from": pruner.source, "target_sparsity": sparsity,
-                            "layer_sparsity": targets,
+                            "layer_sparsity": targets, "weight_decay": weight_decay,
                             "max_drop": max_drop, "accuracy_before": base, "history": []}
     best = copy.deepcopy(student.state_dict())
     pruned_best = pruner.pruned()
@@ -309,6 +316,7 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
             hooks = pruner.hooks()
             try:
                 fit(student, ds.x_train, ds.y_train, epochs=epochs, teacher=teacher,
+                    weight_decay=weight_decay,
                     seed=seed + k, progress=progress, desc=f"prune {k}/{steps}")
             finally:
                 for h in hooks:

@@ -5,12 +5,15 @@ diagonal of every weight (``Scheme.pruning_units``). One increment of the schedu
 by layer in network order:
 
 1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``, rounded to a
-   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs about ``2 sqrt(keep)`` rotations for a run, and about
+   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs
+   about ``2 sqrt(keep)`` rotations for a run, and about
    as many as for all ``n`` for a scattered set of the same size, so a run frees whole
    baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
    ``b``; it starts at 0 (or at a power of two, see ``_run_starts``). Units that are
-   one rotation each (kernel offsets on a grid) keep the ``keep``
-   of most weight instead;
+   one rotation each (kernel offsets on a grid) keep the ``keep`` of most weight among
+   those whose rotation needs no Galois key the plan lacks (reached from 0 or from a kept
+   offset by a step the plan keys whatever the weights: ``SlotUnits.free_steps``), then
+   the others by weight at the fewest new keys;
 2. for a layer whose output units may move (every layer but the last), permutes them:
    unit ``r`` moved to the slot of unit ``a`` sees its weights in diagonals
    ``(slot(e) - slot(a)) mod width``; the assignment of units to slots that keeps the most
@@ -22,6 +25,7 @@ by layer in network order:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +79,8 @@ class SlotLayer:
         if not self.units.contiguous:
             per = np.zeros(n)
             np.add.at(per, pos.ravel(), energy.ravel())
-            top = np.argsort(-per, kind="stable")[:keep]
+            top = _keyed_choice(self.values, per, keep, self.units.width,
+                                self.units.free_steps)
             return None, np.isin(pos, top)
         starts = _run_starts(n, keep, self.units.permutable)
         best: tuple[float, np.ndarray | None, np.ndarray] | None = None
@@ -137,6 +142,40 @@ class SlotLayer:
         return self.module.weight.register_hook(lambda grad: grad * mask)
 
 
+def _signed(v: int, width: int) -> int:
+    return v - width if v > width // 2 else v
+
+
+def _new_keys(steps: list[int], width: int, free: frozenset[int]) -> int:
+    """Galois keys that rotations by ``steps`` (each one rotation from 0 or from another
+    of them, in ascending signed order, as ``grid.RotPlan.baby_tree`` builds them) need
+    beyond ``free``."""
+    keys, done = set(free), [0]
+    for a in sorted(steps, key=lambda v: _signed(v, width)):
+        if a % width and not any((a - n) % width in keys for n in done):
+            keys.add(a % width)  # a key of its own: reached from 0
+        done.append(a)
+    return len(keys - set(free))
+
+
+def _keyed_choice(values: np.ndarray, energy: np.ndarray, keep: int, width: int,
+                  free: frozenset[int]) -> np.ndarray:
+    """The ``keep`` units (each one rotation by its step ``values[i]``) to keep: by
+    squared weight, among those whose rotation needs no Galois key the plan does not
+    generate anyway (reached from 0 or from another kept unit by one step of ``free``);
+    then by squared weight, each at the least number of new keys. Step 0 is free."""
+    order = [int(i) for i in np.argsort(-energy, kind="stable")]
+    chosen: list[int] = []
+    while len(chosen) < min(keep, len(order)):
+        rest = [i for i in order if i not in chosen]
+        steps = [int(values[i]) for i in chosen]
+        base = _new_keys(steps, width, free)
+        cost = {i: _new_keys(steps + [int(values[i])], width, free) - base for i in rest}
+        least = min(cost.values())
+        chosen.append(next(i for i in rest if cost[i] == least))
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def _run_baby(keep: int) -> int:
     """The power of two near ``sqrt(keep)``: a run a multiple of it long, starting at 0 or
     at a power of two no smaller, splits into that many baby steps and giant steps that
@@ -190,7 +229,7 @@ def slot_layers(model: nn.Module, units: list[SlotUnits]) -> list[SlotLayer] | N
         after = leaves[later[0]] if later else None
         between = leaves[i + 1: later[0]] if later else []
         if u.permutable and not _movable(between, after, module.weight.shape[0]):
-            u = SlotUnits(u.layer, u.width, u.slots, u.anchors, False, u.contiguous, u.note)
+            u = dataclasses.replace(u, permutable=False)
         out.append(SlotLayer(u, module, between, after))
     order = {id(m): k for k, m in enumerate(leaves)}
     return sorted(out, key=lambda s: order[id(s.module)])

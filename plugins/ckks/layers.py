@@ -168,6 +168,17 @@ def _nonzero(values: np.ndarray, scale: float) -> bool:
     return bool(np.max(np.abs(values), initial=0.0) * scale >= 0.5)
 
 
+def _encode_factor(seal: Seal, values: np.ndarray, level: int, scale: float) -> Any | None:
+    """``values`` encoded as a plaintext factor, or ``None`` when its encoding is the zero
+    polynomial: a few slots of tiny weights (a nearly pruned diagonal) can round to zero
+    coefficients although one slot times the scale exceeds 1/2, and SEAL refuses the
+    product (a transparent ciphertext); the product is ~0, so it is left out."""
+    if not _nonzero(values, scale):
+        return None
+    pt = seal.encode(values, level, scale)
+    return None if pt.is_zero() else pt
+
+
 class AffineSingle(_Kernel):
     """Hybrid diagonal method with baby-step giant-step, plaintexts encoded once.
 
@@ -184,12 +195,11 @@ class AffineSingle(_Kernel):
         self.babies = lay.baby_steps()
         groups: dict[int, list[tuple[int, Any]]] = {}
         for i, diag in sorted(lay.diagonals.items()):
-            if not _nonzero(diag, step.plain_scale):
-                continue
             a, g = i % baby, i - i % baby
-            pt = ctx.seal.encode(np.tile(np.roll(diag, g), reps), step.level_in,
-                                 step.plain_scale)
-            groups.setdefault(g, []).append((a, pt))
+            pt = _encode_factor(ctx.seal, np.tile(np.roll(diag, g), reps), step.level_in,
+                                step.plain_scale)
+            if pt is not None:
+                groups.setdefault(g, []).append((a, pt))
         self.groups = sorted(groups.items())
         self.rotsum = lay.rotsum
         _, bias = stage.weights()
@@ -242,11 +252,10 @@ class RotationKernel(_Kernel):
         self.plan = plan
         groups: dict[int, list[tuple[int, Any]]] = {}
         for (g, a), diag in sorted(plan.diagonals().items()):
-            if not _nonzero(diag, step.plain_scale):
-                continue
-            pt = ctx.seal.encode(np.tile(np.roll(diag, g), reps), step.level_in,
-                                 step.plain_scale)
-            groups.setdefault(g, []).append((a, pt))
+            pt = _encode_factor(ctx.seal, np.tile(np.roll(diag, g), reps), step.level_in,
+                                step.plain_scale)
+            if pt is not None:
+                groups.setdefault(g, []).append((a, pt))
         self.groups = groups
         self.tree = plan.baby_tree()
         self.chain = plan.giant_chain()

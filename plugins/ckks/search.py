@@ -83,7 +83,9 @@ def _diagonals(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
 
 
 def _best_baby(indices: Sequence[int]) -> int:
-    """Baby-step size minimising rotations (ties: fewer distinct steps, then smaller)."""
+    """Baby-step size minimising rotations (ties: fewer distinct steps, then a power of
+    two, whose giant steps are multiples of it and reuse power-of-two Galois keys, then
+    smaller)."""
     if not indices:
         return 1
     top = max(indices) + 1
@@ -92,7 +94,7 @@ def _best_baby(indices: Sequence[int]) -> int:
     for b in sorted(candidates):
         baby = {i % b for i in indices} - {0}
         giant = {i - i % b for i in indices} - {0}
-        key = (len(baby) + len(giant), len(baby | giant), b)
+        key = (len(baby) + len(giant), len(baby | giant), b & (b - 1) != 0, b)
         if best_key is None or key < best_key:
             best, best_key = b, key
     return best

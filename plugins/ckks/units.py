@@ -52,13 +52,20 @@ def _linear_units(linear: Linear, in_layout: Layout, out_layout: Layout,
                      note=note)
 
 
-def _tap_units(conv: Conv2d, grid: _grid.Grid) -> SlotUnits:
+def _tap_units(conv: Conv2d, grid: _grid.Grid, free: frozenset[int]) -> SlotUnits:
     oc, ic, kh, kw = conv.weight.shape
     ph, pw = conv.padding
     taps = ((np.arange(kh)[:, None] - ph) * grid.rs + (np.arange(kw)[None, :] - pw) * grid.cs)
     return SlotUnits(conv.name, grid.period, np.broadcast_to(taps % grid.period,
                                                              (ic, kh, kw)).copy(),
-                     np.zeros(oc, dtype=np.int64), False, False, "grid kernel offsets")
+                     np.zeros(oc, dtype=np.int64), False, False, "grid kernel offsets",
+                     frozenset(s % grid.period for s in free) - {0})
+
+
+def _free_steps(plan: _grid.GridPlan) -> frozenset[int]:
+    """The steps of the pool passes and rotate-and-sums: keyed whatever the weights."""
+    return frozenset(s % plan.period for rp in plan.stages if rp is not None
+                     for p in (*rp.pre, *rp.post, rp.rotsum) for s in p) - {0}
 
 
 def _single_linear(stage: Affine) -> Linear | None:
@@ -79,6 +86,7 @@ def _pooled(cur: _grid.Grid | Layout, specs: list[LayerSpec]) -> _grid.Grid | La
 def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
     last = _last_weighted(program)
     out: list[SlotUnits] = []
+    free = _free_steps(plan)
     cur: _grid.Grid | Layout | None = plan.input_grid
     for stage, rp in zip(program.stages, plan.stages):
         if rp is None or not isinstance(stage, Affine):
@@ -95,7 +103,7 @@ def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
             conv = next(s for s in stage.specs if isinstance(s, Conv2d))
             src = _pooled(cur, stage.specs)
             if isinstance(src, _grid.Grid):
-                out.append(_tap_units(conv, src))
+                out.append(_tap_units(conv, src, free))
         cur = rp.out
     return out
 
