@@ -69,3 +69,18 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+    log = os.environ.get("SECUREINFER_TEST_RSS_LOG")
+    if log:  # where the one-process suite's memory goes: resident MB after each module
+        _log_rss(Path(log), item.module.__name__ if item.module else item.nodeid)
+
+
+def _log_rss(log: Path, module: str) -> None:
+    import resource
+
+    try:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGESIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with log.open("a") as f:
+        f.write(f"{module}\t{rss / 2**20:.0f}\t{peak / 2**20:.0f}\n")
