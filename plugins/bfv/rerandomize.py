@@ -142,14 +142,13 @@ class Rerandomizer:
         return self.apply(prime, self.primes[prime].load(blob), keep)
 
     def _flood(self, p: PrimeContext, blob: bytes) -> bytes:
-        """Add the flood polynomial to ``c0`` of a serialized ciphertext; SEAL checks the
-        result when it is loaded back."""
+        """Add the flood polynomial to ``c0`` of a serialized ciphertext (every coefficient
+        stays reduced mod its prime, so the bytes stay valid; the client's SEAL checks them
+        when it loads them)."""
         bits = int(self.flood_log2 or 0)
         moduli = [int(q) for q in p.he.get_qi()][:-1]  # the data primes (the last: special)
         limbs = len(moduli) - self.drops
         ct = wire.parse(blob, p.slots, limbs)
         qs = np.asarray(moduli[:limbs], dtype=np.uint64)[:, None]
         ct.data[0] = (ct.data[0] + flood_residues(bits, p.slots, moduli[:limbs])) % qs
-        out = ct.dump()
-        p.load(out)
-        return out
+        return ct.dump()

@@ -329,12 +329,14 @@ class BfvScheme(Scheme):
                 parts = ctx.pool.dump()
             except RuntimeError as exc:
                 raise EvaluationError(self.name, "(output)", "dump", exc) from exc
-            blobs = [rerand.apply_bytes(i, b, _result_slots(plan, value.samples, k))
-                     if rerand else b for k, item in enumerate(parts)
+            blobs = [rerand.apply_bytes(i, b, keep) if rerand else b
+                     for k, item in enumerate(parts)
+                     for keep in [_result_slots(plan, value.samples, k)]  # once per item
                      for i, per_prime in enumerate(item) for b in per_prime]
         else:
-            blobs = [rerand.apply(i, ct, _result_slots(plan, value.samples, k))
-                     if rerand else ct.to_bytes(RAW) for k, item in enumerate(value.items)
+            blobs = [rerand.apply(i, ct, keep) if rerand else ct.to_bytes(RAW)
+                     for k, item in enumerate(value.items)
+                     for keep in [_result_slots(plan, value.samples, k)]  # once per item
                      for i, per_prime in enumerate(item)
                      for ct in (per_prime if isinstance(per_prime, list) else [per_prime])]
         return codec.pack_fields({"samples": value.samples, "ct": blobs})
