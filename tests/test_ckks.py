@@ -162,7 +162,12 @@ def test_plan_is_recorded_and_json(cnn_single) -> None:
 def test_tutorial_network_plan(tutorial_single) -> None:
     sm, _ = tutorial_single
     plan = sm.plan
-    assert plan["poly_modulus_degree"] == 8192 and plan["depth_needed"] == 5
+    # five products; each square's rescale is left to the dense layer after it (lazy), so
+    # those two levels divide by one prime of twice the scale: three levels in all
+    assert plan["poly_modulus_degree"] == 8192 and plan["lazy_squares"] == 2
+    assert plan["depth_needed"] == 5 - plan["lazy_squares"]
+    scale, middle = plan["scale_bits"], plan["coeff_mod_bits"][1:-1]
+    assert sorted(middle) == [scale, 2 * scale, 2 * scale]
     assert plan["packing"] == "single" and "im2col" in plan["input_layout"]
     assert plan["rotations_per_input"] <= 32
 

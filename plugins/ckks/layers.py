@@ -4,6 +4,9 @@ Scales are managed exactly. A plaintext multiplied into a ciphertext at chain in
 is encoded at scale ``target * q_c / scale_in``, so that after the rescale by ``q_c`` the
 result has exactly the scale the next stage wants: ``2^scale_bits``, or
 ``sqrt(2^scale_bits * q)`` before a folded square so the square lands on ``2^scale_bits``.
+A lazy square is not rescaled: ``x^2`` stays at ``2^(2*scale_bits)`` on its level, and the
+affine stage after it encodes its weights at ``2^scale_bits * q / 2^(2*scale_bits)`` for
+its prime ``q`` of ``2*scale_bits`` bits.
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ def schedule(program: Program, primes: list[int], scale_bits: int) -> list[Step]
                 steps.append(Step(level, scale, level, scale))
                 continue
             target = delta
-            if isinstance(nxt, Polynomial) and nxt.folded:
+            if isinstance(nxt, Polynomial) and nxt.folded and not nxt.lazy:
                 target = math.sqrt(delta * primes[level - 1])
             sigma = target * primes[level] / scale
             steps.append(Step(level, scale, level - 1, target, sigma))
+        elif stage.folded and stage.lazy:  # x^2 stays at scale^2; the next stage rescales
+            steps.append(Step(level, scale, level, scale * scale))
         elif stage.folded:
             steps.append(Step(level, scale, level - 1, scale * scale / float(primes[level])))
         else:
@@ -367,7 +372,8 @@ class FoldedSquare(_Kernel):
             self.ev.add_plain(ct, self.shift, shifted)
             self.ev.multiply(ct, shifted, out)
         self.ev.relinearize_inplace(out, self.ctx.relin)
-        self.ev.rescale_to_next_inplace(out)
+        if self.step.level_out < self.step.level_in:  # a lazy square leaves it to the next
+            self.ev.rescale_to_next_inplace(out)
         _set_scale(out, self.step.scale_out, self.stage.describe())
         if self.negate:
             self.ev.negate_inplace(out)

@@ -1,7 +1,8 @@
 """The CKKS parameter planner: ring degree, coefficient modulus chain and scale.
 
 The chain is ``[q0, q1 .. qL, P]``: ``L`` rescaling primes of ``scale_bits`` bits (one per
-level of multiplicative depth), a first prime ``q0`` with ``headroom`` more bits so the
+level of multiplicative depth; ``2 * scale_bits`` for the level an affine stage shares with
+the lazy square before it, ``Program.with_lazy_squares``), a first prime ``q0`` with ``headroom`` more bits so the
 output fits (``|y| * 2^scale < q0 / 2``, from the calibrated output range) and a special
 prime ``P`` for key switching, 5 bits above the largest other prime (key-switching noise
 scales with ``q_max / P``; with ``P = q_max`` one rotation costs ~6 bits of precision).
@@ -282,10 +283,12 @@ def _auto_scale(program: Program, calibration: Calibration | None, degree: int,
     return scale
 
 
-def _chain(scale: int, headroom: int, depth: int) -> list[int]:
+def _chain(scale: int, headroom: int, sizes: list[int]) -> list[int]:
+    """``[q0, q1 .. qL, P]`` for the rescaling primes ``sizes`` in evaluation order (the
+    first stage divides by ``qL``)."""
     first = scale + headroom
-    special = min(MAX_PRIME_BITS, max(first, scale) + SPECIAL_MARGIN_BITS)
-    return [first] + [scale] * depth + [special]
+    special = min(MAX_PRIME_BITS, max(first, *sizes, scale) + SPECIAL_MARGIN_BITS)
+    return [first] + sizes[::-1] + [special]
 
 
 def _check_headroom(program: Program, calibration: Calibration | None, headroom: int,
@@ -362,7 +365,14 @@ def choose_params(program: Program, calibration: Calibration | None, opts: dict[
             continue
         target = target_error(degree) if callable(target_error) else target_error
         scale = scale_opt or _auto_scale(program, calibration, degree, target)
-        chain = _chain(scale, headroom, depth)
+        sizes = program.level_bits(scale) + [scale] * extra_depth
+        if max(sizes, default=0) + SPECIAL_MARGIN_BITS > MAX_PRIME_BITS:
+            raise CompileError(
+                f"ckks: lazy rescaling needs primes of {max(sizes)} bits (twice scale_bits="
+                f"{scale}) and a special prime {SPECIAL_MARGIN_BITS} bits above, more than "
+                f"{MAX_PRIME_BITS}; use lazy_rescale=off or scale_bits <= "
+                f"{(MAX_PRIME_BITS - SPECIAL_MARGIN_BITS) // 2}")
+        chain = _chain(scale, headroom, sizes)
         if output_prime:
             chain = [max(_min_scale(degree), headroom + HEADROOM_MARGIN_BITS), scale] + chain[1:]
         total = sum(chain)

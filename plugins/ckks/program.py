@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from secureinfer.layers import Conv2d, LayerSpec, Linear, Poly, im2col
@@ -235,11 +235,14 @@ class Polynomial:
     """An element-wise polynomial, ``coeffs`` lowest degree first.
 
     ``folded``: degree 2 with the preceding affine stage scaled by ``sqrt(|a|)``.
+    ``lazy``: a folded square whose rescale is left to the affine stage after it, which
+    then divides by one prime of twice the scale's bits (``Program.with_lazy_squares``).
     """
 
     specs: list[LayerSpec]
     coeffs: tuple[float, ...]
     folded: bool = False
+    lazy: bool = False
 
     kind = "poly"
 
@@ -249,13 +252,13 @@ class Polynomial:
 
     @property
     def depth(self) -> int:
-        """Levels consumed."""
+        """Levels consumed (none for a lazy square: the next stage's rescale takes it)."""
         if self.folded:
-            return 1
+            return 0 if self.lazy else 1
         return math.ceil(math.log2(self.degree)) + 1
 
     def describe(self) -> str:
-        how = "folded" if self.folded else "generic"
+        how = ("folded, lazy rescale" if self.lazy else "folded") if self.folded else "generic"
         return f"poly[{self.specs[0].name}] degree {self.degree} ({how})"
 
 
@@ -284,6 +287,46 @@ class Program:
     def stage_depths(self) -> list[tuple[str, int]]:
         """``(description, depth)`` per stage, for error messages and plans."""
         return [(s.describe(), s.depth) for s in self.stages]
+
+    @property
+    def lazy_squares(self) -> int:
+        """How many squares leave their rescale to the next stage."""
+        return sum(1 for s in self.stages if isinstance(s, Polynomial) and s.lazy)
+
+    def with_lazy_squares(self) -> Program | None:
+        """A copy in which every folded square followed by an affine stage is lazy, or
+        ``None`` when there is none. Pure: ``self`` is unchanged.
+
+        SEAL's cost per rotation and per product grows with the number of primes left
+        (key switching ~ ``L^1.3``), not with their size. An eager square rescales by a
+        prime of ``scale_bits``; a lazy one keeps ``x^2`` at scale ``2^(2*scale_bits)``,
+        the next affine stage multiplies it by its weights at ``~2^scale_bits`` and
+        rescales once by a prime of ``2 * scale_bits`` bits: the same precision and the
+        same modulus bits (but a wider special prime) in one prime fewer per square.
+        """
+        stages: list[Stage] = []
+        for k, stage in enumerate(self.stages):
+            nxt = self.stages[k + 1] if k + 1 < len(self.stages) else None
+            if isinstance(stage, Polynomial) and stage.folded and isinstance(nxt, Affine) \
+                    and not nxt.is_noop:
+                stage = replace(stage, lazy=True)
+            stages.append(stage)
+        if not any(isinstance(s, Polynomial) and s.lazy for s in stages):
+            return None
+        return replace(self, stages=stages)
+
+    def level_bits(self, scale_bits: int) -> list[int]:
+        """The size of the prime each level divides by, in evaluation order: twice the
+        scale for an affine stage after a lazy square, else the scale."""
+        sizes: list[int] = []
+        prev: Stage | None = None
+        for stage in self.stages:
+            lazy_in = isinstance(prev, Polynomial) and prev.lazy
+            if stage.depth:
+                sizes.extend([2 * scale_bits if lazy_in else scale_bits]
+                             + [scale_bits] * (stage.depth - 1))
+            prev = stage
+        return sizes
 
 
 # ----- lowering -------------------------------------------------------------------------

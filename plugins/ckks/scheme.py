@@ -248,6 +248,11 @@ class CKKSScheme(Scheme):
         Option("input_shifts", int, _grid.MAX_SHIFTS,
                "most input ciphertexts per image: the client sends its input rotated by the "
                "first layer's baby steps so the server skips them (1: one ciphertext)"),
+        Option("lazy_rescale", str, "auto",
+               "auto: a square leaves its rescale to the affine stage after it (one prime of "
+               "twice the scale per pair, so fewer primes and cheaper rotations) when that "
+               "keeps the ring degree; off: a rescale after every product",
+               choices=("auto", "off")),
         Option("flood_bits", int, None,
                f"statistical security of the output flooding (bits); default: "
                f"{_flood.DEFAULT_FLOOD_BITS} when compiled for deployment, 0 (off) in one "
@@ -337,10 +342,30 @@ class CKKSScheme(Scheme):
                     raise
         raise AssertionError("unreachable")
 
+    def _choose_program(self, program: _program.Program, calibration: Calibration | None,
+                        flood_bits: int
+                        ) -> tuple[_program.Program, Packing, _params.Params]:
+        """``program`` with lazy squares when ``lazy_rescale=auto`` and its chain keeps the
+        packing and ring degree of the eager one (same layouts, one prime fewer per lazy
+        square: every rotation and product is cheaper), else ``program`` as it is."""
+        packing, params = self._choose_params(program, calibration, flood_bits)
+        lazy = program.with_lazy_squares()
+        if lazy is None or self.opts["lazy_rescale"] == "off" or flood_bits \
+                or self.opts["coeff_mod_bits"]:
+            return program, packing, params
+        try:
+            lazy_packing, lazy_params = self._choose_params(lazy, calibration, flood_bits)
+        except CompileError:
+            return program, packing, params
+        if lazy_packing.name == packing.name \
+                and lazy_params.poly_modulus_degree <= params.poly_modulus_degree:
+            return lazy, lazy_packing, lazy_params
+        return program, packing, params
+
     def plan(self, prefix: Sequence[LayerSpec], calibration: Calibration | None) -> dict[str, Any]:
         program = _program.build_program(prefix)
         flood_bits, by = self._flood_bits()
-        packing, params = self._choose_params(program, calibration, flood_bits)
+        program, packing, params = self._choose_program(program, calibration, flood_bits)
         fields = packing.layouts(program, params)
         self.grid, self.dense = fields.pop("_grid", None), fields.pop("_dense", None)
         self.program, self.params, self.packing = program, params, packing
@@ -359,6 +384,7 @@ class CKKSScheme(Scheme):
             "scale_bits_chosen_by": "option" if self.opts["scale_bits"] or
             self.opts["coeff_mod_bits"] else "planner",
             "stages": [{"stage": s.describe(), "depth": s.depth} for s in program.stages],
+            "lazy_squares": program.lazy_squares,
             **fields,
             "galois_keys": len(steps),
             "galois_key_bytes": len(steps) * _key_bytes(params),
@@ -507,6 +533,14 @@ class CKKSScheme(Scheme):
                                   "cts": [to_bytes(ct) for ct in flat]})
 
 
+#: Evaluation keys held at once when client and server share a process, in units of their
+#: raw size: the client's SEAL objects (their memory stays in SEAL's pool after the client
+#: drops them), the serialized message and the server's parsed copy of it (compressed, about
+#: 0.8 each), SEAL's decompression buffer and the server's objects. Measured: 4.3 on
+#: TenSEAL's CNN (N=8192, 13 keys); 5 leaves a margin.
+KEY_COPIES_ONE_PROCESS = 5
+
+
 def _key_bytes(params: _params.Params) -> int:
     """Bytes of one Galois (or relinearization) key, uncompressed: ``k - 1`` key-switching
     components of two polynomials over all ``k`` primes (special prime included)."""
@@ -540,7 +574,6 @@ def _grid_fields(grid: _grid.GridPlan, program: _program.Program,
         "estimated_memory": {
             "plaintexts": plain_bytes, "evaluation_keys": keys,
             "ciphertexts": ct_peak + inputs,
-            # the client's key objects, their bytes and the server's copies in one process
-            "peak_one_process": plain_bytes + 3 * keys + ct_peak + inputs,
+            "peak_one_process": plain_bytes + KEY_COPIES_ONE_PROCESS * keys + ct_peak + inputs,
         },
     }
