@@ -46,7 +46,7 @@ from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear, im2col
 from .program import Affine, Layout, Polynomial, Program, SingleLayout, pow2
 from .search import _best_baby, _block_candidates, _make_single, _rotsum_steps, distinct_steps
 
-__all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid"]
+__all__ = ["Grid", "GridPlan", "RotPlan", "applicable", "plan_grid", "split_stages"]
 
 #: Relative cost of a plaintext product against a rotation (measured with SEAL: ~1/25).
 PRODUCT_COST = 0.04
@@ -142,6 +142,9 @@ class RotPlan:
             unless another unit still uses that step.
         client_babies: the client sends the input rotated by every baby step (first
             stage only): no baby rotation and no baby Galois key on the server.
+        split: cut points in the sorted giant steps (``split_stages``): part ``k`` of the
+            giants runs in worker process ``k`` (part 0 in the server's own), each part's
+            Horner chain ending on its smallest giant; empty: one process.
     """
 
     name: str
@@ -156,6 +159,7 @@ class RotPlan:
     known: frozenset[int] = frozenset()
     skipped: int = 0
     client_babies: bool = False
+    split: tuple[int, ...] = ()
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -183,10 +187,17 @@ class RotPlan:
             done.append(a)
         return out
 
-    def giant_chain(self) -> list[tuple[int, int]]:
-        """``(giant, step to the next smaller giant)`` from the largest down (Horner:
-        ``rot_g1(p1 + rot_(g2-g1)(p2 + ...))``); the last step is the smallest giant."""
+    def giant_parts(self) -> list[list[int]]:
+        """The sorted giant steps cut at ``split``: one list per process."""
         giants = sorted({g % self.width for g, _ in self.keys})
+        cuts = (0, *self.split, len(giants))
+        return [giants[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    def giant_chain(self, giants: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """``(giant, step to the next smaller giant)`` from the largest down (Horner:
+        ``rot_g1(p1 + rot_(g2-g1)(p2 + ...))``); the last step is the smallest giant.
+        ``giants``: a part of them (``giant_parts``), its chain ending on its own smallest."""
+        giants = sorted({g % self.width for g, _ in self.keys} if giants is None else giants)
         return [(g, g - (giants[k - 1] if k else 0)) for k, g in enumerate(giants)][::-1]
 
     def rotations(self) -> int:
@@ -203,7 +214,7 @@ class RotPlan:
         """Distinct rotation steps (Galois keys), modulo the width."""
         passes = {s for p in (*self.pre, *self.post) for s in p} | set(self.rotsum)
         tree = set() if self.client_babies else {k for _, _, k in self.baby_tree()}
-        chain = {k for _, k in self.giant_chain()}
+        chain = {k for part in self.giant_parts() for _, k in self.giant_chain(part)}
         return ({s % self.width for s in passes} | tree | chain) - {0}
 
     def describe(self) -> dict[str, Any]:
@@ -213,7 +224,8 @@ class RotPlan:
                 "client_babies": self.client_babies,
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
-                "units_skipped": self.skipped}
+                "units_skipped": self.skipped,
+                "giant_parts": [len(p) for p in self.giant_parts()] if self.split else []}
 
 
 @dataclass(eq=False)
@@ -721,6 +733,47 @@ def _share_keys(plans: list[RotPlan], slots: int) -> None:
     for rp in plans:
         rp.known = frozenset(k % rp.width for k in known) - {0}
         known |= {s % slots for s in rp.steps()}
+
+
+#: Cost of moving one ciphertext between processes, in rotations at the stage's level
+#: (SEAL's compressed save ~16 ms and load ~5 ms at N=16384, against ~13-18 ms a rotation).
+TRANSFER_COST = 1.2
+#: Most processes one stage is split over.
+MAX_WORKERS = 8
+
+
+def _split_points(rp: RotPlan, workers: int) -> tuple[int, ...]:
+    """Cut points giving each of ``workers`` processes a run of giant steps of about equal
+    cost (one rotation plus its products each; every process also makes the baby
+    rotations), or ``()`` when the split would not pay for its transfers."""
+    giants = sorted({g % rp.width for g, _ in rp.keys})
+    per: dict[int, int] = {}
+    for g, _ in rp.keys:
+        per[g % rp.width] = per.get(g % rp.width, 0) + 1
+    cost = [(1.0 if g else 0.0) + PRODUCT_COST * per[g] for g in giants]
+    parts = min(workers, len(giants))
+    # a helper's share must clearly outweigh its transfers: the input (the client's copies
+    # for a first stage) in, its partial sum out
+    inputs = 1 + (len(rp.babies()) if rp.client_babies else 0)
+    if parts < 2 or sum(cost) / parts <= 3 * (inputs + 1) * TRANSFER_COST:
+        return ()
+    target, acc, cuts = sum(cost) / parts, 0.0, []
+    for i, c in enumerate(cost[:-1]):
+        acc += c
+        if acc >= target * (len(cuts) + 1) and len(cuts) < parts - 1:
+            cuts.append(i + 1)
+    return tuple(cuts)
+
+
+def split_stages(plan: GridPlan, workers: int) -> GridPlan:
+    """``plan`` with each costly stage's giant steps split over ``workers`` processes
+    (``RotPlan.split``); a new plan, ``plan`` is unchanged. A helper's last giant rotation
+    may need one Galois key more (its part's smallest giant)."""
+    if workers < 2:
+        return plan
+    stages = [rp if rp is None else replace(rp, split=_split_points(rp, workers))
+              for rp in plan.stages]
+    return replace(plan, stages=stages)
 
 
 def plan_grid(program: Program, slots: int, search: bool = True,

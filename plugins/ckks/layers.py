@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,7 @@ class ServerContext:
     grid: GridPlan | None = None
     dense: DenseLayouts | None = None
     flood: Any = None  # flood.Flooder when the plan floods outputs (public key only)
+    pool: Any = None  # workers.StagePool when the plan splits stages over processes
 
 
 @dataclass
@@ -250,11 +251,13 @@ class RotationKernel(_Kernel):
     With ``client_babies`` the item is the client's tuple of shifted input copies.
     """
 
-    def __init__(self, ctx: ServerContext, stage: Affine, step: Step, plan: RotPlan) -> None:
+    def __init__(self, ctx: ServerContext, stage: Affine, step: Step, plan: RotPlan,
+                 index: int = 0) -> None:
         super().__init__(ctx, stage, step)
         slots = ctx.seal.slots
         reps = slots // plan.width
         self.plan = plan
+        self.index = index
         groups: dict[int, list[tuple[int, Any]]] = {}
         for (g, a), diag in sorted(plan.diagonals().items()):
             pt = _encode_factor(ctx.seal, np.tile(np.roll(diag, g), reps), step.level_in,
@@ -263,7 +266,9 @@ class RotationKernel(_Kernel):
                 groups.setdefault(g, []).append((a, pt))
         self.groups = groups
         self.tree = plan.baby_tree()
-        self.chain = plan.giant_chain()
+        self.chains = [plan.giant_chain(part) for part in plan.giant_parts()]
+        if ctx.pool is not None and len(self.chains) > 1:
+            ctx.pool.register(index, self)
         bias = plan.bias()
         self.bias = None
         if _nonzero(bias, step.scale_out):
@@ -283,18 +288,24 @@ class RotationKernel(_Kernel):
             ct = acc
         return ct
 
-    def __call__(self, item: Any) -> Any:
+    def _babies(self, item: Any) -> dict[int, Any]:
+        """The input rotated by every baby step (``item``: the pre-passed input, or the
+        client's shifted copies)."""
         if self.plan.client_babies:  # the client's shifted copies: input, then each baby
-            ct = item[0]
-            rotated = dict(zip((0, *self.plan.babies()), item))
-        else:
-            ct = self._passes(item, self.plan.pre)
-            rotated = {0: ct}
-            for a, parent, key in self.tree:
-                rotated[a] = self._rotate(rotated[parent], key)
+            return dict(zip((0, *self.plan.babies()), item))
+        rotated = {0: item}
+        for a, parent, key in self.tree:
+            rotated[a] = self._rotate(rotated[parent], key)
+        return rotated
+
+    def partial(self, item: Any, part: int, rotated: dict[int, Any] | None = None) -> Any:
+        """The Horner sum over part ``part`` of the giant steps (``RotPlan.giant_parts``)
+        before the rescale, or ``None`` when its plaintexts are all left out. ``item``: the
+        input after the pre passes, or the client's copies. A worker process runs this."""
+        rotated = self._babies(item) if rotated is None else rotated
         acc = None
         prod = self._new()
-        for g, key in self.chain:  # Horner over the giant steps, largest first
+        for g, key in self.chains[part]:  # Horner over the giant steps, largest first
             inner = acc
             for a, pt in self.groups.get(g, ()):
                 if inner is None:
@@ -304,6 +315,30 @@ class RotationKernel(_Kernel):
                     self.ev.multiply_plain(rotated[a], pt, prod)
                     self.ev.add_inplace(inner, prod)
             acc = self._rotate(inner, key) if key and inner is not None else inner
+        return acc
+
+    def parts_sum(self, item: Any, parts: Sequence[int]) -> Any:
+        """The sum of ``partial`` over ``parts``, the baby rotations made once."""
+        rotated = self._babies(item)
+        acc = None
+        for part in parts:
+            got = self.partial(item, part, rotated)
+            if acc is None:
+                acc = got
+            elif got is not None:
+                self.ev.add_inplace(acc, got)
+        return acc
+
+    def __call__(self, item: Any) -> Any:
+        if self.plan.client_babies:
+            ct = item[0]
+        else:
+            ct = item = self._passes(item, self.plan.pre)
+        pool = self.ctx.pool
+        if pool is not None and len(self.chains) > 1:
+            acc = pool.run(self, self.index, item)
+        else:
+            acc = self.parts_sum(item, range(len(self.chains)))
         if acc is None:
             acc = self._tiny(ct)
         for s in self.plan.rotsum:
@@ -452,7 +487,7 @@ def make_kernel(ctx: ServerContext, index: int) -> _Kernel | None:
         if ctx.packing == "single" and ctx.grid is not None:
             plan = ctx.grid.stages[index]
             assert plan is not None
-            return RotationKernel(ctx, stage, step, plan)
+            return RotationKernel(ctx, stage, step, plan, index)
         if ctx.packing == "single":
             assert ctx.dense is not None
             single = ctx.dense.stages[index]

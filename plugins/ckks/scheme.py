@@ -35,6 +35,7 @@ from . import search as _search
 from . import units as _units
 from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
 from .layers import CKKSLayer, ServerContext, Value, schedule
+from .workers import StagePool
 
 __all__ = ["BatchPacking", "CKKSScheme", "Packing", "SinglePacking"]
 
@@ -107,6 +108,8 @@ class SinglePacking(Packing):
         grid = (_grid.plan_grid(program, params.slots, max_shifts=self.max_shifts)
                 if _grid.applicable(program) else None)
         if grid is not None:
+            grid = _grid.split_stages(grid, int(self.opts.get("workers") or 1))
+            split = sum(1 for rp in grid.stages if rp is not None and rp.split)
             first = next((rp for rp in grid.stages if rp is not None), None)
             how = "im2col" if first is not None and first.name == "im2col" \
                 else "channel-interleaved"
@@ -120,6 +123,8 @@ class SinglePacking(Packing):
                 "rotation_steps": grid.steps(params.slots),
                 "rotations_per_input": grid.rotations(),
                 "units_skipped": grid.skipped(),
+                "workers": int(self.opts.get("workers") or 1) if split else 1,
+                "split_stages": split,
                 "input_layout": f"single: {how} grid, period {grid.period}, replicated to "
                                 "fill the slots",
                 **_grid_fields(grid, program, params),
@@ -248,6 +253,9 @@ class CKKSScheme(Scheme):
         Option("input_shifts", int, _grid.MAX_SHIFTS,
                "most input ciphertexts per image: the client sends its input rotated by the "
                "first layer's baby steps so the server skips them (1: one ciphertext)"),
+        Option("workers", int, 1,
+               "server processes per image: each costly convolution or dense stage splits its "
+               "giant steps over them (single packing with grid layouts; 1: one process)"),
         Option("lazy_rescale", str, "auto",
                "auto: a square leaves its rescale to the affine stage after it (one prime of "
                "twice the scale per pair, so fewer primes and cheaper rotations) when that "
@@ -268,6 +276,9 @@ class CKKSScheme(Scheme):
                               f"{_params.MAX_PRIME_BITS - 1}")
         if self.opts["coeff_mod_bits"] is not None:
             _params.parse_bits(self.opts["coeff_mod_bits"])
+        if not 1 <= self.opts["workers"] <= _grid.MAX_WORKERS:
+            raise ConfigError(f"scheme 'ckks': workers={self.opts['workers']} must be between 1 "
+                              f"and {_grid.MAX_WORKERS} processes")
         if not 1 <= self.opts["input_shifts"] <= 256:
             raise ConfigError(f"scheme 'ckks': input_shifts={self.opts['input_shifts']} must "
                               "be between 1 (the input alone) and 256 ciphertexts per image")
@@ -506,10 +517,12 @@ class CKKSScheme(Scheme):
                        if not galois.has_key(galois_element(s, self.params.poly_modulus_degree))]
             if missing:
                 raise EnvelopeError(f"ckks: Galois keys lack rotation steps {missing[:8]}")
+        workers = int(self.plan_.get("workers", 1))
         return ServerContext(seal, relin, galois, self.program,
                              schedule(self.program, seal.primes, self.params.scale_bits),
                              self.packing.name, self.grid, self.dense,
-                             _flood.open_flooder(seal, self.plan_, fields))
+                             _flood.open_flooder(seal, self.plan_, fields),
+                             StagePool(seal, workers) if workers > 1 else None)
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")

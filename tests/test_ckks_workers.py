@@ -1,0 +1,124 @@
+"""``ckks?workers=k``: one image's costly stages split over forked helper processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tenseal", reason="ckks needs TenSEAL: pip install secureinfer[ckks]")
+
+from secureinfer.errors import ConfigError
+from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
+from secureinfer.model import compile_layers
+from secureinfer.plugins.ckks.backend import _scratch_dir
+
+TOL = 1e-2
+BASE = "ckks?flood_bits=0"
+
+
+def channels_net(seed: int = 0) -> list:
+    """conv 1->4 (pad 1), square, pool, conv 4->16 (pad 1), square, flatten, 256->10: the
+    second convolution has many base differences (giant steps) to split."""
+    rng = np.random.default_rng(seed)
+    c1 = Conv2d("c1", (1, 8, 8), weight=rng.normal(0, 0.3, (4, 1, 3, 3)),
+                bias=rng.normal(0, 0.1, 4), padding=(1, 1))
+    pool = AvgPool2d("pool", c1.out_shape, kernel=2, stride=2)
+    c2 = Conv2d("c2", pool.out_shape, weight=rng.normal(0, 0.2, (16, 4, 3, 3)),
+                bias=rng.normal(0, 0.1, 16), padding=(1, 1))
+    n = int(np.prod(c2.out_shape))
+    return [c1, Poly("sq1", c1.out_shape), pool, c2, Poly("sq2", c2.out_shape),
+            Flatten("flat", c2.out_shape),
+            Linear("fc", (n,), weight=rng.normal(0, 1 / np.sqrt(n), (10, n)),
+                   bias=rng.normal(0, 0.1, 10))]
+
+
+def _calib(layers: list, n: int = 16, seed: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *layers[0].in_shape))
+
+
+@pytest.fixture(scope="module")
+def models():
+    layers = channels_net()
+    one = compile_layers(layers, BASE, calibration=_calib(layers))
+    two = compile_layers(layers, BASE + "&workers=2", calibration=_calib(layers))
+    return one, two
+
+
+def _run(sm, x, parties=None):
+    client, server, _ = parties or sm.setup()
+    return client.decrypt(server.evaluate(client.encrypt(x)))
+
+
+def test_split_plan_keeps_the_layouts_and_adds_at_most_a_key_per_split(models) -> None:
+    one, two = models
+    assert one.plan["split_stages"] == 0 and one.plan["workers"] == 1
+    assert two.plan["split_stages"] >= 1 and two.plan["workers"] == 2
+    assert two.plan["rotations_per_input"] == one.plan["rotations_per_input"]
+    assert two.plan["plaintext_products"] == one.plan["plaintext_products"]
+    assert set(one.plan["rotation_steps"]) <= set(two.plan["rotation_steps"])
+    assert two.plan["galois_keys"] <= one.plan["galois_keys"] + two.plan["split_stages"]
+    parts = [st["giant_parts"] for st in two.plan["grid_stages"] if st["giant_parts"]]
+    assert parts and all(len(p) == 2 and min(p) >= 1 for p in parts)
+
+
+def test_helpers_compute_their_parts(models) -> None:
+    one, two = models
+    x = _calib(one.layers, 3, seed=9)
+    ref = one.reference(x)
+    parties = two.setup()
+    pool = parties.server.ctx.pool
+    assert pool is not None and pool.broken is None
+    y = _run(two, x, parties)
+    np.testing.assert_allclose(y, ref, atol=TOL)
+    np.testing.assert_allclose(y, _run(one, x), atol=TOL)
+    # a real helper process ran the other part (no fallback to one process)
+    assert pool.broken is None and len(pool._procs) == 1 and pool._procs[0].is_alive()
+    assert pool._procs[0].pid != os.getpid()
+
+
+def test_a_dead_helper_loses_no_request(models) -> None:
+    one, two = models
+    x = _calib(one.layers, 2, seed=4)
+    parties = two.setup()
+    np.testing.assert_allclose(_run(two, x, parties), one.reference(x), atol=TOL)
+    pool = parties.server.ctx.pool
+    scratch = _scratch_dir(64 << 20)
+    before = set(os.listdir(scratch))
+    os.kill(pool._procs[0].pid, signal.SIGKILL)
+    pool._procs[0].join(timeout=10)
+    with pytest.warns(RuntimeWarning, match="unreachable|died"):
+        y = _run(two, x, parties)
+    np.testing.assert_allclose(y, one.reference(x), atol=TOL)
+    assert pool.broken is not None
+    assert not [f for f in set(os.listdir(scratch)) - before
+                if f.startswith("secureinfer-ckks-part-")]  # no scratch file left behind
+    np.testing.assert_allclose(_run(two, x, parties), one.reference(x), atol=TOL)
+
+
+def test_concurrent_requests_share_one_server(models) -> None:
+    one, two = models
+    client, server, _ = two.setup()
+    xs = [_calib(one.layers, 1, seed=s) for s in (1, 2, 3)]
+    msgs = [client.encrypt(x) for x in xs]
+    outs: dict[int, bytes] = {}
+
+    def work(i: int) -> None:
+        outs[i] = server.evaluate(msgs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(client.decrypt(outs[i]), one.reference(x), atol=TOL)
+    assert server.ctx.pool.broken is None
+
+
+def test_workers_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="workers"):
+        compile_layers(channels_net(), BASE + "&workers=0", calibration=_calib(channels_net()))
