@@ -15,6 +15,7 @@ level with the plan's parameters).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -98,6 +99,30 @@ def _normalise(net: nn.Sequential, shape: tuple[int, ...]) -> None:
 
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _children_memory_gb() -> tuple[float, float]:
+    """Peak RSS (shared pages counted in full) and current proportional set size (shared
+    pages split between the processes sharing them) of this process's children: the
+    ``workers`` helpers, forked from the server."""
+    pids = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            pids += Path(f"/proc/self/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+    hwm = pss = 0.0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            hwm += int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:"))
+                       .split()[1]) / 1e6
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss += int(next(ln for ln in rollup.splitlines() if ln.startswith("Pss:"))
+                       .split()[1]) / 1e6
+        except (OSError, StopIteration):
+            continue
+    return hwm, pss
 
 
 # ----- ours ---------------------------------------------------------------------------------
@@ -202,6 +227,7 @@ def run_ours(name: str, weights: str, runs: int, config: str = OURS_CONFIG) -> d
     ref = net(torch.tensor(x, dtype=torch.float32)).detach().numpy()
     plan = sm.plan
     rss = _rss_gb()
+    helpers_hwm, helpers_pss = _children_memory_gb()
     units = _unit_costs(sm.scheme)
     est = plan.get("estimated_memory", {}).get("peak_one_process")
     return {"system": "ours", "network": name, "config": config,
@@ -209,6 +235,8 @@ def run_ours(name: str, weights: str, runs: int, config: str = OURS_CONFIG) -> d
             "input_ciphertexts": plan["input_ciphertexts_per_message"],
             "input_mb": len(msg) / 1e6,
             "compile_s": compile_s, "setup_s": setup_s, "peak_rss_gb": rss,
+            "evaluate_runs_s": times, "workers": plan.get("workers", 1),
+            "helpers_peak_rss_gb": helpers_hwm, "helpers_pss_gb": helpers_pss,
             "estimated_peak_gb": baseline + est / 1e9 if est else None,
             "max_abs_error": float(np.abs(y - ref).max()),
             "agree": bool((y.argmax(1) == ref.argmax(1)).all()),

@@ -283,7 +283,11 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
             if "skipped" in row[a]:
                 print(f"  {a} skipped: {row[a]['skipped']}")
         print(f"  input: {o['input_ciphertexts']} ciphertexts, {o['input_mb']:.1f} MB, "
-              f"encrypt {o['encrypt_s']:.2f} s")
+              f"encrypt {o['encrypt_s']:.2f} s; runs "
+              + ", ".join(f"{t:.2f}" for t in o.get("evaluate_runs_s", [])) + " s")
+        if o.get("workers", 1) > 1:
+            print(f"  workers={o['workers']}: helpers' peak RSS {o['helpers_peak_rss_gb']:.2f} GB "
+                  f"(shared pages counted), their proportional share {o['helpers_pss_gb']:.2f} GB")
         print(f"  floor: {o['rotations']} rotations {o['rotation_s']:.2f} s, "
               f"{o['pt_products']} pt products {o['pt_product_s']:.2f} s, {o['ct_products']} "
               f"ct products {o['ct_product_s']:.2f} s, {o['rescales']} rescales "

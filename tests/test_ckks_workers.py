@@ -122,3 +122,22 @@ def test_concurrent_requests_share_one_server(models) -> None:
 def test_workers_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="workers"):
         compile_layers(channels_net(), BASE + "&workers=0", calibration=_calib(channels_net()))
+
+
+def test_lazy_split_plan_round_trips_through_the_artifact(tmp_path) -> None:
+    """A deployed server re-plans from its artifact: the same lazy chain and split, so the
+    client's keys and output level match."""
+    import secureinfer
+
+    layers = channels_net()
+    sm = compile_layers(layers, BASE + "&workers=2", calibration=_calib(layers), deploy=True)
+    assert sm.plan["lazy_squares"] >= 1 and sm.plan["split_stages"] >= 1
+    sm.save(tmp_path)
+    server_model = secureinfer.load_server(tmp_path)
+    client_model = secureinfer.load_client(tmp_path)
+    assert client_model.plan == sm.plan
+    client = client_model.owner()
+    server = server_model.server(client.keys.public_keys())
+    x = _calib(layers, 2, seed=7)
+    np.testing.assert_allclose(client.decrypt(server.evaluate(client.encrypt(x))),
+                               sm.reference(x), atol=TOL)
