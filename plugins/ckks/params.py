@@ -258,6 +258,9 @@ def estimate_error(program: Program, calibration: Calibration | None, degree: in
     for stage, amp in zip(program.stages, amplification(program, calibration)):
         if isinstance(stage, Affine) and stage.is_noop:
             continue
+        if isinstance(stage, Polynomial) and stage.lazy:  # no rescale: no noise of its own
+            err *= amp
+            continue
         err = math.hypot(amp * err, step)
     return SLOT_MAX_FACTOR * err
 
