@@ -233,8 +233,50 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ours_rows(o: dict[str, Any], name: str, label: str) -> list[str]:
+    """The printed lines of one of our runs (``label``: its config, when there are several)."""
+    if "skipped" in o:
+        return [f"{name:11s} skipped: {o['skipped']}"]
+    lines = [f"{name:11s} {label:>8s} {o['evaluate_s']:7.2f} {o['floor_s']:7.2f} "
+             f"{o['compile_s'] + o['setup_s']:7.1f} {o['peak_rss_gb']:6.2f} "
+             f"{_fmt(o['estimated_peak_gb']):>6s} {o['rotations']:4d} "
+             f"{o['galois_keys']:4d} {o['key_gb']:6.2f} {o['max_abs_error']:8.1e}",
+             f"  input: {o['input_ciphertexts']} ciphertexts, {o['input_mb']:.1f} MB, "
+             f"encrypt {o['encrypt_s']:.2f} s; runs "
+             + ", ".join(f"{t:.2f}" for t in o.get("evaluate_runs_s", [])) + " s",
+             f"  floor: {o['rotations']} rotations {o['rotation_s']:.2f} s, "
+             f"{o['pt_products']} pt products {o['pt_product_s']:.2f} s, {o['ct_products']} "
+             f"ct products {o['ct_product_s']:.2f} s, {o['rescales']} rescales "
+             f"{o['rescale_s']:.2f} s; N={o['N']}, layout {o['layout']}"]
+    if o.get("workers", 1) > 1:
+        lines.append(f"  workers={o['workers']}: helpers' peak RSS "
+                     f"{o['helpers_peak_rss_gb']:.2f} GB (shared pages counted), their "
+                     f"proportional share {o['helpers_pss_gb']:.2f} GB")
+    return lines
+
+
+def _checks(o: dict[str, Any], name: str, row: dict[str, Any], anchors: list[str]) -> str:
+    t_eval, t_rss, t_setup, t_speed = TARGETS[name]
+    rss = o["peak_rss_gb"] + o.get("helpers_pss_gb", 0.0)
+    checks = [f"evaluate <= {t_eval} s: {'PASS' if o['evaluate_s'] <= t_eval else 'FAIL'}"]
+    if t_rss:
+        checks.append(f"RSS <= {t_rss} GB: {'PASS' if rss <= t_rss else 'FAIL'}")
+    if t_setup:
+        checks.append(f"compile+keygen <= {t_setup} s: "
+                      f"{'PASS' if o['compile_s'] + o['setup_s'] <= t_setup else 'FAIL'}")
+    for a in anchors:
+        if t_speed and "skipped" not in row[a]:
+            speed = row[a]["evaluate_s"] / o["evaluate_s"]
+            checks.append(f"{speed:.1f}x {a} (>= {t_speed}x: "
+                          f"{'PASS' if speed >= t_speed else 'FAIL'})")
+    checks.append(f"within 1.5x of the floor: "
+                  f"{'PASS' if o['evaluate_s'] <= 1.5 * o['floor_s'] else 'FAIL'}")
+    return "  " + "; ".join(checks)
+
+
 def networks_main(args: argparse.Namespace) -> dict[str, Any]:
-    """Issue 11: ours and the anchors on LeNet-class networks, one process each."""
+    """Issue 11: ours (one or more configs) and the anchors on LeNet-class networks, one
+    process each, the anchors once per network."""
     import os
     import tempfile
 
@@ -243,14 +285,17 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
     names = [n for n in args.networks.split(",") if n]
     anchors = [a for a in (args.vs or "").split(",") if a]
     python = args.anchors_python
-    config = args.config or _cnn.OURS_CONFIG
+    configs = [c for c in (args.config or _cnn.OURS_CONFIG).split(";") if c]
+    labels = {c: (f"#{k + 1}" if len(configs) > 1 else "") for k, c in enumerate(configs)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             weights = os.path.join(tmp, f"{name}.npz")
             _cnn.save_weights(name, weights)
-            row = {"ours": _cnn.run_child(sys.executable, "ours", name, weights, args.runs,
-                                          args.timeout, config=config)}
+            row: dict[str, Any] = {}
+            for config in configs:
+                row[f"ours {config}"] = _cnn.run_child(sys.executable, "ours", name, weights,
+                                                       args.runs, args.timeout, config=config)
             for anchor in anchors:
                 if not os.path.exists(python):
                     row[anchor] = {"skipped": f"no anchors venv at {python}"}
@@ -260,56 +305,24 @@ def networks_main(args: argparse.Namespace) -> dict[str, Any]:
                                                  _cnn.ANCHOR_GB.get((anchor, name), 8.0))
             rows.append((name, row))
             print(json.dumps({name: row}, default=float), flush=True)
-    print(f"\nours: {config}; evaluate = median of {args.runs} runs, one input")
-    head = (f"{'network':11s} {'ours s':>7s} {'floor s':>7s} {'setup s':>7s} {'RSS GB':>6s} "
-            f"{'est GB':>6s} {'rot':>4s} {'keys':>4s} {'key GB':>6s} {'err':>8s} "
-            + " ".join(f"{a + ' s':>10s} {a + ' GB':>9s}" for a in anchors))
+    print(f"\nevaluate = median of {args.runs} runs, one input; ours: "
+          + "; ".join(f"{labels[c]} {c}".strip() for c in configs))
+    head = (f"{'network':11s} {'config':>8s} {'ours s':>7s} {'floor s':>7s} {'setup s':>7s} "
+            f"{'RSS GB':>6s} {'est GB':>6s} {'rot':>4s} {'keys':>4s} {'key GB':>6s} "
+            f"{'err':>8s}")
     print(head)
     for name, row in rows:
-        o = row["ours"]
-        if "skipped" in o:
-            print(f"{name:11s} skipped: {o['skipped']}")
-            continue
-        cells = [f"{name:11s} {o['evaluate_s']:7.2f} {o['floor_s']:7.2f} "
-                 f"{o['compile_s'] + o['setup_s']:7.1f} {o['peak_rss_gb']:6.2f} "
-                 f"{_fmt(o['estimated_peak_gb']):>6s} {o['rotations']:4d} "
-                 f"{o['galois_keys']:4d} {o['key_gb']:6.2f} {o['max_abs_error']:8.1e}"]
+        for config in configs:
+            o = row[f"ours {config}"]
+            print("\n".join(_ours_rows(o, name, labels[config])))
+            if name in TARGETS and "skipped" not in o:
+                print(_checks(o, name, row, anchors))
         for a in anchors:
             r = row[a]
-            cells.append(f"{'skipped':>10s} {'':>9s}" if "skipped" in r else
-                         f"{r['evaluate_s']:10.2f} {r['peak_rss_gb']:9.2f}")
-        print(" ".join(cells))
-        for a in anchors:
-            if "skipped" in row[a]:
-                print(f"  {a} skipped: {row[a]['skipped']}")
-        print(f"  input: {o['input_ciphertexts']} ciphertexts, {o['input_mb']:.1f} MB, "
-              f"encrypt {o['encrypt_s']:.2f} s; runs "
-              + ", ".join(f"{t:.2f}" for t in o.get("evaluate_runs_s", [])) + " s")
-        if o.get("workers", 1) > 1:
-            print(f"  workers={o['workers']}: helpers' peak RSS {o['helpers_peak_rss_gb']:.2f} GB "
-                  f"(shared pages counted), their proportional share {o['helpers_pss_gb']:.2f} GB")
-        print(f"  floor: {o['rotations']} rotations {o['rotation_s']:.2f} s, "
-              f"{o['pt_products']} pt products {o['pt_product_s']:.2f} s, {o['ct_products']} "
-              f"ct products {o['ct_product_s']:.2f} s, {o['rescales']} rescales "
-              f"{o['rescale_s']:.2f} s; N={o['N']}, layout {o['layout']}")
-        target = TARGETS.get(name)
-        if target:
-            t_eval, t_rss, t_setup, t_speed = target
-            checks = [f"evaluate <= {t_eval} s: {'PASS' if o['evaluate_s'] <= t_eval else 'FAIL'}"]
-            if t_rss:
-                checks.append(f"RSS <= {t_rss} GB: "
-                              f"{'PASS' if o['peak_rss_gb'] <= t_rss else 'FAIL'}")
-            if t_setup:
-                checks.append(f"compile+keygen <= {t_setup} s: "
-                              f"{'PASS' if o['compile_s'] + o['setup_s'] <= t_setup else 'FAIL'}")
-            for a in anchors:
-                if t_speed and "skipped" not in row[a]:
-                    speed = row[a]["evaluate_s"] / o["evaluate_s"]
-                    checks.append(f"{speed:.1f}x {a} (>= {t_speed}x: "
-                                  f"{'PASS' if speed >= t_speed else 'FAIL'})")
-            checks.append(f"within 1.5x of the floor: "
-                          f"{'PASS' if o['evaluate_s'] <= 1.5 * o['floor_s'] else 'FAIL'}")
-            print("  " + "; ".join(checks))
+            print(f"  {a}: " + (f"skipped: {r['skipped']}" if "skipped" in r else
+                               f"{r['evaluate_s']:.2f} s, {r['peak_rss_gb']:.2f} GB, "
+                               f"compile+keygen {r.get('compile_s', float('nan')):.1f} s, "
+                               f"max error {r.get('max_abs_error', float('nan')):.1e}"))
     return dict(rows)
 
 
@@ -326,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per system")
     ap.add_argument("--anchors-python", default="/work/venvs/anchors/bin/python",
                     help="interpreter of the venv holding orion-fhe and pyhelayers")
-    ap.add_argument("--config", default=None, help="--networks: our config (default "
-                    "ckks?flood_bits=0: no output flooding)")
+    ap.add_argument("--config", default=None, help="--networks: our config, or several "
+                    "separated by ';' (default ckks?flood_bits=0: no output flooding)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
