@@ -63,6 +63,8 @@ def test_split_plan_keeps_the_layouts_and_adds_at_most_a_key_per_split(models) -
     assert two.plan["galois_keys"] <= one.plan["galois_keys"] + two.plan["split_stages"]
     parts = [st["giant_parts"] for st in two.plan["grid_stages"] if st["giant_parts"]]
     assert parts and all(len(p) == 2 and min(p) >= 1 for p in parts)
+    # a helper part's chain ends on its own smallest giant: at most one key per helper part
+    assert two.plan["galois_keys"] <= one.plan["galois_keys"] + sum(len(p) - 1 for p in parts)
 
 
 def test_helpers_compute_their_parts(models) -> None:
@@ -116,7 +118,7 @@ def test_concurrent_requests_share_one_server(models) -> None:
         t.join(timeout=300)
     for i, x in enumerate(xs):
         np.testing.assert_allclose(client.decrypt(outs[i]), one.reference(x), atol=TOL)
-    assert server.ctx.pool.broken is None
+    assert server.ctx.pool.broken is None and len(server.ctx.pool._procs) == 1  # helper used
 
 
 def test_workers_option_is_checked() -> None:
@@ -141,3 +143,53 @@ def test_lazy_split_plan_round_trips_through_the_artifact(tmp_path) -> None:
     x = _calib(layers, 2, seed=7)
     np.testing.assert_allclose(client.decrypt(server.evaluate(client.encrypt(x))),
                                sm.reference(x), atol=TOL)
+
+
+def test_an_interrupted_request_cannot_leak_into_the_next(models) -> None:
+    """The server's own part raises after the helper got its input: the helper's answer must
+    never be read as the next request's partial sum."""
+    from secureinfer.plugins.ckks.layers import RotationKernel
+
+    one, two = models
+    parties = two.setup()
+    pool = parties.server.ctx.pool
+    x = _calib(one.layers, 1, seed=12)
+    np.testing.assert_allclose(_run(two, x, parties), one.reference(x), atol=TOL)
+    original = RotationKernel.parts_sum
+    calls = []
+
+    def once(self, item, parts):
+        if not calls and len(self.chains) > 1:  # a split stage, the helper already at work
+            calls.append(1)
+            raise MemoryError("simulated")
+        return original(self, item, parts)
+
+    RotationKernel.parts_sum = once
+    try:
+        with pytest.warns(RuntimeWarning, match="interrupted"), pytest.raises(MemoryError):
+            _run(two, x, parties)
+    finally:
+        RotationKernel.parts_sum = original
+    x2 = _calib(one.layers, 1, seed=13)
+    np.testing.assert_allclose(_run(two, x2, parties), one.reference(x2), atol=TOL)
+    assert pool.broken is not None and not any(p.is_alive() for p in pool._procs)
+
+
+def test_dropping_one_of_two_servers_stops_its_helper_at_once(models) -> None:
+    import gc
+    import time
+
+    one, two = models
+    x = _calib(one.layers, 1, seed=2)
+    first, second = two.setup(), two.setup()
+    for parties in (first, second):
+        np.testing.assert_allclose(_run(two, x, parties), one.reference(x), atol=TOL)
+    helper = first.server.ctx.pool._procs[0]
+    assert helper.is_alive() and second.server.ctx.pool._procs[0].is_alive()
+    start = time.monotonic()
+    first.server.ctx.pool.close()
+    assert time.monotonic() - start < 1.5  # the helper saw its pipe close (no 2 s join)
+    assert not helper.is_alive()
+    np.testing.assert_allclose(_run(two, x, second), one.reference(x), atol=TOL)
+    del first
+    gc.collect()

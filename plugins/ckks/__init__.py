@@ -20,6 +20,11 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   rotations, the costliest of the network (top level). ``1``: one ciphertext per input.
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
+* ``lazy_rescale`` (``auto``/``off``): a square leaves its rescale to the affine stage after
+  it, which divides by one prime of twice the scale; ``auto`` when that keeps the ring
+  degree (``Program.with_lazy_squares``).
+* ``workers`` (default 1): processes per image; costly stages split their giant steps over
+  forked helpers (``secureinfer.plugins.ckks.workers``).
 * ``flood_bits``: the server masks and noise-floods every output so that a decryption is
   within statistical distance ``2^-flood_bits`` of one that shows the result only, measured
   against the planner's estimated error bound (``secureinfer.plugins.ckks.flood``); the
