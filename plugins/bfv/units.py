@@ -70,7 +70,7 @@ def _layer_units(step: SingleLinearStep, q: QuantLayer, in_slots: np.ndarray,
         return None
     note = "bfv im2col diagonals" if lin.im2col is not None else "bfv hybrid diagonals"
     return SlotUnits(q.spec.name, width, slots.reshape(shape[1:]), anchors, permutable,
-                     note=note)
+                     note=note, pow2_runs=True)
 
 
 def slot_units(plan: BfvPlan) -> list[SlotUnits]:
