@@ -402,11 +402,12 @@ class CKKSScheme(Scheme):
                 "inputs")
 
     def pruning_units(self) -> list[SlotUnits]:
-        """The diagonal units of the hybrid-diagonal layouts (``units.slot_units``); none
-        under batch packing, where a weight is one plaintext product of its own."""
-        if self.program is None or self.params is None or self.packing.name != "single":
+        """The diagonal units of the compiled layouts (``self.grid`` or ``self.dense``;
+        ``units.slot_units``); none under batch packing, where a weight is one plaintext
+        product of its own."""
+        if self.program is None or self.packing.name != "single":
             return []
-        return _units.slot_units(self.program, self.params.slots, self.opts["input_shifts"])
+        return _units.slot_units(self.program, self.grid, self.dense)
 
     # ----- client ------------------------------------------------------------------
 

@@ -1,20 +1,31 @@
 """The plaintext diagonals of a compiled ``single``-packing plan, as pruning units.
 
-``slot_units(program, slots)`` plans the hybrid-diagonal layouts (no block layouts: their
-plaintexts mix every weight of a layer, so no weight group can be dropped from them) and
-reports, for each weighted layer, the diagonal each weight lands in (``SlotUnits``):
+``slot_units(program, grid, dense)`` reads the layouts the scheme compiled (``grid``: the
+convolution-aware ``GridPlan``; ``dense``: the dense-matrix ``DenseLayouts``), never a
+re-plan, and reports for each weighted layer whose plaintexts they evaluate as whole
+diagonals the diagonal each weight lands in (``SlotUnits``):
 
 * the first convolution on the client's im2col expansion: tap ``k`` of output channel
   ``o`` sits in the diagonal ``(k - o) * P' mod m'`` (``P'`` the window block, ``m'`` the
   output period): one diagonal per channel-tap shift, output channels permutable;
-* a Linear layer read from a grid or a dense layout: entry ``(r, c)`` sits in the diagonal
-  ``(pos(c) - pos(r)) mod min(m', d')`` over the actual slot positions of its input
-  (a grid's gaps included) and output; rows permutable, except the last layer's;
+* a Linear layer in a hybrid-diagonal layout (``dense``, or ``plain``/``chained`` without
+  a grid): entry ``(r, c)`` sits in the diagonal ``(pos(c) - pos(r)) mod min(m', d')``
+  over the slot positions the plan gave its input (a grid's gaps, or the block layout
+  of the layer before, included) and output; rows permutable, except the last layer's;
 * a convolution on a channel-interleaved grid: one unit per kernel offset (its baby step),
   across every channel pair.
 
-When enough whole diagonals are zero, the all-hybrid chain of layouts costs fewer rotations
-than the block layouts and the planner picks it (``grid.plan_grid`` compares the two).
+Left out (not pruned, their zero plaintexts still skipped):
+
+* a block layout (``dense-block``, ``block``): row ``r`` sums its products in its own block
+  of slots, and the plaintexts (input alignments) are chosen greedily to cover the
+  layer's nonzero weights, each weight coverable by any of ``block`` alignments; which
+  weights share a plaintext follows from the nonzero pattern itself, so zeroing the
+  weights of one plaintext re-plans the cover rather than dropping that plaintext: no
+  fixed weight group is a unit.
+* an ``expanded`` first stage (every product in its own slot: one diagonal for the whole
+  matrix) and a dense-path ``im2col`` stage fused with the layers after it.
+
 Pure numpy: nothing here imports the backend.
 """
 
@@ -122,13 +133,11 @@ def _dense_units(program: Program, layouts: _search.DenseLayouts) -> list[SlotUn
     return out
 
 
-def slot_units(program: Program, slots: int,
-               max_shifts: int = _grid.MAX_SHIFTS) -> list[SlotUnits]:
-    """The diagonal units of every weighted layer that the hybrid-diagonal layouts of
-    ``program`` in ``slots`` slots evaluate as whole plaintexts (``[]`` if none fit);
-    ``max_shifts``: the scheme's ``input_shifts`` (the client's shifted copies)."""
-    if _grid.applicable(program):
-        plan = _grid.plan_grid(program, slots, search=False, max_shifts=max_shifts)
-        return _grid_units(program, plan) if plan is not None else []
-    layouts = _search.layout_single(program, slots, search=False)
-    return _dense_units(program, layouts) if layouts is not None else []
+def slot_units(program: Program, grid: _grid.GridPlan | None = None,
+               dense: _search.DenseLayouts | None = None) -> list[SlotUnits]:
+    """The diagonal units of every weighted layer that the compiled layouts of
+    ``program`` (``grid`` or ``dense``, as ``SinglePacking.layouts`` chose them) evaluate
+    as whole plaintext diagonals; ``[]`` without layouts."""
+    if grid is not None:
+        return _grid_units(program, grid)
+    return _dense_units(program, dense) if dense is not None else []
