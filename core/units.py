@@ -42,6 +42,9 @@ class SlotUnits:
         pow2_runs: the plan packs a run's giant steps in powers of two (BFV: several
             giant steps share one plaintext, lined up by ``log2`` rotations), so a run
             costs less only when its length halves: runs are a power of two long.
+        groups: for a layout whose plaintexts each hold a window of consecutive diagonals
+            (a block layout's input alignment), the unit of every diagonal: ``(width,)``,
+            ``groups[d]`` is the unit of diagonal ``d`` (``None``: each diagonal is a unit).
     """
 
     layer: str
@@ -53,10 +56,14 @@ class SlotUnits:
     note: str = ""
     free_steps: frozenset[int] = frozenset()
     pow2_runs: bool = False
+    groups: np.ndarray | None = None
 
     def unit_of(self, anchors: np.ndarray | None = None) -> np.ndarray:
-        """The diagonal of every weight entry (the weight's shape), with output unit ``r``
-        at slot ``anchors[r]`` (default: the layout's own anchors)."""
+        """The unit (diagonal, or its ``groups`` entry) of every weight entry (the
+        weight's shape), with output unit ``r`` at slot ``anchors[r]`` (default: the
+        layout's own anchors)."""
         a = self.anchors if anchors is None else anchors
-        flat = self.slots.reshape(1, -1) - np.asarray(a).reshape(-1, 1)
-        return (flat % self.width).reshape(len(a), *self.slots.shape)
+        flat = (self.slots.reshape(1, -1) - np.asarray(a).reshape(-1, 1)) % self.width
+        if self.groups is not None:
+            flat = self.groups[flat]
+        return flat.reshape(len(a), *self.slots.shape)
