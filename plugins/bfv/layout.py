@@ -63,7 +63,7 @@ class Diagonals:
     @staticmethod
     def indices(layer: IntegerLinear, in_slots: np.ndarray) -> np.ndarray:
         """The distinct ``d`` of ``layer``'s entries read at ``in_slots``: of its support
-        (``integer_linear(q, support=True)``), every diagonal of the unpruned layer."""
+        (``integer_linear(q, ones)``), every diagonal of the unpruned layer."""
         t_out = pow2(int(layer.output_slots.max()) + 1)
         d = (in_slots[layer.cols].astype(np.int64)
              - layer.output_slots[layer.rows].astype(np.int64)) % t_out

@@ -274,7 +274,7 @@ class _Linears:
         self.qnet = qnet
         self._lin: dict[Any, IntegerLinear] = {}
         self._diags: dict[tuple[Any, int], Diagonals] = {}
-        self._every: dict[Any, int] = {}
+        self._every: dict[tuple[Any, int], int] = {}
 
     def linear(self, i: int, unfolded: bool = False) -> IntegerLinear:
         key = ("im2col", i) if unfolded else i
@@ -289,10 +289,10 @@ class _Linears:
             self._diags[(key, period)] = Diagonals.of(lin, slots, period)
         return self._diags[(key, period)]
 
-    def every(self, i: int, unfolded: bool, slots: np.ndarray) -> int:
-        """Diagonals of layer ``i`` unpruned (its support read at ``slots``, the same at
-        every ring degree)."""
-        key = ("im2col", i) if unfolded else i
+    def every(self, i: int, unfolded: bool, slots: np.ndarray, period: int) -> int:
+        """Diagonals of layer ``i`` unpruned: of its support (every weight 1) read at
+        ``slots`` (cached like ``diagonals``)."""
+        key = (("im2col", i) if unfolded else i, period)
         if key not in self._every:
             q = self.qnet.layers[i]
             ones = np.ones(np.shape(q.weight), np.int64) if q.weight is not None else None
@@ -331,7 +331,7 @@ def _single_steps(qnet: QuantizedNetwork, row: int,
             raise _Infeasible(f"layer {spec.name} needs {need} slots per row, "
                               f"N={2 * row} has {row}")
         dg = cache.diagonals(("im2col", i) if unfolded else i, lin, slots, period)
-        skipped = cache.every(i, unfolded, slots) - len(dg.diags)
+        skipped = cache.every(i, unfolded, slots, period) - len(dg.diags)
         steps.append(SingleLinearStep(spec.name, layout=LinearLayout(lin, dg, skipped=skipped)))
         slots, period = lin.output_slots, dg.t_out
     if period > row:
