@@ -59,6 +59,12 @@ CASES: list[Case] = [
     ("digits", "cnn", "bfv?packing=single", 0.75, {"conv1": 0.5, "fc2": 0.5}, 4, 16, 0.0)]
 LENET: Case = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75, {"fc3": 0.5},
                4, 16, 0.0)
+#: Extra config for the pruning run only (every variant is then compiled and run under the
+#: case's scheme): ckks prunes the hybrid diagonals of dense layers (``block_layouts=false``),
+#: whose units are single diagonals; a block layout has two or so coarse units, each half
+#: of its layer's weights. Once enough of them are zero the planner picks the hybrid layout
+#: under the default config too.
+PRUNE_OPTIONS = {"ckks": "block_layouts=false"}
 
 
 def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, Any]:
@@ -103,7 +109,9 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
     base = snn.default_model(dataset, arch)
     out = []
     start = time.perf_counter()
-    aware = snn.prune(base, scheme, sparsity=sparsity, max_drop=max_drop, data=ds,
+    extra = PRUNE_OPTIONS.get(scheme.split("?")[0])
+    prune_with = f"{scheme}{'&' if '?' in scheme else '?'}{extra}" if extra else scheme
+    aware = snn.prune(base, prune_with, sparsity=sparsity, max_drop=max_drop, data=ds,
                       layer_sparsity=layer_sparsity, steps=schedule[0], epochs=schedule[1],
                       weight_decay=schedule[2], progress=sys.stderr.isatty())
     prune_s = time.perf_counter() - start

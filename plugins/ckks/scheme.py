@@ -104,7 +104,9 @@ class SinglePacking(Packing):
         return _search.layout_single(program, degree // 2, search=False) is not None
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
-        grid = (_grid.plan_grid(program, params.slots, max_shifts=self.max_shifts)
+        search = bool(self.opts.get("block_layouts", True))
+        grid = (_grid.plan_grid(program, params.slots, search=search,
+                                max_shifts=self.max_shifts)
                 if _grid.applicable(program) else None)
         if grid is not None:
             first = next((rp for rp in grid.stages if rp is not None), None)
@@ -124,7 +126,7 @@ class SinglePacking(Packing):
                                 "fill the slots",
                 **_grid_fields(grid, program, params),
             }
-        dense = _search.layout_single(program, params.slots)
+        dense = _search.layout_single(program, params.slots, search=search)
         if dense is None:
             raise CompileError("ckks: the network's values do not fit one ciphertext of "
                                f"{params.slots} slots; use packing=batch")
@@ -248,6 +250,9 @@ class CKKSScheme(Scheme):
         Option("input_shifts", int, _grid.MAX_SHIFTS,
                "most input ciphertexts per image: the client sends its input rotated by the "
                "first layer's baby steps so the server skips them (1: one ciphertext)"),
+        Option("block_layouts", bool, True,
+               "single packing may use block layouts for dense layers (false: hybrid "
+               "diagonals only, whose diagonals secureinfer.nn.prune can zero one by one)"),
         Option("flood_bits", int, None,
                f"statistical security of the output flooding (bits); default: "
                f"{_flood.DEFAULT_FLOOD_BITS} when compiled for deployment, 0 (off) in one "
