@@ -58,6 +58,19 @@ def test_units_come_from_the_plan(cnn, digits, ckks_ready):
     assert fc2.unit_of()[5, 3] == (3 * 128 - 5) % 16
 
 
+def test_without_block_layouts_every_dense_layer_is_in_diagonals(cnn, digits, ckks_ready):
+    """``block_layouts=false``: the plan keeps fc1 in hybrid diagonals, so its units are
+    single diagonals (prune under it, then compile the pruned model either way)."""
+    sm = secureinfer.compile(cnn, CKKS + "&block_layouts=false",
+                             calibration=digits.x_train[:256])
+    assert "dense-block" not in [rp.name for rp in sm.scheme.grid.stages if rp is not None]
+    fc1 = next(u for u in sm.scheme.pruning_units() if u.layer == "fc1")
+    assert fc1.note == "hybrid diagonals" and fc1.groups is None
+    # fc1 reads the im2col output: 4 channel blocks of 64 slots (6x6 used): the diagonal
+    # of an entry is its slot minus its row's slot, modulo min(m', d') = 32
+    assert fc1.width == 32 and fc1.slots[36] == 64 and fc1.unit_of()[3, 36] == (64 - 3) % 32
+
+
 def test_zeroing_one_exported_unit_skips_exactly_one_more_plaintext(cnn, digits, ckks_ready):
     """The units are the compiled plan's: the weights of one exported unit zeroed (a
     diagonal, a block alignment), the plan runs exactly one plaintext product fewer and
