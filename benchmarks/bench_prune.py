@@ -53,7 +53,8 @@ import numpy as np
 #: per ciphertext, one here.
 Case = tuple[str, str, str, float, dict[str, float], int, int, float]
 CASES: list[Case] = [
-    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"fc2": 0.5}, 4, 16, 0.0),
+    ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"conv1": 0.0, "fc2": 0.5}, 4, 16,
+     0.0),
     ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8, 0.0),
     ("digits", "mlp", "bfv?packing=single", 0.75, {"fc2": 0.5}, 4, 8, 0.0),
     ("digits", "cnn", "bfv?packing=single", 0.75, {"conv1": 0.5, "fc2": 0.5}, 4, 16, 0.0)]
