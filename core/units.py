@@ -25,7 +25,8 @@ class SlotUnits:
 
     Attributes:
         layer: the layer's name (its torch module path, ``LayerSpec.name``).
-        width: the diagonal period: ``min`` of the output and input slot periods.
+        width: the diagonal period (CKKS: ``min`` of the output and input slot periods;
+            BFV: the output period).
         slots: the slot of every input entry, of the weight's shape without its first axis
             (Linear: one per input feature; Conv2d: one per ``(in channel, di, dj)`` tap).
         anchors: the slot of every output unit (Linear row, Conv2d output channel).
@@ -38,6 +39,12 @@ class SlotUnits:
         free_steps: rotation steps (modulo ``width``) whose Galois keys the plan needs
             whatever the weights (pool passes, rotate-and-sums): a unit reached from 0 or
             from a kept unit by one of them costs no key of its own.
+        pow2_runs: the plan packs a run's giant steps in powers of two (BFV: several
+            giant steps share one plaintext, lined up by ``log2`` rotations), so a run
+            costs less only when its length halves: runs are a power of two long.
+        groups: for a layout whose plaintexts each hold a window of consecutive diagonals
+            (a block layout's input alignment), the unit of every diagonal: ``(width,)``,
+            ``groups[d]`` is the unit of diagonal ``d`` (``None``: each diagonal is a unit).
     """
 
     layer: str
@@ -48,10 +55,15 @@ class SlotUnits:
     contiguous: bool = True
     note: str = ""
     free_steps: frozenset[int] = frozenset()
+    pow2_runs: bool = False
+    groups: np.ndarray | None = None
 
     def unit_of(self, anchors: np.ndarray | None = None) -> np.ndarray:
-        """The diagonal of every weight entry (the weight's shape), with output unit ``r``
-        at slot ``anchors[r]`` (default: the layout's own anchors)."""
+        """The unit (diagonal, or its ``groups`` entry) of every weight entry (the
+        weight's shape), with output unit ``r`` at slot ``anchors[r]`` (default: the
+        layout's own anchors)."""
         a = self.anchors if anchors is None else anchors
-        flat = self.slots.reshape(1, -1) - np.asarray(a).reshape(-1, 1)
-        return (flat % self.width).reshape(len(a), *self.slots.shape)
+        flat = (self.slots.reshape(1, -1) - np.asarray(a).reshape(-1, 1)) % self.width
+        if self.groups is not None:
+            flat = self.groups[flat]
+        return flat.reshape(len(a), *self.slots.shape)

@@ -47,11 +47,46 @@ def test_units_come_from_the_plan(cnn, digits, ckks_ready):
     assert [u.layer for u in units] == ["conv1", "fc1", "fc2"]
     conv, fc1, fc2 = units
     assert conv.note == "im2col" and conv.permutable and fc1.permutable and not fc2.permutable
-    # fc1 reads the im2col output: 4 channel blocks of 64 slots (6x6 used): the diagonal of
-    # an entry is its slot minus its row's slot, modulo min(m', d') = 32
-    assert fc1.width == 32 and fc1.slots[36] == 64 and fc1.slots[6] == 6
-    assert fc1.unit_of()[3, 36] == (64 - 3) % 32
     assert len(np.unique(conv.unit_of())) == 4  # one diagonal per channel-tap shift
+    # fc1 runs in the block layout the plan compiled: one unit per input alignment, each
+    # a window of 128 consecutive diagonals of the grid's 256-slot period
+    stage = sm.scheme.grid.stages[2]
+    assert stage.name == "dense-block" and fc1.note == "block alignments"
+    assert set(np.unique(fc1.unit_of()).tolist()) == {g + b for g, b in stage.keys}
+    # fc2 reads fc1's block output (row r at slot 128 r): diagonal (pos(c) - pos(r)) mod 16
+    assert fc2.width == 16 and fc2.slots[3] == 3 * 128
+    assert fc2.unit_of()[5, 3] == (3 * 128 - 5) % 16
+
+
+def test_without_block_layouts_every_dense_layer_is_in_diagonals(cnn, digits, ckks_ready):
+    """``block_layouts=false``: the plan keeps fc1 in hybrid diagonals, so its units are
+    single diagonals (prune under it, then compile the pruned model either way)."""
+    sm = secureinfer.compile(cnn, CKKS + "&block_layouts=false",
+                             calibration=digits.x_train[:256])
+    assert "dense-block" not in [rp.name for rp in sm.scheme.grid.stages if rp is not None]
+    fc1 = next(u for u in sm.scheme.pruning_units() if u.layer == "fc1")
+    assert fc1.note == "hybrid diagonals" and fc1.groups is None
+    # fc1 reads the im2col output: 4 channel blocks of 64 slots (6x6 used): the diagonal
+    # of an entry is its slot minus its row's slot, modulo min(m', d') = 32
+    assert fc1.width == 32 and fc1.slots[36] == 64 and fc1.unit_of()[3, 36] == (64 - 3) % 32
+
+
+def test_zeroing_one_exported_unit_skips_exactly_one_more_plaintext(cnn, digits, ckks_ready):
+    """The units are the compiled plan's: the weights of one exported unit zeroed (a
+    diagonal, a block alignment), the plan runs exactly one plaintext product fewer and
+    counts one more unit skipped."""
+    import copy
+
+    base, units = _units(cnn, digits)
+    for u in units:
+        values = np.unique(u.unit_of())
+        model = copy.deepcopy(cnn)
+        weight = dict(model.named_modules())[u.layer].weight
+        with torch.no_grad():
+            weight[torch.as_tensor(u.unit_of() == values[-1])] = 0.0
+        sm = secureinfer.compile(model, CKKS, calibration=digits.x_train[:256])
+        assert sm.plan["plaintext_products"] == base.plan["plaintext_products"] - 1, u.layer
+        assert sm.plan["units_skipped"] == base.plan["units_skipped"] + 1, u.layer
 
 
 def test_permuting_units_keeps_the_function(cnn, digits, ckks_ready):

@@ -135,9 +135,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 _PRUNE_DESCRIPTION = """\
 Prune a model file in the units the scheme evaluates as a whole (fe-ip: rows of the first
-layer; fe-quad: hidden units; ckks single packing: the plaintext diagonals of its
-compiled layouts, in runs, with output units permuted to fill them; bfv single packing:
-kernel offsets and weight diagonals), fine-tuning by distillation from the unpruned model,
+layer; fe-quad: hidden units; ckks and bfv single packing: the plaintext diagonals (ckks
+block layouts: input alignments) of their compiled layouts, in runs, with output units
+permuted to fill them), fine-tuning by distillation from the unpruned model,
 until --sparsity is reached or the test accuracy has dropped by --max-drop points. The
 result is a model file that every scheme runs; the schemes skip the zero units (plan field
 units_skipped)."""

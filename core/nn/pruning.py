@@ -12,18 +12,21 @@ plugin's plan field ``units_skipped``):
 * ``"hidden"`` (quadratic FE): units of the degree-2 activation (a row and bias of the
   layer before it, a column of the layer after it). Each costs two pairings per input.
 * ``"diagonals"`` (CKKS and BFV single packing): the weights that become one plaintext
-  diagonal. When the scheme reports them from its compiled layout
-  (``Scheme.pruning_units``, CKKS single packing), the units are the layout's own: the
-  diagonal of every weight over the slots the planner actually gave the layer's input and
-  output (the client's im2col expansion for a first convolution, a grid's gaps, a dense
-  layout), and a grid convolution's kernel offsets. Each increment then keeps a run of
-  consecutive diagonals per layer (a run frees whole baby and giant steps: rotations and
-  Galois keys; a scattered set of the same size frees almost none) and permutes the output
+  diagonal. The scheme reports them from the layouts it compiled
+  (``Scheme.pruning_units``, never a re-plan): the diagonal of every weight over the
+  slots the planner actually gave the layer's input and output (the client's im2col
+  expansion for a first convolution, a grid's gaps, a dense or block layout's output),
+  a grid convolution's kernel offsets, and a CKKS block layout's input alignments (each a
+  window of consecutive diagonals, ``SlotUnits.groups``). Each increment then keeps a run
+  of consecutive diagonals per layer (a run frees whole baby and giant steps: rotations
+  and Galois keys; a scattered set of the same size frees almost none; BFV packs giant
+  steps in powers of two, so its runs are a power of two long) and permutes the output
   units of every layer but the last (with the next layer's inputs: the function is
-  unchanged) so that the most weight falls inside the run (``slot_pruning``). Block
-  layouts, whose plaintexts mix all of a layer's weights, are not pruned: once enough
-  diagonals are gone, the all-hybrid chain costs fewer rotations and the planner picks it.
-  Otherwise (BFV, or a model whose layers the scheme's units do not name) the units are
+  unchanged) so that the most weight falls inside the run (``slot_pruning``). A layer
+  the plan's units do not cover (a CKKS block layout whose alignments overlap, a BFV
+  convolution unfolded over the flattened tensor with its copies in several diagonals)
+  is not pruned. Otherwise (batch packing, or a model whose layers the scheme's units do
+  not name) the units are
   fixed by the shapes: for a convolution, one kernel offset ``(di, dj)`` across all
   channel pairs; for a Linear layer, one generalized diagonal
   ``{(j mod m', (j + i) mod d')}`` of its weight matrix (``m'``, ``d'`` the powers of two

@@ -5,7 +5,8 @@ diagonal of every weight (``Scheme.pruning_units``). One increment of the schedu
 by layer in network order:
 
 1. keeps a *run* of consecutive diagonals (``keep`` of the layer's ``n``, rounded to a
-   multiple of a power of two ``b`` near ``sqrt(keep)``): baby-step giant-step needs
+   multiple of a power of two ``b`` near ``sqrt(keep)``, or to a power of two when the
+   plan packs giant steps, ``SlotUnits.pow2_runs``): baby-step giant-step needs
    about ``2 sqrt(keep)`` rotations for a run, and about
    as many as for all ``n`` for a scattered set of the same size, so a run frees whole
    baby and giant steps (rotations and Galois keys), and its giant steps are multiples of
@@ -105,8 +106,7 @@ class SlotLayer:
         """Keep ``1 - fraction`` of the diagonals (a run), permute, zero the rest."""
         keep = self.count - int(round(self.count * fraction))
         if self.units.contiguous and keep < self.count:
-            baby = _run_baby(keep)
-            keep = max(baby, int(round(keep / baby)) * baby)
+            keep = _run_length(keep, self.units.pow2_runs)
         if keep >= self.count:
             self.keep = np.ones(self.module.weight.shape, dtype=bool)
             return
@@ -182,6 +182,15 @@ def _run_baby(keep: int) -> int:
     are multiples of it, whose Galois keys the rotate-and-sum passes of other stages
     mostly need anyway."""
     return 1 << max(0, round(np.log2(max(keep, 1)) / 2))
+
+
+def _run_length(keep: int, pow2: bool) -> int:
+    """The run's length for about ``keep`` diagonals: a multiple of ``_run_baby(keep)``,
+    or (``pow2``, ``SlotUnits.pow2_runs``) the power of two nearest ``keep`` in log scale."""
+    if pow2:
+        return 1 << max(0, round(np.log2(max(keep, 1))))
+    baby = _run_baby(keep)
+    return max(baby, int(round(keep / baby)) * baby)
 
 
 def _run_starts(n: int, keep: int, permutable: bool) -> list[int]:

@@ -17,7 +17,7 @@ import numpy as np
 from secureinfer.errors import BackendNotInstalledError, CompileError, EnvelopeError
 
 __all__ = ["HE_STANDARD", "MAX_COEFF_BITS", "RAW", "PrimeContext", "backend", "centered",
-           "load_ciphertexts", "new_contexts", "security_source"]
+           "key_bytes", "load_ciphertexts", "new_contexts", "security_source"]
 
 EXTRA = "pip install secureinfer[bfv]"
 RAW = "none"
@@ -35,6 +35,12 @@ def security_source(poly_degree: int, total_bits: int) -> str:
     return (f"{HE_STANDARD} for N={poly_degree}: log q <= {MAX_COEFF_BITS[poly_degree]} bits "
             f"at 128 bits (the bound SEAL enforces); this plan: log q = {total_bits}")
 
+
+def key_bytes(poly_degree: int, primes: int) -> int:
+    """Bytes of one Galois key of one context, uncompressed (SEAL's headers aside):
+    ``primes - 1`` key-switching components of two polynomials over all ``primes``
+    coefficient primes (the special prime included)."""
+    return (primes - 1) * 2 * poly_degree * primes * 8
 
 
 def backend() -> Any:

@@ -60,6 +60,15 @@ class Diagonals:
         """``T`` of ``layer`` on an input of period ``t_in`` (before building anything)."""
         return max(t_in, pow2(int(layer.output_slots.max()) + 1))
 
+    @staticmethod
+    def indices(layer: IntegerLinear, in_slots: np.ndarray) -> np.ndarray:
+        """The distinct ``d`` of ``layer``'s entries read at ``in_slots``: of its support
+        (``integer_linear(q, ones)``), every diagonal of the unpruned layer."""
+        t_out = pow2(int(layer.output_slots.max()) + 1)
+        d = (in_slots[layer.cols].astype(np.int64)
+             - layer.output_slots[layer.rows].astype(np.int64)) % t_out
+        return np.unique(d)
+
     @classmethod
     def of(cls, layer: IntegerLinear, in_slots: np.ndarray, t_in: int) -> "Diagonals":
         """Diagonals of ``layer`` reading features at ``in_slots`` with period ``t_in``."""
@@ -145,7 +154,10 @@ class Bsgs:
         return len({(j, b) for j, _, b in map(self.slots, dg.diags)}), babies + after
 
     def rotation_counts(self, dg: Diagonals) -> tuple[int, int]:
-        """``(baby-step rotations, rotations after the products)``."""
+        """``(baby-step rotations, rotations after the products)``; none for a layer whose
+        diagonals are all zero (its output is the bias)."""
+        if not dg.diags:
+            return 0, 0
         used = {self.slots(e) for e in dg.diags}
         babies = len({b for _, _, b in used if b})
         groups = {j for j, _, _ in used}
@@ -159,7 +171,10 @@ class Bsgs:
         return products + ROTATION_COST * rotations
 
     def steps(self, dg: Diagonals, row: int) -> list[int]:
-        """Every rotation step this packing uses (positive, ``< row``)."""
+        """Every rotation step this packing uses (positive, ``< row``); none when every
+        diagonal is zero."""
+        if not dg.diags:
+            return []
         used = {self.slots(e) for e in dg.diags}
         out = {dg.sigma * b for _, _, b in used if b}
         stride = self.region + dg.sigma * self.baby
@@ -205,6 +220,9 @@ class LinearLayout:
         diagonals: its diagonals in slot space.
         bsgs: the chosen packing.
         row: slots per row.
+        steps: the rotation steps (Galois keys) of the chosen packing.
+        skipped: diagonals of the unpruned layer that are all zero here (pruned units):
+            no plaintext, no product, no rotation or Galois key of their own.
     """
 
     layer: IntegerLinear
@@ -212,6 +230,7 @@ class LinearLayout:
     bsgs: Bsgs | None = None
     row: int = 0
     steps: list[int] = field(default_factory=list)
+    skipped: int = 0
 
     @property
     def output_slots(self) -> np.ndarray:

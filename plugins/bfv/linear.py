@@ -130,16 +130,30 @@ class IntegerLinear:
         return len(self.vals)
 
 
-def integer_linear(q: QuantLayer) -> IntegerLinear:
+def _weights(q: QuantLayer, weights: np.ndarray | None) -> np.ndarray:
+    """The layer's integer weights, or ``weights`` in their place (same shape)."""
+    w = np.asarray(q.weight, np.int64)
+    if weights is None:
+        return w
+    if np.shape(weights) != w.shape:
+        raise ValueError(f"layer {q.spec.name}: weights of shape {np.shape(weights)} in "
+                         f"place of {w.shape}")
+    return np.asarray(weights, np.int64)
+
+
+def integer_linear(q: QuantLayer, weights: np.ndarray | None = None) -> IntegerLinear:
     """The integer matrix and bias of a quantized Linear, Conv2d or AvgPool2d layer.
 
     A Conv2d or AvgPool2d is unfolded from its structure (``im2col`` of the input
     positions), then checked against ``QuantLayer.forward_int`` on random inputs, so the
     encrypted evaluation computes exactly what the integer reference computes.
+    ``weights`` (Linear, Conv2d): integers in place of the layer's weights, and no check:
+    ones give the layer's support (where the unpruned matrix has entries: the planner
+    counts the all-zero diagonals it skips), ``1..n`` label each entry with its weight.
     """
     spec = q.spec
     if isinstance(spec, Linear):
-        return IntegerLinear.from_dense(spec.name, q.weight, q.bias,
+        return IntegerLinear.from_dense(spec.name, _weights(q, weights), q.bias,
                                         output_slots=np.arange(len(q.bias)))
     n_in = int(np.prod(spec.in_shape))
     n_out = int(np.prod(spec.out_shape))
@@ -148,7 +162,7 @@ def integer_linear(q: QuantLayer) -> IntegerLinear:
     if isinstance(spec, Conv2d):
         oc, _, kh, kw = spec.weight.shape
         idx = im2col(pos, (kh, kw), spec.stride, spec.padding)[0] - 1  # (patches, taps)
-        w = np.asarray(q.weight, np.int64).reshape(oc, -1)  # (oc, taps)
+        w = _weights(q, weights).reshape(oc, -1)  # (oc, taps)
         patches = idx.shape[0]
         rows = np.broadcast_to((np.arange(oc)[:, None, None] * patches
                                 + np.arange(patches)[None, :, None]), (oc, *idx.shape))
@@ -168,7 +182,8 @@ def integer_linear(q: QuantLayer) -> IntegerLinear:
     keep = cols >= 0
     lin = IntegerLinear.from_entries(spec.name, (n_out, n_in), rows[keep], cols[keep],
                                      vals[keep], bias, output_slots=np.arange(n_out))
-    _check_against_reference(lin, q)
+    if weights is None:
+        _check_against_reference(lin, q)
     return lin
 
 
@@ -194,18 +209,19 @@ def big_ints(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def im2col_linear(q: QuantLayer) -> IntegerLinear:
+def im2col_linear(q: QuantLayer, weights: np.ndarray | None = None) -> IntegerLinear:
     """A first Conv2d on the client's unfolded input: a block-diagonal matrix.
 
     Output feature ``c * patches + p`` (the flattened ``(out_c, oh, ow)`` order) sums
     ``W[c, k] * u[k * patches + p]``. Patch indices are spaced to a power of two (slot
     ``c * P2 + p`` and ``k * P2 + p``) so that every diagonal is a multiple of ``P2``.
+    ``weights``: integers in place of the layer's weights (see ``integer_linear``).
     """
     spec = q.spec
     assert isinstance(spec, Conv2d)
     oc, _, kh, kw = spec.weight.shape
     patches = spec.out_shape[1] * spec.out_shape[2]
-    w = np.asarray(q.weight, np.int64).reshape(oc, -1)
+    w = _weights(q, weights).reshape(oc, -1)
     taps = w.shape[1]
     c, k, p = np.meshgrid(np.arange(oc), np.arange(taps), np.arange(patches), indexing="ij")
     spaced = pow2(patches)

@@ -35,7 +35,7 @@ from secureinfer.errors import CompileError
 from secureinfer.layers import AvgPool2d, Conv2d, Flatten, Linear, Poly
 from secureinfer.quant import EdgeQuantizer, QuantizedNetwork
 
-from .backend import MAX_COEFF_BITS, security_source
+from .backend import MAX_COEFF_BITS, key_bytes, security_source
 from .bounds import output_bound
 from .layout import Diagonals, LinearLayout, plan_windows
 from .linear import Im2col, IntegerLinear, im2col_linear, integer_linear, pow2
@@ -155,8 +155,11 @@ class BfvPlan(_Packing):
                 products, rotations = step.layout.bsgs.counts(step.layout.diagonals)
                 entry.update(products=products, rotations=rotations,
                              baby_steps=step.layout.bsgs.baby,
-                             packed_giant_steps=step.layout.bsgs.packed)
+                             packed_giant_steps=step.layout.bsgs.packed,
+                             diagonals=len(step.layout.diagonals.diags),
+                             units_skipped=step.layout.skipped)
             layers.append(entry)
+        single = self.packing == "single"
         return {
             "security_bits": 128,
             "security_source": security_source(self.poly_degree, sum(self.coeff_bits)),
@@ -173,6 +176,14 @@ class BfvPlan(_Packing):
             "flood_log2_bound": self.flood_log2,
             "estimated_evaluate_s": round(self.seconds, 3),
             "galois_keys": len(self.rotations), "rotation_steps": list(self.rotations),
+            "galois_key_bytes": len(self.rotations) * len(self.plain_moduli)
+            * key_bytes(self.poly_degree, len(self.coeff_bits)),
+            # single packing, per input ciphertext (two inputs) and plaintext prime
+            "rotations_per_input": sum(e.get("rotations", 0) for e in layers) if single
+            else 0,
+            "plaintext_products": sum(e.get("products", 0) for e in layers) if single
+            else None,
+            "units_skipped": sum(e.get("units_skipped", 0) for e in layers),
             "input_im2col": self.im2col is not None, "layers": layers,
             "quantization": self.qnet.to_dict(),
             # what the client works from (BfvClientPlan.from_dict): no weights
@@ -263,6 +274,7 @@ class _Linears:
         self.qnet = qnet
         self._lin: dict[Any, IntegerLinear] = {}
         self._diags: dict[tuple[Any, int], Diagonals] = {}
+        self._every: dict[tuple[Any, int], int] = {}
 
     def linear(self, i: int, unfolded: bool = False) -> IntegerLinear:
         key = ("im2col", i) if unfolded else i
@@ -276,6 +288,17 @@ class _Linears:
         if (key, period) not in self._diags:
             self._diags[(key, period)] = Diagonals.of(lin, slots, period)
         return self._diags[(key, period)]
+
+    def every(self, i: int, unfolded: bool, slots: np.ndarray, period: int) -> int:
+        """Diagonals of layer ``i`` unpruned: of its support (every weight 1) read at
+        ``slots`` (cached like ``diagonals``)."""
+        key = (("im2col", i) if unfolded else i, period)
+        if key not in self._every:
+            q = self.qnet.layers[i]
+            ones = np.ones(np.shape(q.weight), np.int64) if q.weight is not None else None
+            lin = im2col_linear(q, ones) if unfolded else integer_linear(q, ones)
+            self._every[key] = len(Diagonals.indices(lin, slots))
+        return self._every[key]
 
 
 def _single_steps(qnet: QuantizedNetwork, row: int,
@@ -308,7 +331,8 @@ def _single_steps(qnet: QuantizedNetwork, row: int,
             raise _Infeasible(f"layer {spec.name} needs {need} slots per row, "
                               f"N={2 * row} has {row}")
         dg = cache.diagonals(("im2col", i) if unfolded else i, lin, slots, period)
-        steps.append(SingleLinearStep(spec.name, layout=LinearLayout(lin, dg)))
+        skipped = cache.every(i, unfolded, slots, period) - len(dg.diags)
+        steps.append(SingleLinearStep(spec.name, layout=LinearLayout(lin, dg, skipped=skipped)))
         slots, period = lin.output_slots, dg.t_out
     if period > row:
         raise _Infeasible(f"the input needs {period} slots per row, N={2 * row} has {row}")

@@ -20,6 +20,7 @@ from secureinfer.errors import (CompileError, ConfigError, EnvelopeError, Evalua
 from secureinfer.layers import LayerSpec
 from secureinfer.quant import QuantizedNetwork, quantize
 from secureinfer.scheme import Calibration, Capabilities, Option, Scheme, import_problem
+from secureinfer.units import SlotUnits
 
 from .backend import (HE_STANDARD, MAX_COEFF_BITS, RAW, PrimeContext, backend, load_ciphertexts,
                       new_contexts)
@@ -28,6 +29,7 @@ from .planner import DEGREES, BfvClientPlan, BfvPlan, make_plan
 from .primes import MAX_PLAIN_BITS, crt_combine
 from .program import Step
 from .rerandomize import DEFAULT_FLOOD_BITS, Rerandomizer
+from .units import slot_units
 from .workers import WorkerPool
 
 __all__ = ["BfvScheme", "ClientKeys"]
@@ -152,6 +154,12 @@ class BfvScheme(Scheme):
         self.plan_ = {"bits": self.opts["bits"], **self._plan.to_dict(),
                       **_privacy_plan(self._plan, by)}
         return self.plan_
+
+    def pruning_units(self) -> list[SlotUnits]:
+        """The diagonals of the compiled ``single`` plan's weighted layers
+        (``units.slot_units``): the units it skips when all zero (plan ``units_skipped``);
+        none under ``batch`` packing, where each weight is a constant product of its own."""
+        return slot_units(self._plan) if self._plan is not None else []
 
     def _privacy(self) -> tuple[bool, int, str]:
         """``(rerandomize, flood_bits, who chose)``; unset options resolve from ``deploy``."""

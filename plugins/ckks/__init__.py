@@ -18,6 +18,10 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   im2col), the client also encrypts its input rotated by each of that layer's baby steps
   (public shifts of its own data, nothing about the weights) and the server skips those
   rotations, the costliest of the network (top level). ``1``: one ciphertext per input.
+* ``block_layouts`` (default true): ``single`` packing may evaluate a dense layer in a
+  block layout when it costs fewer rotations; ``false`` keeps the hybrid diagonals, whose
+  diagonals ``secureinfer.nn.prune`` zeroes one by one (a block layout has a few coarse
+  units: ``units.py``). Prune under ``false``, then compile the pruned model either way.
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
 * ``lazy_rescale`` (``auto``/``off``): a square leaves its rescale to the affine stage after

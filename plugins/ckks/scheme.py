@@ -105,7 +105,9 @@ class SinglePacking(Packing):
         return _search.layout_single(program, degree // 2, search=False) is not None
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
-        grid = (_grid.plan_grid(program, params.slots, max_shifts=self.max_shifts)
+        search = bool(self.opts.get("block_layouts", True))
+        grid = (_grid.plan_grid(program, params.slots, search=search,
+                                max_shifts=self.max_shifts)
                 if _grid.applicable(program) else None)
         if grid is not None:
             grid = _grid.split_stages(grid, int(self.opts.get("workers") or 1))
@@ -129,7 +131,7 @@ class SinglePacking(Packing):
                                 "fill the slots",
                 **_grid_fields(grid, program, params),
             }
-        dense = _search.layout_single(program, params.slots)
+        dense = _search.layout_single(program, params.slots, search=search)
         if dense is None:
             raise CompileError("ckks: the network's values do not fit one ciphertext of "
                                f"{params.slots} slots; use packing=batch")
@@ -261,6 +263,9 @@ class CKKSScheme(Scheme):
                "twice the scale per pair, so fewer primes and cheaper rotations) when that "
                "keeps the ring degree; off: a rescale after every product",
                choices=("auto", "off")),
+        Option("block_layouts", bool, True,
+               "single packing may use block layouts for dense layers (false: hybrid "
+               "diagonals only, whose diagonals secureinfer.nn.prune can zero one by one)"),
         Option("flood_bits", int, None,
                f"statistical security of the output flooding (bits); default: "
                f"{_flood.DEFAULT_FLOOD_BITS} when compiled for deployment, 0 (off) in one "
@@ -439,11 +444,12 @@ class CKKSScheme(Scheme):
                 "inputs")
 
     def pruning_units(self) -> list[SlotUnits]:
-        """The diagonal units of the hybrid-diagonal layouts (``units.slot_units``); none
-        under batch packing, where a weight is one plaintext product of its own."""
-        if self.program is None or self.params is None or self.packing.name != "single":
+        """The diagonal units of the compiled layouts (``self.grid`` or ``self.dense``;
+        ``units.slot_units``); none under batch packing, where a weight is one plaintext
+        product of its own."""
+        if self.program is None or self.packing.name != "single":
             return []
-        return _units.slot_units(self.program, self.params.slots, self.opts["input_shifts"])
+        return _units.slot_units(self.program, self.grid, self.dense)
 
     # ----- client ------------------------------------------------------------------
 

@@ -223,7 +223,8 @@ def _block_candidates(matrix: np.ndarray, in_layout: Layout, slots: int,
     """Row ``r`` sums the products in its own block of ``block`` slots (rotate-and-sum by
     1, 2, .., block/2); products read the input at a few alignments chosen greedily. Wins
     when the input's layout repeats a structure the hybrid method cannot use (e.g. the
-    channel blocks a convolution leaves)."""
+    channel blocks a convolution leaves). ``skipped``: alignments the unpruned layer's
+    cover (every weight nonzero) needs beyond this one's (pruned units)."""
     m, _ = matrix.shape
     out = []
     block = 2
@@ -235,8 +236,11 @@ def _block_candidates(matrix: np.ndarray, in_layout: Layout, slots: int,
             full = {a: np.concatenate([d, np.zeros(width - len(d))]) for a, d in diags.items()}
             layout = Layout(width, np.arange(m, dtype=np.int64) * block)
             steps = [1 << k for k in range(block.bit_length() - 1)]
+            unpruned = _greedy_alignments(np.ones_like(matrix), in_layout, block,
+                                          in_layout.period)
+            skipped = max(0, len(unpruned or {}) - len(full))
             out.append(SingleLayout(in_layout, layout, full, _best_baby(sorted(full)), steps,
-                                    None, "block"))
+                                    None, "block", skipped))
         block *= 2
     return out
 

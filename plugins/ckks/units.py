@@ -1,20 +1,34 @@
 """The plaintext diagonals of a compiled ``single``-packing plan, as pruning units.
 
-``slot_units(program, slots)`` plans the hybrid-diagonal layouts (no block layouts: their
-plaintexts mix every weight of a layer, so no weight group can be dropped from them) and
-reports, for each weighted layer, the diagonal each weight lands in (``SlotUnits``):
+``slot_units(program, grid, dense)`` reads the layouts the scheme compiled (``grid``: the
+convolution-aware ``GridPlan``; ``dense``: the dense-matrix ``DenseLayouts``), never a
+re-plan, and reports for each weighted layer whose plaintexts they evaluate as whole
+diagonals the diagonal each weight lands in (``SlotUnits``):
 
 * the first convolution on the client's im2col expansion: tap ``k`` of output channel
   ``o`` sits in the diagonal ``(k - o) * P' mod m'`` (``P'`` the window block, ``m'`` the
   output period): one diagonal per channel-tap shift, output channels permutable;
-* a Linear layer read from a grid or a dense layout: entry ``(r, c)`` sits in the diagonal
-  ``(pos(c) - pos(r)) mod min(m', d')`` over the actual slot positions of its input
-  (a grid's gaps included) and output; rows permutable, except the last layer's;
+* a Linear layer in a hybrid-diagonal layout (``dense``, or ``plain``/``chained`` without
+  a grid): entry ``(r, c)`` sits in the diagonal ``(pos(c) - pos(r)) mod min(m', d')``
+  over the slot positions the plan gave its input (a grid's gaps, or the block layout
+  of the layer before, included) and output; rows permutable, except the last layer's;
 * a convolution on a channel-interleaved grid: one unit per kernel offset (its baby step),
-  across every channel pair.
+  across every channel pair;
+* a Linear layer in a block layout (``dense-block``, ``block``): row ``r`` sums its
+  products in its own block of ``b`` slots, and the plaintext of input alignment ``a``
+  holds the weights ``(r, c)`` with ``(pos(c) - r b - a) mod P < b``: a window of ``b``
+  consecutive diagonals ``(pos(c) - r b) mod P`` (``SlotUnits.groups``), one unit per
+  alignment the plan uses (one rotation each). The alignments are chosen greedily to
+  cover the nonzero weights; when a weight lies in the windows of two of them, which
+  plaintext holds it follows from that cover, not from the positions, and the layer is
+  left out (not pruned, its zero plaintexts still skipped).
 
-When enough whole diagonals are zero, the all-hybrid chain of layouts costs fewer rotations
-than the block layouts and the planner picks it (``grid.plan_grid`` compares the two).
+Also left out: an ``expanded`` first stage (every product in its own slot: one diagonal
+for the whole matrix) and a dense-path ``im2col`` stage fused with the layers after it.
+The units are those of the unpruned model's plan: the planner switches a block layer to
+the hybrid layout only once enough of its hybrid diagonals are zero, and those are not the
+plan's units, so pruning no longer aims at that switch.
+
 Pure numpy: nothing here imports the backend.
 """
 
@@ -50,6 +64,31 @@ def _linear_units(linear: Linear, in_layout: Layout, out_layout: Layout,
     return SlotUnits(linear.name, width, np.asarray(in_layout.positions, dtype=np.int64),
                      np.asarray(out_layout.positions, dtype=np.int64), linear.name != last,
                      note=note)
+
+
+def _block_units(linear: Linear, in_layout: Layout, out_layout: Layout,
+                 alignments: set[int], block: int, last: str) -> SlotUnits | None:
+    """A block layout's plaintexts as units: row ``r`` sums its products in slots
+    ``[r * block, (r + 1) * block)`` and the plaintext of alignment ``a`` holds the weights
+    ``(r, c)`` with ``(pos(c) - r * block - a) mod P < block``: a window of ``block``
+    consecutive diagonals ``(pos(c) - r * block) mod P``. ``None`` when some weight is
+    covered by two of the plan's alignments (which one holds it then follows the greedy
+    cover, not the positions) or by none."""
+    period = in_layout.period
+    delta = np.arange(period)
+    cover = np.zeros(period, dtype=np.int64)
+    groups = np.full(period, -1, dtype=np.int64)
+    for a in sorted(alignments):
+        hit = (delta - a) % period < block
+        cover += hit
+        groups[hit] = a
+    anchors = np.asarray(out_layout.positions, dtype=np.int64) % period
+    slots = np.asarray(in_layout.positions, dtype=np.int64)
+    used = (slots[None, :] - anchors[:, None]) % period
+    if np.any(cover[used] != 1):
+        return None
+    return SlotUnits(linear.name, period, slots, anchors, linear.name != last,
+                     contiguous=False, note="block alignments", groups=groups)
 
 
 def _tap_units(conv: Conv2d, grid: _grid.Grid, free: frozenset[int]) -> SlotUnits:
@@ -99,6 +138,14 @@ def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
             in_layout = src.as_layout() if isinstance(src, _grid.Grid) else src
             assert isinstance(rp.out, Layout)
             out.append(_linear_units(linear, in_layout, rp.out, last, "hybrid diagonals"))
+        elif rp.name == "dense-block" and linear is not None and cur is not None:
+            src = _pooled(cur, stage.specs)
+            in_layout = src.as_layout() if isinstance(src, _grid.Grid) else src
+            assert isinstance(rp.out, Layout)
+            units = _block_units(linear, in_layout, rp.out, {g + b for g, b in rp.keys},
+                                 1 << len(rp.rotsum), last)
+            if units is not None:
+                out.append(units)
         elif rp.name == "conv" and cur is not None:
             conv = next(s for s in stage.specs if isinstance(s, Conv2d))
             src = _pooled(cur, stage.specs)
@@ -112,23 +159,27 @@ def _dense_units(program: Program, layouts: _search.DenseLayouts) -> list[SlotUn
     last = _last_weighted(program)
     out = []
     for stage, single in zip(program.stages, layouts.stages):
-        if single is None or not isinstance(stage, Affine) or single.name not in ("plain",
-                                                                                  "chained"):
+        if single is None or not isinstance(stage, Affine):
             continue
         linear = _single_linear(stage)
-        if linear is not None:
+        if linear is None:
+            continue
+        if single.name in ("plain", "chained"):
             out.append(_linear_units(linear, single.in_layout, single.out_layout, last,
                                      f"{single.name} hybrid diagonals"))
+        elif single.name == "block":
+            units = _block_units(linear, single.in_layout, single.out_layout,
+                                 set(single.diagonals), 1 << len(single.rotsum), last)
+            if units is not None:
+                out.append(units)
     return out
 
 
-def slot_units(program: Program, slots: int,
-               max_shifts: int = _grid.MAX_SHIFTS) -> list[SlotUnits]:
-    """The diagonal units of every weighted layer that the hybrid-diagonal layouts of
-    ``program`` in ``slots`` slots evaluate as whole plaintexts (``[]`` if none fit);
-    ``max_shifts``: the scheme's ``input_shifts`` (the client's shifted copies)."""
-    if _grid.applicable(program):
-        plan = _grid.plan_grid(program, slots, search=False, max_shifts=max_shifts)
-        return _grid_units(program, plan) if plan is not None else []
-    layouts = _search.layout_single(program, slots, search=False)
-    return _dense_units(program, layouts) if layouts is not None else []
+def slot_units(program: Program, grid: _grid.GridPlan | None = None,
+               dense: _search.DenseLayouts | None = None) -> list[SlotUnits]:
+    """The diagonal units of every weighted layer that the compiled layouts of
+    ``program`` (``grid`` or ``dense``, as ``SinglePacking.layouts`` chose them) evaluate
+    as whole plaintext diagonals; ``[]`` without layouts."""
+    if grid is not None:
+        return _grid_units(program, grid)
+    return _dense_units(program, dense) if dense is not None else []
