@@ -16,6 +16,8 @@ from secureinfer.scheme import Capabilities
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+import secureinfer.compiler  # noqa: E402 - the torch lowering, not imported by the package
+
 _FE_LIKE = Capabilities(layers=frozenset({"linear", "flatten", "conv2d"}), max_degree=1,
                         output="plaintext", exact=True)
 _HE_LIKE = Capabilities(layers=frozenset({"linear", "flatten", "conv2d", "poly"}),
