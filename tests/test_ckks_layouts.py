@@ -229,6 +229,37 @@ def test_lenet5_operation_counts() -> None:
     assert sorted(set(plan["input_gather"]) - {-1}) == list(range(28 * 28))
 
 
+def test_base_differences_a_column_apart_share_a_giant_step(monkeypatch) -> None:
+    """LeNet-5's conv 6->16: channels interleaved 16 to a column, so a base difference d
+    and d - 16 are one giant step, the column going to the kernel offset (baby): 16 giants
+    in place of 20, 425 products in place of 525, and no rotation more: the planner takes it."""
+    calib = np.random.default_rng(1).random((8, 1, 28, 28))
+    sm = compile_layers(_lenet5(), "ckks?flood_bits=0", calibration=calib)
+    c2 = sm.plan["grid_stages"][1]
+    assert c2["folded"] and c2["plaintext_products"] <= 16 * 25 + 5 * 5
+    assert c2["giant_steps"] <= 15
+    original = grid._tap_key
+    monkeypatch.setattr(grid, "_tap_key", lambda g, d, di, dj, rows, fold=False:
+                        original(g, d, di, dj, rows, False))
+    plain = compile_layers(_lenet5(), "ckks?flood_bits=0", calibration=calib)
+    u2 = plain.plan["grid_stages"][1]
+    assert u2["plaintext_products"] > c2["plaintext_products"]
+    assert u2["rotations"] >= c2["rotations"]  # folded only where no rotation is added
+
+
+def test_folded_convolution_matches_clear(monkeypatch) -> None:
+    """A second convolution on interleaved channels, evaluated folded, against clear."""
+    monkeypatch.setattr(grid, "_im2col_first", lambda *_: None)
+    rng = np.random.default_rng(3)
+    c1 = _conv(rng, "c1", (1, 12, 12), 6, 3, pad=1)
+    p1 = AvgPool2d("p1", c1.out_shape)
+    c2 = _conv(rng, "c2", p1.out_shape, 16, 3, pad=1)
+    layers = _head(rng, [c1, _act("a1", c1.out_shape), p1, c2, _act("a2", c2.out_shape)], 4)
+    sm, y, ref = _run(layers, "ckks?flood_bits=0")
+    assert [s["folded"] for s in sm.plan["grid_stages"] if s["kind"] == "conv"][1]
+    assert np.abs(y - ref).max() < TOL
+
+
 def test_layout_search_is_pure() -> None:
     prog = program.build_program(lenet_small())
     before = [(type(s).__name__, getattr(s, "scale", None), getattr(s, "single", None),

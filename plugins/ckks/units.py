@@ -13,7 +13,11 @@ diagonals the diagonal each weight lands in (``SlotUnits``):
   over the slot positions the plan gave its input (a grid's gaps, or the block layout
   of the layer before, included) and output; rows permutable, except the last layer's;
 * a convolution on a channel-interleaved grid: one unit per kernel offset (its baby step),
-  across every channel pair;
+  across every channel pair. When the plan folds base differences a column apart into one
+  giant step (``grid._tap_key``), a pair's baby is its offset moved by whole columns: the
+  unit is still the kernel offset and zeroing it removes its products; its rotation goes
+  when the offsets sharing it are zero too (the pruned model's plan is chosen again on
+  cost, folded or not);
 * a Linear layer in a block layout (``dense-block``, ``block``): row ``r`` sums its
   products in its own block of ``b`` slots, and the plaintext of input alignment ``a``
   holds the weights ``(r, c)`` with ``(pos(c) - r b - a) mod P < b``: a window of ``b``
