@@ -23,6 +23,29 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def toolkit_model(digits):
+    """``toolkit_model(arch)``: the nn toolkit's ``arch`` (x^2 activations, 32 hidden) on
+    digits, fitted 6 epochs and calibrated to [0, 1] inputs; one per arch per session."""
+    pytest.importorskip("torch")
+    from secureinfer import nn as snn
+
+    built: dict[str, object] = {}
+
+    def make(arch: str):
+        if arch not in built:
+            import torch
+
+            torch.manual_seed(0)
+            model = snn.build(arch, digits.input_shape, 10, "square", hidden=(32,))
+            snn.fit(model, digits.x_train, digits.y_train, epochs=6)
+            snn.calibrate(model, digits.x_train, digits.input_shape, input_range=(0.0, 1.0))
+            built[arch] = model
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def square_mlp(digits):
     """Flatten -> Linear 64->32 -> x^2 -> Linear 32->10 trained for a few seconds."""
     torch = pytest.importorskip("torch")

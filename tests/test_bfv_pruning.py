@@ -59,12 +59,8 @@ def _run_counted(sm, x):
 
 
 @pytest.fixture(scope="module")
-def mlp(digits):
-    torch.manual_seed(0)
-    model = snn.build("mlp", digits.input_shape, 10, "square", hidden=(32,))
-    snn.fit(model, digits.x_train, digits.y_train, epochs=6)
-    snn.calibrate(model, digits.x_train, digits.input_shape, input_range=(0.0, 1.0))
-    return model
+def mlp(toolkit_model):
+    return toolkit_model("mlp")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,8 @@ def ckks_ready():
 
 
 @pytest.fixture(scope="module")
-def cnn(digits):
-    torch.manual_seed(0)
-    model = snn.build("cnn", digits.input_shape, 10, "square", hidden=(32,))
-    snn.fit(model, digits.x_train, digits.y_train, epochs=6)
-    snn.calibrate(model, digits.x_train, digits.input_shape, input_range=(0.0, 1.0))
-    return model
+def cnn(toolkit_model):
+    return toolkit_model("cnn")
 
 
 @pytest.fixture(scope="module")
