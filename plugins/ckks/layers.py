@@ -320,13 +320,16 @@ class RotationKernel(_Kernel):
     def parts_sum(self, item: Any, parts: Sequence[int]) -> Any:
         """The sum of ``partial`` over ``parts``, the baby rotations made once."""
         rotated = self._babies(item)
+        return self.add_all([self.partial(item, part, rotated) for part in parts])
+
+    def add_all(self, cts: Sequence[Any]) -> Any:
+        """The sum of the non-empty partial sums ``cts`` (``None`` when all are empty)."""
         acc = None
-        for part in parts:
-            got = self.partial(item, part, rotated)
+        for ct in cts:
             if acc is None:
-                acc = got
-            elif got is not None:
-                self.ev.add_inplace(acc, got)
+                acc = ct
+            elif ct is not None:
+                self.ev.add_inplace(acc, ct)
         return acc
 
     def __call__(self, item: Any) -> Any:

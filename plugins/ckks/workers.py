@@ -109,14 +109,12 @@ def _serve(conn: Any, kernels: dict[int, Any], loader: _Loader, inherited: list[
             return
         try:
             kernel = kernels[index]
-            cts = [loader.load(m) for m in metas]
+            cts = [loader.load(m) for m in metas]  # the server removes these files
             item = tuple(cts) if kernel.plan.client_babies else cts[0]
             acc = kernel.partial(item, part)
             answer = ("ok", None if acc is None else _dump(acc, _level(loader.seal, acc)))
         except Exception as exc:  # noqa: BLE001 - reported to the server, which recomputes
             answer = ("error", f"{type(exc).__name__}: {exc}")
-        finally:
-            _unlink(metas)
         try:
             conn.send((request, *answer))
         except (OSError, ValueError):
@@ -210,15 +208,15 @@ class StagePool:
         if self._loader is None:
             self._start(cts[0])
         request = next(self._requests)
-        sent: dict[int, list[tuple[str, int, float]]] = {}
+        sent: list[int] = []
+        # the stage input, written once for every helper; removed when all have answered
+        metas = [_dump(ct, _level(self.seal, ct)) for ct in cts]
         try:
             for part, conn in zip(range(1, parts), self._conns):
-                metas = [_dump(ct, _level(self.seal, ct)) for ct in cts]
                 try:
                     conn.send((request, index, part, metas))
-                    sent[part] = metas
+                    sent.append(part)
                 except (OSError, ValueError) as exc:
-                    _unlink(metas)
                     self._fail(f"the helper for part {part} is unreachable ({exc})")
                     break
             missing = [p for p in range(1, parts) if p not in sent]
@@ -234,14 +232,13 @@ class StagePool:
                     results.append(got)
             if lost:
                 results.append(kernel.parts_sum(item, lost))
-            return _sum(kernel, results)
+            return kernel.add_all(results)
         except BaseException:
             # interrupted with answers outstanding: never let them reach another request
             self._fail("a request was interrupted while the helpers worked")
             raise
         finally:
-            for metas in sent.values():  # inputs a dead helper never read
-                _unlink(metas)
+            _unlink(metas)
 
     def _receive(self, part: int, request: int, deadline: float) -> Any:
         """Helper ``part``'s partial sum for ``request`` (``None``: empty), or ``False``
@@ -273,16 +270,3 @@ class StagePool:
             return False
         finally:
             _unlink([payload])
-
-
-def _sum(kernel: Any, parts: list[Any]) -> Any:
-    """The sum of the non-empty partial sums (``None`` when all are empty)."""
-    acc = None
-    for ct in parts:
-        if ct is None:
-            continue
-        if acc is None:
-            acc = ct
-        else:
-            kernel.ev.add_inplace(acc, ct)
-    return acc
