@@ -239,8 +239,8 @@ def test_base_differences_a_column_apart_share_a_giant_step(monkeypatch) -> None
     assert c2["folded"] and c2["plaintext_products"] <= 16 * 25 + 5 * 5
     assert c2["giant_steps"] <= 15
     original = grid._tap_key
-    monkeypatch.setattr(grid, "_tap_key", lambda g, d, di, dj, rows, fold=False:
-                        original(g, d, di, dj, rows, False))
+    monkeypatch.setattr(grid, "_tap_key", lambda g, d, di, dj, rows, fold=False, merge=0:
+                        original(g, d, di, dj, rows, False, 0))
     plain = compile_layers(_lenet5(), "ckks?flood_bits=0", calibration=calib)
     u2 = plain.plan["grid_stages"][1]
     assert u2["plaintext_products"] > c2["plaintext_products"]
@@ -291,3 +291,31 @@ def test_client_side_reads_the_plan_only() -> None:
     x = rng.random((2, *layers[0].in_shape))
     y = client.decrypt(server.evaluate(client.encrypt(x)))
     assert np.abs(y - sm.reference(x)).max() < TOL
+
+
+def _strided_pair(seed: int = 0) -> list[LayerSpec]:
+    """Orion's LeNet in small: two stride-2 convolutions, 1 -> 4 -> 8 channels."""
+    rng = np.random.default_rng(seed)
+    c1 = _conv(rng, "c1", (1, 12, 12), 4, 3, stride=2, pad=1)
+    c2 = _conv(rng, "c2", c1.out_shape, 8, 3, stride=2, pad=1)
+    return _head(rng, [c1, _act("a1", c1.out_shape), c2, _act("a2", c2.out_shape)], 3)
+
+
+def test_convolution_keyed_by_whole_rotations(monkeypatch) -> None:
+    """conv 4 -> 8 stride 2: its output channels sit in two cosets of the input's channel
+    bases (``c`` and ``c + 1``), so the two base differences of a channel pair with the
+    kernel offsets ``t`` and ``t + 1`` read the input at one rotation. Keyed by the whole
+    rotation, they share one plaintext: fewer products and fewer giant steps than keyed by
+    (base difference, offset), and the result is the same as ``clear``'s."""
+    sm, y, ref = _run(_strided_pair(), "ckks?flood_bits=0")
+    c2 = sm.plan["grid_stages"][1]
+    assert c2["kind"] == "conv" and c2["merged"] > 0
+    assert np.abs(y - ref).max() < TOL
+    monkeypatch.setattr(grid, "_merge_moduli", lambda period: [])
+    plain, y_plain, _ = _run(_strided_pair(), "ckks?flood_bits=0")
+    u2 = plain.plan["grid_stages"][1]
+    assert u2["merged"] == 0
+    assert c2["plaintext_products"] < u2["plaintext_products"]
+    assert c2["rotations"] <= u2["rotations"]
+    assert c2["giant_steps"] < u2["giant_steps"]
+    assert np.abs(y_plain - y).max() < 2 * TOL

@@ -148,6 +148,8 @@ class RotPlan:
             stage only): no baby rotation and no baby Galois key on the server.
         folded: a convolution whose base differences a column apart share a giant step
             (``_tap_key``'s ``fold``).
+        merged: a convolution keyed by whole rotations (``_tap_key``'s ``merge``): its
+            baby-step modulus, 0 if not.
         split: cut points in the sorted giant steps (``split_stages``): part ``k`` of the
             giants runs in worker process ``k`` (part 0 in the server's own), each part's
             Horner chain ending on its smallest giant; empty: one process.
@@ -167,6 +169,7 @@ class RotPlan:
     client_babies: bool = False
     split: tuple[int, ...] = ()
     folded: bool = False
+    merged: int = 0
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -231,7 +234,7 @@ class RotPlan:
                 "client_babies": self.client_babies,
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
-                "units_skipped": self.skipped, "folded": self.folded,
+                "units_skipped": self.skipped, "folded": self.folded, "merged": self.merged,
                 "giant_parts": [len(p) for p in self.giant_parts()] if self.split else []}
 
 
@@ -382,45 +385,71 @@ def _place_conv(grid: Grid, conv: Conv2d) -> tuple[Grid, dict[tuple[int, int], i
 
 
 def _tap_key(grid: Grid, g: int, di: int, dj: int, split_rows: bool,
-             fold: bool = False) -> tuple[int, int]:
+             fold: bool = False, merge: int = 0) -> tuple[int, int]:
     """The ``(giant, baby)`` of kernel offset ``(di, dj)`` (padding subtracted) read at
     base difference ``g``: the whole offset is the baby step, or (``split_rows``) only its
     column part, the row part joining the giant step. ``fold``: the whole columns of the
     base difference move to the baby step (``g = g' + m * cs`` with ``0 <= g' < cs``, baby
     ``di * rs + (dj + m) * cs``), so that base differences a column apart share one giant
-    step: fewer giants and products, a few more babies (``_plan_stage`` compares both)."""
+    step: fewer giants and products, a few more babies (``_plan_stage`` compares both).
+    ``merge`` (a power of two ``M``): the key depends on the whole rotation ``d = g + row +
+    col`` only, split as baby ``r`` (``d``'s residue modulo ``M`` in ``[-M/2, M/2)``) and giant
+    ``d - r``: every (channel pair, offset) reading the input at the same rotation shares one
+    plaintext, whatever base difference it came from."""
     row, col = di * grid.rs, dj * grid.cs
+    period = grid.period
+    if merge:  # ints or numpy arrays alike (``_conv_keys`` passes arrays)
+        total = (g + row + col) % period
+        signed = total - period * (total > period // 2)
+        r = (signed + merge // 2) % merge - merge // 2
+        return (signed - r) % period, r % period
     if split_rows:
-        return (g + row) % grid.period, col % grid.period
+        return (g + row) % period, col % period
     if fold:
-        signed = g - grid.period if g > grid.period // 2 else g
+        signed = g - period * (g > period // 2)
         m = signed // grid.cs
-        return (signed - m * grid.cs) % grid.period, (row + col + m * grid.cs) % grid.period
-    return g, (row + col) % grid.period
+        return (signed - m * grid.cs) % period, (row + col + m * grid.cs) % period
+    return g % period, (row + col) % period
+
+
+def _merge_moduli(period: int) -> list[int]:
+    """The baby-step moduli ``_tap_key``'s ``merge`` is tried with: powers of two from 2
+    to half the period."""
+    out, m = [], 2
+    while m <= period // 2:
+        out.append(m)
+        m *= 2
+    return out
 
 
 def _conv_keys(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
                nonzero: bool = True, split_rows: bool = False,
-               fold: bool = False) -> frozenset[tuple[int, int]]:
+               fold: bool = False, merge: int = 0) -> frozenset[tuple[int, int]]:
     """The ``(giant, baby)`` masks of the convolution: those with a nonzero weight, or
     (``nonzero=False``) every mask its channel pairs' taps would use unpruned."""
     period = grid.period
     _, _, kh, kw = conv.weight.shape
     ph, pw = conv.padding
     base_of = dict((o, b) for o, b in out.bases)
-    keys = set()
-    for (o, c), b in choice.items():
-        g = (b - base_of[o]) % period
-        for di in range(kh):
-            for dj in range(kw):
-                if not nonzero or conv.weight[o, c, di, dj] != 0.0:
-                    keys.add(_tap_key(grid, g, di - ph, dj - pw, split_rows, fold))
-    return frozenset(keys)
+    pairs = list(choice.items())
+    if not pairs:
+        return frozenset()
+    o_idx = np.array([o for (o, _), _ in pairs])
+    c_idx = np.array([c for (_, c), _ in pairs])
+    g = np.array([(b - base_of[o]) % period for (o, _), b in pairs], dtype=np.int64)
+    used = np.ones((len(pairs), kh, kw), dtype=bool)
+    if nonzero:
+        used = conv.weight[o_idx, c_idx] != 0.0
+    p, di, dj = np.nonzero(used)
+    giant, baby = _tap_key(grid, g[p], di - ph, dj - pw, split_rows, fold, merge)
+    codes = np.unique(np.asarray(giant, dtype=np.int64) * period
+                      + np.asarray(baby, dtype=np.int64))
+    return frozenset((int(k // period), int(k % period)) for k in codes)
 
 
 def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int, int], int],
                     scale: float, split_rows: bool = False, fold: bool = False,
-                    ) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
+                    merge: int = 0) -> Callable[[], dict[tuple[int, int], np.ndarray]]:
     def diagonals() -> dict[tuple[int, int], np.ndarray]:
         period = grid.period
         _, _, kh, kw = conv.weight.shape
@@ -443,7 +472,7 @@ def _conv_diagonals(grid: Grid, conv: Conv2d, out: Grid, choice: dict[tuple[int,
                     if weight == 0.0:
                         continue
                     ok = rows_ok & (jj + dj >= 0) & (jj + dj < w)
-                    key = _tap_key(grid, g, di - ph, dj - pw, split_rows, fold)
+                    key = _tap_key(grid, g, di - ph, dj - pw, split_rows, fold, merge)
                     vec = diags.get(key)
                     if vec is None:
                         vec = diags[key] = np.zeros(period)
@@ -481,9 +510,11 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
 
 
 def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
-                search: bool, split_rows: bool = False) -> RotPlan | None:
+                search: bool, split_rows: bool = False, merge: bool = True) -> RotPlan | None:
     """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot.
-    ``split_rows``: a convolution's kernel rows go to the giant steps (``_tap_key``)."""
+    ``split_rows``: a convolution's kernel rows go to the giant steps (``_tap_key``).
+    ``merge``: also try keying a convolution by whole rotations (``_tap_key``'s ``merge``;
+    a first stage does not: its babies are the client's copies)."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
     scale = stage.scale
@@ -516,18 +547,22 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         if cur.slot_map() is None:
             return None
         plans = []
-        for fold in ((False, True) if not split_rows else (False,)):
+        ways = [(False, 0)] if split_rows else [(False, 0), (True, 0)] + [
+            (False, m) for m in (_merge_moduli(in_grid.period) if merge else ())]
+        for fold, merge in ways:
             keys = _conv_keys(in_grid, conv, conv_out, choice, split_rows=split_rows,
-                              fold=fold)
+                              fold=fold, merge=merge)
             every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False,
-                               split_rows=split_rows, fold=fold)
+                               split_rows=split_rows, fold=fold, merge=merge)
             plans.append(RotPlan(
                 "conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
-                _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows, fold),
-                _stage_bias(stage, cur), skipped=len(every) - len(keys), folded=fold))
-        # folding only when it adds no rotation: on Orion's LeNet (conv 32->64) it trades
-        # 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer products and
-        # measured slower; on LeNet-5 it keeps the rotations and saves 19 % of the products
+                _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows, fold,
+                                merge),
+                _stage_bias(stage, cur), skipped=len(every) - len(keys), folded=fold,
+                merged=merge))
+        # fewest rotations, then fewest products: folding on Orion's LeNet (conv 32->64)
+        # trades 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer products
+        # and measured slower; merging there takes both fewer rotations and fewer products
         return min(plans, key=lambda rp: (rp.rotations(), rp.products()))
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
@@ -675,7 +710,7 @@ def _first_stage(stage: Affine, cur: Grid | Layout, slots: int, search: bool,
     """The first stage's plan: a convolution's whole kernel offsets as baby steps, or
     only their columns (the client sends ``kw`` copies and the server rotates by the
     rows), whichever costs less with the client's copies."""
-    whole = _plan_stage(stage, cur, slots, search)
+    whole = _plan_stage(stage, cur, slots, search, merge=False)
     if whole is None or whole.name != "conv" or max_shifts <= MIN_SHIFTS:
         return whole
     rows = _plan_stage(stage, cur, slots, search, split_rows=True)
