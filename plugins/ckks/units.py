@@ -17,7 +17,10 @@ diagonals the diagonal each weight lands in (``SlotUnits``):
   giant step (``grid._tap_key``), a pair's baby is its offset moved by whole columns: the
   unit is still the kernel offset and zeroing it removes its products; its rotation goes
   when the offsets sharing it are zero too (the pruned model's plan is chosen again on
-  cost, folded or not);
+  cost, folded or not). When the plan keys the convolution by whole rotations
+  (``grid._tap_key``'s ``merge``), offsets of different channel pairs that read the input
+  at one rotation share a plaintext: zeroing an offset removes that product only once the
+  offsets sharing it are zero too;
 * a Linear layer in a block layout (``dense-block``, ``block``): row ``r`` sums its
   products in its own block of ``b`` slots, and the plaintext of input alignment ``a``
   holds the weights ``(r, c)`` with ``(pos(c) - r b - a) mod P < b``: a window of ``b``
