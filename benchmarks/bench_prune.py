@@ -92,6 +92,8 @@ def child(model_path: str, scheme: str, dataset: str, images: int) -> dict[str, 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "galois_key_bytes": int(plan.get("galois_key_bytes") or 0),
             "galois_keys": int(plan.get("galois_keys") or 0),
+            "fixed_keys": (len(plan["fixed_rotation_steps"])
+                           if "fixed_rotation_steps" in plan else None),
             "functional_keys": plan.get("functional_keys"),
             "units_skipped": int(plan.get("units_skipped") or 0),
             "rotations": plan.get("rotations_per_input"),
@@ -249,6 +251,13 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
                        f"{r['vs_base']} (timed beside base), Galois key bytes "
                        f"{keys[r['variant']]}, functional keys "
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
+        base = group[0]
+        if base.get("fixed_keys") is not None and base["galois_keys"]:
+            fixed, total = base["fixed_keys"], base["galois_keys"]
+            out.append(f"{base['model']} / {base['scheme']}: {fixed} of base's {total} Galois "
+                       "keys are pool passes and rotate-and-sums, keyed whatever the "
+                       f"weights: pruning its units removes at most {total - fixed} keys "
+                       f"({-100 * (total - fixed) / total:.0f} % at the same chain)")
     return out
 
 

@@ -224,6 +224,14 @@ def test_lenet5_operation_counts() -> None:
     assert fc1["plaintext_products"] <= 128
     assert plan["rotations_per_input"] == sum(s["rotations"] for s in plan["grid_stages"])
     assert plan["galois_keys"] == len(plan["rotation_steps"]) <= 30
+    # the pool passes and rotate-and-sums are keyed whatever the weights (a floor for
+    # pruning at these layouts): two pools' column and row steps, the dense rotate-and-sums
+    fixed = set(plan["fixed_rotation_steps"])
+    assert fixed <= set(plan["rotation_steps"])
+    pools = {s % plan["slots"] for st in sm.scheme.grid.stages
+             if st is not None for p in (*st.pre, *st.post) for s in p}
+    assert len(pools) >= 3 and pools <= fixed
+    assert {1 << k for k in range(13)} <= fixed  # fc1, fc2, fc3: every power of two
     assert plan["estimated_memory"]["peak_one_process"] < 3 * 2 ** 30
     assert len(plan["input_gather"]) == plan["input_period"]
     assert sorted(set(plan["input_gather"]) - {-1}) == list(range(28 * 28))

@@ -270,6 +270,12 @@ class GridPlan:
     def rotations(self) -> int:
         return sum(rp.rotations() for rp in self.stages if rp is not None)
 
+    def fixed_steps(self, modulus: int) -> list[int]:
+        """The steps of the pool passes and rotate-and-sums, modulo ``modulus``: keyed
+        whatever the weights (a pruned unit never removes them)."""
+        return sorted({s % modulus for rp in self.stages if rp is not None
+                       for p in (*rp.pre, *rp.post, rp.rotsum) for s in p} - {0})
+
     def products(self) -> int:
         return sum(rp.products() for rp in self.stages if rp is not None)
 

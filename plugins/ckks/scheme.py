@@ -123,6 +123,7 @@ class SinglePacking(Packing):
                             f"{rp.products()} plaintext products"
                             for s, rp in zip(program.stages, grid.stages) if rp is not None],
                 "rotation_steps": grid.steps(params.slots),
+                "fixed_rotation_steps": grid.fixed_steps(params.slots),
                 "rotations_per_input": grid.rotations(),
                 "units_skipped": grid.skipped(),
                 "workers": int(self.opts.get("workers") or 1) if split else 1,
@@ -141,6 +142,7 @@ class SinglePacking(Packing):
         return {
             "_dense": dense, "layout": "dense", "layouts": list(dense.notes),
             "rotation_steps": _search.rotation_steps(dense, params.slots),
+            "fixed_rotation_steps": dense.fixed_steps(params.slots),
             "rotations_per_input": dense.rotations(),
             "plaintext_products": dense.products(),
             "units_skipped": dense.skipped(),
@@ -193,7 +195,7 @@ class BatchPacking(Packing):
         return True
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
-        return {"layout": "batch", "layouts": [], "rotation_steps": [],
+        return {"layout": "batch", "layouts": [], "rotation_steps": [], "fixed_rotation_steps": [],
                 "rotations_per_input": 0, "units_skipped": 0,
                 "input_layout": "batch: one ciphertext per input feature, one input per slot"}
 

@@ -38,6 +38,11 @@ class DenseLayouts:
         """Plaintext products per evaluation (one per nonzero diagonal)."""
         return sum(len(s.diagonals) for s in self.stages if s is not None)
 
+    def fixed_steps(self, modulus: int) -> list[int]:
+        """The rotate-and-sum steps, modulo ``modulus``: keyed whatever the weights."""
+        return sorted({r % modulus for s in self.stages if s is not None
+                       for r in s.rotsum} - {0})
+
     def skipped(self) -> int:
         """All-zero diagonals (pruned units) left out of every stage."""
         return sum(s.skipped for s in self.stages if s is not None)

@@ -110,8 +110,7 @@ def _tap_units(conv: Conv2d, grid: _grid.Grid, free: frozenset[int]) -> SlotUnit
 
 def _free_steps(plan: _grid.GridPlan) -> frozenset[int]:
     """The steps of the pool passes and rotate-and-sums: keyed whatever the weights."""
-    return frozenset(s % plan.period for rp in plan.stages if rp is not None
-                     for p in (*rp.pre, *rp.post, rp.rotsum) for s in p) - {0}
+    return frozenset(plan.fixed_steps(plan.period))
 
 
 def _single_linear(stage: Affine) -> Linear | None:
