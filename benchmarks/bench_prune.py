@@ -256,8 +256,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             fixed, total = base["fixed_keys"], base["galois_keys"]
             out.append(f"{base['model']} / {base['scheme']}: {fixed} of base's {total} Galois "
                        "keys are pool passes and rotate-and-sums, keyed whatever the "
-                       f"weights: pruning its units removes at most {total - fixed} keys "
-                       f"({-100 * (total - fixed) / total:.0f} % at the same chain)")
+                       "weights at base's layouts: at those layouts pruning removes at "
+                       f"most {total - fixed} keys ({-100 * (total - fixed) / total:.0f} % "
+                       "at the same chain; other layouts may drop more)")
     return out
 
 

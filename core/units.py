@@ -37,8 +37,8 @@ class SlotUnits:
             of its own, e.g. a kernel offset on a grid).
         note: the layout the map comes from (for messages and records).
         free_steps: rotation steps (modulo ``width``) whose Galois keys the plan needs
-            whatever the weights (pool passes, rotate-and-sums): a unit reached from 0 or
-            from a kept unit by one of them costs no key of its own.
+            whatever the weights at its layouts (pool passes, rotate-and-sums): a unit
+            reached from 0 or from a kept unit by one of them costs no key of its own.
         pow2_runs: the plan packs a run's giant steps in powers of two (BFV: several
             giant steps share one plaintext, lined up by ``log2`` rotations), so a run
             costs less only when its length halves: runs are a power of two long.

@@ -327,3 +327,24 @@ def test_convolution_keyed_by_whole_rotations(monkeypatch) -> None:
     assert c2["rotations"] <= u2["rotations"]
     assert c2["giant_steps"] < u2["giant_steps"]
     assert np.abs(y_plain - y).max() < 2 * TOL
+
+
+def test_merged_convolution_units_are_its_plaintexts() -> None:
+    """Pruning units of a convolution keyed by whole rotations: one per rotation, so the
+    weights of one unit zeroed, the plan runs exactly one plaintext product fewer."""
+    calib = np.random.default_rng(1).random((8, 1, 12, 12))
+    layers = _strided_pair()
+    base = compile_layers(layers, "ckks?flood_bits=0", calibration=calib)
+    c2 = base.plan["grid_stages"][1]
+    assert c2["merged"] > 0
+    units = next(u for u in base.scheme.pruning_units() if u.layer == "c2")
+    assert units.note == "grid whole rotations" and not units.permutable
+    assert len(np.unique(units.unit_of())) == c2["plaintext_products"]
+    for value in np.unique(units.unit_of())[[0, -1]]:
+        pruned = _strided_pair()
+        pruned[2].weight[units.unit_of() == value] = 0.0
+        sm = compile_layers(pruned, "ckks?flood_bits=0", calibration=calib)
+        s2 = sm.plan["grid_stages"][1]
+        assert s2["merged"] > 0
+        assert s2["plaintext_products"] == c2["plaintext_products"] - 1
+        assert s2["units_skipped"] == c2["units_skipped"] + 1

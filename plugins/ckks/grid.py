@@ -272,7 +272,8 @@ class GridPlan:
 
     def fixed_steps(self, modulus: int) -> list[int]:
         """The steps of the pool passes and rotate-and-sums, modulo ``modulus``: keyed
-        whatever the weights (a pruned unit never removes them)."""
+        whatever the weights at these layouts (zeroing units never removes them, unless
+        the pruned model's plan picks other layouts)."""
         return sorted({s % modulus for rp in self.stages if rp is not None
                        for p in (*rp.pre, *rp.post, rp.rotsum) for s in p} - {0})
 
@@ -562,20 +563,22 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         plans = []
         ways = [(False, 0)] if split_rows else [(False, 0), (True, 0)] + [
             (False, m) for m in (_merge_moduli(in_grid.period) if merge else ())]
-        for fold, merge in ways:
+        for fold, modulus in ways:
             keys = _conv_keys(in_grid, conv, conv_out, choice, split_rows=split_rows,
-                              fold=fold, merge=merge)
+                              fold=fold, merge=modulus)
             every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False,
-                               split_rows=split_rows, fold=fold, merge=merge)
+                               split_rows=split_rows, fold=fold, merge=modulus)
             plans.append(RotPlan(
                 "conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
                 _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows, fold,
-                                merge),
+                                modulus),
                 _stage_bias(stage, cur), skipped=len(every) - len(keys), folded=fold,
-                merged=merge))
-        # fewest rotations, then fewest products: folding on Orion's LeNet (conv 32->64)
-        # trades 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer products
-        # and measured slower; merging there takes both fewer rotations and fewer products
+                merged=modulus))
+        # fewest rotations, then fewest products (latency first: a merged plan may need a
+        # Galois key or two more than the unmerged one). Folding on Orion's LeNet (conv
+        # 32->64) trades 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer
+        # products and measured slower; merging there takes both fewer rotations and
+        # fewer products
         return min(plans, key=lambda rp: (rp.rotations(), rp.products()))
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
@@ -722,9 +725,13 @@ def _first_stage(stage: Affine, cur: Grid | Layout, slots: int, search: bool,
                  max_shifts: int) -> RotPlan | None:
     """The first stage's plan: a convolution's whole kernel offsets as baby steps, or
     only their columns (the client sends ``kw`` copies and the server rotates by the
-    rows), whichever costs less with the client's copies."""
+    rows), whichever costs less with the client's copies. Without copies
+    (``max_shifts <= MIN_SHIFTS``) the convolution may be keyed by whole rotations, as
+    any later one."""
+    if max_shifts <= MIN_SHIFTS:
+        return _plan_stage(stage, cur, slots, search)
     whole = _plan_stage(stage, cur, slots, search, merge=False)
-    if whole is None or whole.name != "conv" or max_shifts <= MIN_SHIFTS:
+    if whole is None or whole.name != "conv":
         return whole
     rows = _plan_stage(stage, cur, slots, search, split_rows=True)
     cands = [whole] + ([rows] if rows is not None else [])

@@ -39,7 +39,8 @@ class DenseLayouts:
         return sum(len(s.diagonals) for s in self.stages if s is not None)
 
     def fixed_steps(self, modulus: int) -> list[int]:
-        """The rotate-and-sum steps, modulo ``modulus``: keyed whatever the weights."""
+        """The rotate-and-sum steps, modulo ``modulus``: keyed whatever the weights at
+        these layouts (``GridPlan.fixed_steps``)."""
         return sorted({r % modulus for s in self.stages if s is not None
                        for r in s.rotsum} - {0})
 

@@ -17,10 +17,11 @@ diagonals the diagonal each weight lands in (``SlotUnits``):
   giant step (``grid._tap_key``), a pair's baby is its offset moved by whole columns: the
   unit is still the kernel offset and zeroing it removes its products; its rotation goes
   when the offsets sharing it are zero too (the pruned model's plan is chosen again on
-  cost, folded or not). When the plan keys the convolution by whole rotations
-  (``grid._tap_key``'s ``merge``), offsets of different channel pairs that read the input
-  at one rotation share a plaintext: zeroing an offset removes that product only once the
-  offsets sharing it are zero too;
+  cost, folded or not);
+* a convolution keyed by whole rotations (``grid._tap_key``'s ``merge``): one unit per
+  rotation ``b_c + offset - t_o`` (input base minus output base plus kernel offset), each
+  one plaintext of the plan, consecutive rotations sharing giant steps; left out when an
+  input channel has several copies;
 * a Linear layer in a block layout (``dense-block``, ``block``): row ``r`` sums its
   products in its own block of ``b`` slots, and the plaintext of input alignment ``a``
   holds the weights ``(r, c)`` with ``(pos(c) - r b - a) mod P < b``: a window of ``b``
@@ -108,8 +109,30 @@ def _tap_units(conv: Conv2d, grid: _grid.Grid, free: frozenset[int]) -> SlotUnit
                      frozenset(s % grid.period for s in free) - {0})
 
 
+def _merged_units(conv: Conv2d, grid: _grid.Grid, out: _grid.Grid) -> SlotUnits | None:
+    """A convolution keyed by whole rotations (``grid._tap_key``'s ``merge``): weight
+    ``(o, c, di, dj)`` sits in the plaintext of rotation ``b_c + tap - t_o`` (``b_c`` input
+    channel ``c``'s base, ``t_o`` output channel ``o``'s), one unit per rotation; ``None``
+    when a channel has several copies (which one a pair reads follows the planner's
+    choice, not the positions)."""
+    bases: dict[int, int] = {}
+    for c, b in grid.bases:
+        if c in bases:
+            return None
+        bases[c] = b
+    oc, ic, kh, kw = conv.weight.shape
+    ph, pw = conv.padding
+    taps = ((np.arange(kh)[:, None] - ph) * grid.rs + (np.arange(kw)[None, :] - pw) * grid.cs)
+    slots = (np.array([bases[c] for c in range(ic)])[:, None, None] + taps[None]) % grid.period
+    anchors = dict(out.bases)
+    return SlotUnits(conv.name, grid.period, slots.astype(np.int64),
+                     np.array([anchors[o] for o in range(oc)], dtype=np.int64), False,
+                     note="grid whole rotations")
+
+
 def _free_steps(plan: _grid.GridPlan) -> frozenset[int]:
-    """The steps of the pool passes and rotate-and-sums: keyed whatever the weights."""
+    """The steps of the pool passes and rotate-and-sums: keyed whatever the weights at
+    these layouts."""
     return frozenset(plan.fixed_steps(plan.period))
 
 
@@ -155,7 +178,12 @@ def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
         elif rp.name == "conv" and cur is not None:
             conv = next(s for s in stage.specs if isinstance(s, Conv2d))
             src = _pooled(cur, stage.specs)
-            if isinstance(src, _grid.Grid):
+            if isinstance(src, _grid.Grid) and rp.merged:
+                assert isinstance(rp.out, _grid.Grid)
+                merged = _merged_units(conv, src, rp.out)
+                if merged is not None:
+                    out.append(merged)
+            elif isinstance(src, _grid.Grid):
                 out.append(_tap_units(conv, src, free))
         cur = rp.out
     return out
