@@ -566,20 +566,20 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         for fold, modulus in ways:
             keys = _conv_keys(in_grid, conv, conv_out, choice, split_rows=split_rows,
                               fold=fold, merge=modulus)
-            every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False,
-                               split_rows=split_rows, fold=fold, merge=modulus)
             plans.append(RotPlan(
                 "conv", in_grid.period, tuple(pre), keys, (), tuple(post), cur,
                 _conv_diagonals(in_grid, conv, conv_out, choice, scale, split_rows, fold,
                                 modulus),
-                _stage_bias(stage, cur), skipped=len(every) - len(keys), folded=fold,
-                merged=modulus))
+                _stage_bias(stage, cur), folded=fold, merged=modulus))
         # fewest rotations, then fewest products (latency first: a merged plan may need a
         # Galois key or two more than the unmerged one). Folding on Orion's LeNet (conv
         # 32->64) trades 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer
         # products and measured slower; merging there takes both fewer rotations and
         # fewer products
-        return min(plans, key=lambda rp: (rp.rotations(), rp.products()))
+        best = min(plans, key=lambda rp: (rp.rotations(), rp.products()))
+        every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False,
+                           split_rows=split_rows, fold=best.folded, merge=best.merged)
+        return replace(best, skipped=len(every) - len(best.keys))
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
         matrix = _linear_matrix(stage.specs) * scale

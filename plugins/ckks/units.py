@@ -99,10 +99,16 @@ def _block_units(linear: Linear, in_layout: Layout, out_layout: Layout,
                      contiguous=False, note="block alignments", groups=groups)
 
 
+def _taps(conv: Conv2d, grid: _grid.Grid) -> np.ndarray:
+    """The slot offset of every kernel offset ``(di, dj)`` on ``grid`` (padding taken off)."""
+    _, _, kh, kw = conv.weight.shape
+    ph, pw = conv.padding
+    return (np.arange(kh)[:, None] - ph) * grid.rs + (np.arange(kw)[None, :] - pw) * grid.cs
+
+
 def _tap_units(conv: Conv2d, grid: _grid.Grid, free: frozenset[int]) -> SlotUnits:
     oc, ic, kh, kw = conv.weight.shape
-    ph, pw = conv.padding
-    taps = ((np.arange(kh)[:, None] - ph) * grid.rs + (np.arange(kw)[None, :] - pw) * grid.cs)
+    taps = _taps(conv, grid)
     return SlotUnits(conv.name, grid.period, np.broadcast_to(taps % grid.period,
                                                              (ic, kh, kw)).copy(),
                      np.zeros(oc, dtype=np.int64), False, False, "grid kernel offsets",
@@ -120,20 +126,13 @@ def _merged_units(conv: Conv2d, grid: _grid.Grid, out: _grid.Grid) -> SlotUnits 
         if c in bases:
             return None
         bases[c] = b
-    oc, ic, kh, kw = conv.weight.shape
-    ph, pw = conv.padding
-    taps = ((np.arange(kh)[:, None] - ph) * grid.rs + (np.arange(kw)[None, :] - pw) * grid.cs)
-    slots = (np.array([bases[c] for c in range(ic)])[:, None, None] + taps[None]) % grid.period
+    oc, ic = conv.weight.shape[:2]
+    slots = (np.array([bases[c] for c in range(ic)])[:, None, None]
+             + _taps(conv, grid)[None]) % grid.period
     anchors = dict(out.bases)
     return SlotUnits(conv.name, grid.period, slots.astype(np.int64),
                      np.array([anchors[o] for o in range(oc)], dtype=np.int64), False,
                      note="grid whole rotations")
-
-
-def _free_steps(plan: _grid.GridPlan) -> frozenset[int]:
-    """The steps of the pool passes and rotate-and-sums: keyed whatever the weights at
-    these layouts."""
-    return frozenset(plan.fixed_steps(plan.period))
 
 
 def _single_linear(stage: Affine) -> Linear | None:
@@ -154,7 +153,7 @@ def _pooled(cur: _grid.Grid | Layout, specs: list[LayerSpec]) -> _grid.Grid | La
 def _grid_units(program: Program, plan: _grid.GridPlan) -> list[SlotUnits]:
     last = _last_weighted(program)
     out: list[SlotUnits] = []
-    free = _free_steps(plan)
+    free = frozenset(plan.fixed_steps(plan.period))  # pool passes, rotate-and-sums
     cur: _grid.Grid | Layout | None = plan.input_grid
     for stage, rp in zip(program.stages, plan.stages):
         if rp is None or not isinstance(stage, Affine):
