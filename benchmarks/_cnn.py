@@ -138,6 +138,9 @@ def _unit_costs(scheme: Any, reps: int = 5) -> dict[int, dict[str, float]]:
     ev = seal.evaluator
     ct = keys.encrypt(np.random.default_rng(0).random(seal.slots))
     out: dict[int, dict[str, float]] = {}
+    from secureinfer.plugins.ckks import native
+
+    nat = native.Native(seal, keys.galois, [1]) if native.available() else None
 
     def med(fn: Any) -> float:
         ts = []
@@ -166,6 +169,12 @@ def _unit_costs(scheme: Any, reps: int = 5) -> dict[int, dict[str, float]]:
                       "pt_product": med(lambda: ev.multiply_plain(c, pt, tmp)),
                       "ct_product": med(square), "rescale": max(0.0, med(rescale) -
                                                                  med(lambda: ev.multiply_plain(c, pt, tmp)))}
+        if nat is not None:  # what the server runs with the native part
+            split = nat.split(c)
+            prods = nat.products([pt] * 8, level + 1)
+            out[level].update(split=med(lambda: nat.split(c)),
+                              hoisted_rotation=med(lambda: nat.rotate(split, 1)),
+                              pt_product=med(lambda: nat.dot([c] * 8, prods)) / 8)
     return out
 
 
@@ -175,7 +184,11 @@ def _floor(plan: dict[str, Any], units: dict[int, dict[str, float]]) -> dict[str
     counts = {k: 0 for k in totals}
     for st in plan.get("grid_stages", []):
         u = units[st["level"]]
-        totals["rotation"] += st["rotations"] * u["rotation"]
+        hoisted = st.get("hoisted_rotations", 0) if "split" in u else 0
+        splits = st.get("splits", 0) if hoisted else 0
+        totals["rotation"] += ((st["rotations"] - hoisted) * u["rotation"]
+                               + (hoisted * u["hoisted_rotation"] + splits * u["split"]
+                                  if hoisted else 0.0))
         totals["pt_product"] += st["plaintext_products"] * u["pt_product"]
         totals["rescale"] += u["rescale"]
         counts["rotation"] += st["rotations"]

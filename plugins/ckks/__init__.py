@@ -22,6 +22,10 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   block layout when it costs fewer rotations; ``false`` keeps the hybrid diagonals, whose
   diagonals ``secureinfer.nn.prune`` zeroes one by one (a block layout has a few coarse
   units: ``units.py``). Prune under ``false``, then compile the pruned model either way.
+* ``hoist`` (default true): with grid layouts, each stage's baby rotations all start from
+  its input, one Galois key per baby step, so that the server splits the input once and
+  derives every baby from the split (hoisted rotations, ``secureinfer.plugins.ckks.native``,
+  about half a rotation each). ``false``: babies chained over fewer keys.
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
 * ``lazy_rescale`` (``auto``/``off``): a square leaves its rescale to the affine stage after
@@ -53,3 +57,18 @@ __all__ = ["CKKSScheme"]
 def secureinfer_register_schemes(register: Any) -> None:
     """Register ``ckks``."""
     register(CKKSScheme)
+
+
+@hookimpl
+def secureinfer_doctor() -> list[dict[str, Any]]:
+    """Whether the native part (hoisted rotations, fused products) works here."""
+    if CKKSScheme.availability() is not None:
+        return []
+    from . import native
+
+    ok = native.available()
+    return [{"name": "ckks native rotations (plugins/ckks/_native.c)", "ok": ok,
+             "version": "self-test passed" if ok else None,
+             "hint": "" if ok else f"{native.why_unavailable()}; the server falls back to "
+                                   "SEAL's rotations (slower). Reinstall with a C compiler: "
+                                   "pip install -e ."}]

@@ -160,6 +160,10 @@ class RotPlan:
         split: cut points in the sorted giant steps (``split_stages``): part ``k`` of the
             giants runs in worker process ``k`` (part 0 in the server's own), each part's
             Horner chain ending on its smallest giant; empty: one process.
+        hoisted: the baby-step tree groups the babies by parent, as many per parent as the
+            chain's Galois keys allow (``hoist_stages``), so that the server splits each
+            parent once and derives its babies from the split (``native.Native``): about
+            half a rotation each, with no key added.
     """
 
     name: str
@@ -177,6 +181,7 @@ class RotPlan:
     split: tuple[int, ...] = ()
     folded: bool = False
     merged: int = 0
+    hoisted: bool = False
 
     def babies(self) -> list[int]:
         return sorted({a % self.width for _, a in self.keys} - {0})
@@ -190,7 +195,13 @@ class RotPlan:
     def baby_tree(self) -> list[tuple[int, int, int]]:
         """``(baby, parent, key step)`` in evaluation order: each baby rotation starts from
         an earlier one (or the input) so that few distinct steps (Galois keys) serve all
-        of them; the rotation count stays one per baby step."""
+        of them; the rotation count stays one per baby step. ``hoisted``: the same keys,
+        but the babies of one parent are consecutive and parents have as many as the keys
+        allow (the server splits a parent once for all of its children)."""
+        chain = self._chain_tree()
+        return self._hoisted_tree({k for _, _, k in chain}) if self.hoisted else chain
+
+    def _chain_tree(self) -> list[tuple[int, int, int]]:
         done, keys, out = [0], set(self.known), []
         # ascending signed order: one key reaches the most negative step, then the others
         # follow from a smaller neighbour (kernel taps: one column or row further)
@@ -202,6 +213,29 @@ class RotPlan:
                 keys.add((a - parent) % self.width)
             out.append((a, parent, (a - parent) % self.width))
             done.append(a)
+        return out
+
+    def _hoisted_tree(self, tree_keys: set[int]) -> list[tuple[int, int, int]]:
+        """Greedy: split the reached rotation that reaches the most remaining babies by
+        one known step (``known`` and the chain's own keys, so no key is added), make all
+        of them, repeat. The chain reaches every baby with these keys, so this does too."""
+        keys = set(self.known) | tree_keys
+        width = self.width
+        reached, remaining, out = [0], set(self.babies()), []
+        while remaining:
+            best, kids = 0, []
+            for n in reached:
+                got = [b for b in remaining if (b - n) % width in keys]
+                if len(got) > len(kids):
+                    best, kids = n, got
+            if not kids:  # unreachable by construction; keep the chain's order for the rest
+                kids = [min(remaining, key=self._signed)]
+                best = min(reached, key=lambda n: abs(self._signed((kids[0] - n) % width)))
+                keys.add((kids[0] - best) % width)
+            for b in sorted(kids, key=self._signed):
+                out.append((b, best, (b - best) % width))
+                remaining.discard(b)
+                reached.append(b)
         return out
 
     def giant_parts(self) -> list[list[int]]:
@@ -227,6 +261,24 @@ class RotPlan:
         """Plaintext products per evaluation."""
         return len(self.keys)
 
+    def weighted(self, hoist: bool = False) -> float:
+        """Rotations, the server-side baby rotations priced as hoisted ones when
+        ``hoist`` (``hoisted_cost``)."""
+        babies = 0 if self.client_babies else len(self.babies())
+        return self.rotations() - babies + (hoisted_cost(babies) if hoist else babies)
+
+    def hoisting(self) -> tuple[int, int]:
+        """``(splits, hoisted babies)``: the parents of two or more babies in the baby-step
+        tree, each split once, and their babies (with the native part; else plain
+        rotations). ``(0, 0)`` unless ``hoisted``."""
+        if not self.hoisted or self.client_babies:
+            return 0, 0
+        kids: dict[int, int] = {}
+        for _, parent, _ in self.baby_tree():
+            kids[parent] = kids.get(parent, 0) + 1
+        many = [k for k in kids.values() if k >= 2]
+        return len(many), sum(many)
+
     def steps(self) -> set[int]:
         """Distinct rotation steps (Galois keys), modulo the width."""
         passes = {s for p in (*self.pre, *self.post) for s in p} | set(self.rotsum)
@@ -242,6 +294,8 @@ class RotPlan:
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
                 "units_skipped": self.skipped, "folded": self.folded, "merged": self.merged,
+                "hoisted": self.hoisted, "splits": self.hoisting()[0],
+                "hoisted_rotations": self.hoisting()[1],
                 "giant_parts": [len(p) for p in self.giant_parts()] if self.split else []}
 
 
@@ -524,11 +578,13 @@ def _linear_matrix(specs: Sequence[LayerSpec]) -> np.ndarray:
 
 
 def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
-                search: bool, split_rows: bool = False, merge: bool = True) -> RotPlan | None:
+                search: bool, split_rows: bool = False, merge: bool = True,
+                hoist: bool = False) -> RotPlan | None:
     """The ``RotPlan`` of one affine stage reading ``cur``; ``None`` if it cannot.
     ``split_rows``: a convolution's kernel rows go to the giant steps (``_tap_key``).
     ``merge``: also try keying a convolution by whole rotations (``_tap_key``'s ``merge``;
-    a first stage does not: its babies are the client's copies)."""
+    a first stage does not: its babies are the client's copies). ``hoist``: price the
+    baby rotations as hoisted ones (``RotPlan.weighted``)."""
     pre: list[tuple[int, ...]] = []
     post: list[tuple[int, ...]] = []
     scale = stage.scale
@@ -576,14 +632,15 @@ def _plan_stage(stage: Affine, cur: Grid | Layout, slots: int,
         # 32->64) trades 4 more rotations (52 more babies, 48 fewer giants) for 24 % fewer
         # products and measured slower; merging there takes both fewer rotations and
         # fewer products
-        best = min(plans, key=lambda rp: (rp.rotations(), rp.products()))
+        best = min(plans, key=lambda rp: (rp.weighted(hoist), rp.products()))
         every = _conv_keys(in_grid, conv, conv_out, choice, nonzero=False,
                            split_rows=split_rows, fold=best.folded, merge=best.merged)
         return replace(best, skipped=len(every) - len(best.keys))
     if weighted:
         in_layout = cur.as_layout() if isinstance(cur, Grid) else cur
         matrix = _linear_matrix(stage.specs) * scale
-        hybrid = _make_single(matrix, in_layout, Layout.dense(matrix.shape[0]), None, "dense")
+        hybrid = _make_single(matrix, in_layout, Layout.dense(matrix.shape[0]), None, "dense",
+                              baby_cost=hoisted_cost if hoist else None)
         cands = [hybrid]
         if search and in_layout.period * matrix.shape[0] <= _BLOCK_SEARCH_MAX:
             cands += _block_candidates(matrix, in_layout, slots, hybrid.rotations())
@@ -722,18 +779,18 @@ def _first_cost(rp: RotPlan, max_shifts: int) -> float:
 
 
 def _first_stage(stage: Affine, cur: Grid | Layout, slots: int, search: bool,
-                 max_shifts: int) -> RotPlan | None:
+                 max_shifts: int, hoist: bool = False) -> RotPlan | None:
     """The first stage's plan: a convolution's whole kernel offsets as baby steps, or
     only their columns (the client sends ``kw`` copies and the server rotates by the
     rows), whichever costs less with the client's copies. Without copies
     (``max_shifts <= MIN_SHIFTS``) the convolution may be keyed by whole rotations, as
     any later one."""
     if max_shifts <= MIN_SHIFTS:
-        return _plan_stage(stage, cur, slots, search)
-    whole = _plan_stage(stage, cur, slots, search, merge=False)
+        return _plan_stage(stage, cur, slots, search, hoist=hoist)
+    whole = _plan_stage(stage, cur, slots, search, merge=False, hoist=hoist)
     if whole is None or whole.name != "conv":
         return whole
-    rows = _plan_stage(stage, cur, slots, search, split_rows=True)
+    rows = _plan_stage(stage, cur, slots, search, split_rows=True, hoist=hoist)
     cands = [whole] + ([rows] if rows is not None else [])
     return min(cands, key=lambda rp: (_first_cost(rp, max_shifts), rp.products()))
 
@@ -757,7 +814,8 @@ def _client_shifts(program: Program, stages: list[RotPlan | None],
 
 
 def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
-               slots: int, search: bool, max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
+               slots: int, search: bool, max_shifts: int = MAX_SHIFTS,
+               hoist: bool = False) -> GridPlan | None:
     stages: list[RotPlan | None] = []
     levels: list[int] = []
     level = program.depth
@@ -780,9 +838,9 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         if first is not None:
             rp = first
         elif level == program.depth and all(p is None for p in stages):
-            rp = _first_stage(stage, cur, slots, search, max_shifts)
+            rp = _first_stage(stage, cur, slots, search, max_shifts, hoist)
         else:
-            rp = _plan_stage(stage, cur, slots, search)
+            rp = _plan_stage(stage, cur, slots, search, hoist=hoist)
         first = None
         if rp is None or rp.width > slots:
             return None
@@ -792,7 +850,7 @@ def _plan_with(program: Program, start: Grid | tuple[np.ndarray, RotPlan],
         level -= 1
     shifts = _client_shifts(program, stages, max_shifts)
     plans = [rp for rp in stages if rp is not None]
-    cost = sum(_level_weight(lv) * (rp.rotations() + PRODUCT_COST * rp.products())
+    cost = sum(_level_weight(lv) * (rp.weighted(hoist) + PRODUCT_COST * rp.products())
                for rp, lv in zip(plans, levels))
     cost += _level_weight(program.depth) * COPY_COST * (len(shifts) - 1)
     _share_keys(plans, slots)
@@ -855,8 +913,39 @@ def split_stages(plan: GridPlan, workers: int) -> GridPlan:
     return replace(plan, stages=stages)
 
 
+#: A rotation from a split and a split, in rotations (SEAL's ``rotate_vector``), measured
+#: at LeNet-5's second convolution (N=16384, 5 primes): ~10 ms each against ~17 ms.
+HOISTED_ROTATION, SPLIT = 0.6, 0.6
+#: Babies per split that ``RotPlan``'s hoisted tree reaches with the chain's keys (LeNet-5:
+#: 29 babies from 7 splits, 12 from 4; Orion's LeNet 29 from 8, 26 from 5).
+BABIES_PER_SPLIT = 4
+
+
+def hoisted_cost(babies: int) -> float:
+    """What ``babies`` baby rotations of one stage cost hoisted, in rotations (as many
+    as there are below ``MIN_HOISTED``)."""
+    if babies < MIN_HOISTED:
+        return float(babies)
+    return HOISTED_ROTATION * babies + SPLIT * max(1.0, babies / BABIES_PER_SPLIT)
+
+#: Fewest baby rotations made on the server for which ``hoist_stages`` hoists a stage: a
+#: split costs about half a rotation and each baby from it about half of one, so two
+#: babies already gain a little.
+MIN_HOISTED = 2
+
+
+def hoist_stages(plan: GridPlan) -> GridPlan:
+    """``plan`` with every stage of ``MIN_HOISTED`` or more server-side baby rotations
+    hoisted (``RotPlan.hoisted``: babies grouped by parent); a new plan, ``plan`` is
+    unchanged. The same rotations and Galois keys; cheaper rotations where the server has
+    the native part."""
+    stages = [rp if rp is None or rp.client_babies or len(rp.babies()) < MIN_HOISTED
+              else replace(rp, hoisted=True) for rp in plan.stages]
+    return replace(plan, stages=stages)
+
+
 def plan_grid(program: Program, slots: int, search: bool = True,
-              max_shifts: int = MAX_SHIFTS) -> GridPlan | None:
+              max_shifts: int = MAX_SHIFTS, hoist: bool = False) -> GridPlan | None:
     """The cheapest grid layouts of ``program`` in ``slots`` slots, or ``None``.
 
     Pure: reads the program, mutates nothing. Tries every power-of-two period that holds
@@ -864,6 +953,8 @@ def plan_grid(program: Program, slots: int, search: bool = True,
     the plan with the lowest level-weighted rotation count. ``search=False`` skips the
     block layouts of dense layers after dense layers (never needed to fit). ``max_shifts``:
     most input ciphertexts per input (the client's shifted copies; 1: none).
+    ``hoist``: price server-side baby rotations as hoisted ones (``hoisted_cost``), for a
+    plan that ``hoist_stages`` will hoist.
     """
     if not applicable(program):
         return None
@@ -881,11 +972,11 @@ def plan_grid(program: Program, slots: int, search: bool = True,
     best: GridPlan | None = None
     best_start = None
     for start in starts:
-        plan = _plan_with(program, start, slots, False, max_shifts)
+        plan = _plan_with(program, start, slots, False, max_shifts, hoist)
         if plan is not None and (best is None or plan.cost < best.cost):
             best, best_start = plan, start
     if search and best_start is not None:
-        searched = _plan_with(program, best_start, slots, True, max_shifts)
+        searched = _plan_with(program, best_start, slots, True, max_shifts, hoist)
         if searched is not None and searched.cost < best.cost:
             best = searched
     return best

@@ -108,6 +108,7 @@ class ServerContext:
     dense: DenseLayouts | None = None
     flood: Any = None  # flood.Flooder when the plan floods outputs (public key only)
     pool: Any = None  # workers.StagePool when the plan splits stages over processes
+    native: Any = None  # native.Native: hoisted rotations and fused products, if built
 
 
 @dataclass
@@ -151,6 +152,43 @@ class _Kernel(abc.ABC):
     def _rotate(self, ct: Any, step: int) -> Any:
         out = self._new()
         self.ev.rotate_vector(ct, step, self.ctx.galois, out)
+        return out
+
+    def _rotations(self, ct: Any, steps: Sequence[int]) -> list[Any]:
+        """``ct`` rotated by each of ``steps``: hoisted (one split, then each step from it)
+        when there are two or more and the native part has their keys, else by SEAL."""
+        nat = self.ctx.native
+        if nat is not None and len(steps) >= 2 and all(s % self.seal.slots in nat.steps
+                                                        for s in steps):
+            split = nat.split(ct)
+            return [nat.rotate(split, s) for s in steps]
+        return [self._rotate(ct, s) for s in steps]
+
+    def _sums(self, groups: Sequence[tuple[int, Sequence[tuple[int, Any]]]]) -> Any:
+        """What ``_products_of`` needs for ``groups`` (``(giant, [(baby, plaintext)])``):
+        the native part's ``Sums`` over all of them, or the non-empty groups themselves."""
+        groups = [(g, terms) for g, terms in groups if terms]
+        if self.ctx.native is None or not groups:
+            return groups
+        return self.ctx.native.sums([g for g, _ in groups], [t for _, t in groups],
+                                    self.step.level_in + 1)
+
+    def _products_of(self, rotated: dict[int, Any], sums: Any) -> dict[int, Any]:
+        """``{giant: sum of plaintext * rotated[baby]}`` over ``sums`` (from ``_sums``)."""
+        if self.ctx.native is not None and not isinstance(sums, list):
+            return self.ctx.native.run(sums, rotated)
+        out: dict[int, Any] = {}
+        prod = self._new()
+        for g, terms in sums:
+            acc = None
+            for a, pt in terms:
+                if acc is None:
+                    acc = self._new()
+                    self.ev.multiply_plain(rotated[a], pt, acc)
+                else:
+                    self.ev.multiply_plain(rotated[a], pt, prod)
+                    self.ev.add_inplace(acc, prod)
+            out[g] = acc
         return out
 
     def _finish(self, acc: Any, bias: Any | None) -> Any:
@@ -206,7 +244,8 @@ class AffineSingle(_Kernel):
                                 step.plain_scale)
             if pt is not None:
                 groups.setdefault(g, []).append((a, pt))
-        self.groups = sorted(groups.items())
+        self.giants = sorted(groups)
+        self.sums = self._sums(sorted(groups.items()))
         self.rotsum = lay.rotsum
         _, bias = stage.weights()
         slot_bias = np.zeros(lay.out_layout.period)
@@ -217,19 +256,13 @@ class AffineSingle(_Kernel):
                                         step.level_out, step.scale_out)
 
     def __call__(self, ct: Any) -> Any:
-        rotated = {0: ct}
-        for a in self.babies:
-            rotated[a] = self._rotate(ct, a)
+        rotated = {0: ct, **dict(zip(self.babies, self._rotations(ct, self.babies)))}
+        products = self._products_of(rotated, self.sums)
         acc = None
-        for g, terms in self.groups:
-            inner = None
-            for a, pt in terms:
-                prod = self._new()
-                self.ev.multiply_plain(rotated[a], pt, prod)
-                if inner is None:
-                    inner = prod
-                else:
-                    self.ev.add_inplace(inner, prod)
+        for g in self.giants:
+            inner = products.get(g)
+            if inner is None:
+                continue
             if g:
                 inner = self._rotate(inner, g)
             if acc is None:
@@ -264,9 +297,10 @@ class RotationKernel(_Kernel):
                                 step.plain_scale)
             if pt is not None:
                 groups.setdefault(g, []).append((a, pt))
-        self.groups = groups
         self.tree = plan.baby_tree()
         self.chains = [plan.giant_chain(part) for part in plan.giant_parts()]
+        self.sums = [self._sums([(g, groups.get(g, [])) for g, _ in chain])
+                     for chain in self.chains]
         if ctx.pool is not None and len(self.chains) > 1:
             ctx.pool.register(index, self)
         bias = plan.bias()
@@ -278,8 +312,7 @@ class RotationKernel(_Kernel):
     def _passes(self, ct: Any, passes: tuple[tuple[int, ...], ...]) -> Any:
         for steps in passes:
             acc = ct
-            for s in steps:
-                rotated = self._rotate(ct, s % self.plan.width)
+            for rotated in self._rotations(ct, [s % self.plan.width for s in steps]):
                 if acc is ct:
                     acc = self._new()
                     self.ev.add(ct, rotated, acc)
@@ -294,8 +327,14 @@ class RotationKernel(_Kernel):
         if self.plan.client_babies:  # the client's shifted copies: input, then each baby
             return dict(zip((0, *self.plan.babies()), item))
         rotated = {0: item}
-        for a, parent, key in self.tree:
-            rotated[a] = self._rotate(rotated[parent], key)
+        tree, i = self.tree, 0
+        while i < len(tree):  # the babies of one parent together: hoisted (``_rotations``)
+            j = i
+            while j < len(tree) and tree[j][1] == tree[i][1]:
+                j += 1
+            made = self._rotations(rotated[tree[i][1]], [k for _, _, k in tree[i:j]])
+            rotated.update(zip((a for a, _, _ in tree[i:j]), made))
+            i = j
         return rotated
 
     def partial(self, item: Any, part: int, rotated: dict[int, Any] | None = None) -> Any:
@@ -303,17 +342,14 @@ class RotationKernel(_Kernel):
         before the rescale, or ``None`` when its plaintexts are all left out. ``item``: the
         input after the pre passes, or the client's copies. A worker process runs this."""
         rotated = self._babies(item) if rotated is None else rotated
+        products = self._products_of(rotated, self.sums[part])
         acc = None
-        prod = self._new()
         for g, key in self.chains[part]:  # Horner over the giant steps, largest first
-            inner = acc
-            for a, pt in self.groups.get(g, ()):
-                if inner is None:
-                    inner = self._new()
-                    self.ev.multiply_plain(rotated[a], pt, inner)
-                else:
-                    self.ev.multiply_plain(rotated[a], pt, prod)
-                    self.ev.add_inplace(inner, prod)
+            inner = products.get(g)
+            if inner is None:
+                inner = acc
+            elif acc is not None:
+                self.ev.add_inplace(inner, acc)
             acc = self._rotate(inner, key) if key and inner is not None else inner
         return acc
 

@@ -10,6 +10,7 @@ layers.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from secureinfer.scheme import (
 
 from . import flood as _flood
 from . import grid as _grid
+from . import native as _native
 from . import params as _params
 from . import program as _program
 from . import search as _search
@@ -36,6 +38,8 @@ from . import units as _units
 from .backend import ClientKeys, Seal, galois_element, sealapi, to_bytes
 from .layers import CKKSLayer, ServerContext, Value, schedule
 from .workers import StagePool
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["BatchPacking", "CKKSScheme", "Packing", "SinglePacking"]
 
@@ -106,10 +110,13 @@ class SinglePacking(Packing):
 
     def layouts(self, program: _program.Program, params: _params.Params) -> dict[str, Any]:
         search = bool(self.opts.get("block_layouts", True))
+        hoist = bool(self.opts.get("hoist", True))
         grid = (_grid.plan_grid(program, params.slots, search=search,
-                                max_shifts=self.max_shifts)
+                                max_shifts=self.max_shifts, hoist=hoist)
                 if _grid.applicable(program) else None)
         if grid is not None:
+            if hoist:
+                grid = _grid.hoist_stages(grid)
             grid = _grid.split_stages(grid, int(self.opts.get("workers") or 1))
             split = sum(1 for rp in grid.stages if rp is not None and rp.split)
             first = next((rp for rp in grid.stages if rp is not None), None)
@@ -265,6 +272,10 @@ class CKKSScheme(Scheme):
                "twice the scale per pair, so fewer primes and cheaper rotations) when that "
                "keeps the ring degree; off: a rescale after every product",
                choices=("auto", "off")),
+        Option("hoist", bool, True,
+               "single packing with grid layouts: each baby rotation of a stage by its own "
+               "step from the input, which the server splits once (hoisted rotations, about "
+               "half the cost each; more Galois keys); false: babies chained over fewer keys"),
         Option("block_layouts", bool, True,
                "single packing may use block layouts for dense layers (false: hybrid "
                "diagonals only, whose diagonals secureinfer.nn.prune can zero one by one)"),
@@ -530,7 +541,20 @@ class CKKSScheme(Scheme):
                              schedule(self.program, seal.primes, self.params.scale_bits),
                              self.packing.name, self.grid, self.dense,
                              _flood.open_flooder(seal, self.plan_, fields),
-                             StagePool(seal, workers) if workers > 1 else None)
+                             StagePool(seal, workers) if workers > 1 else None,
+                             self._native(seal, galois, steps))
+
+    def _native(self, seal: Any, galois: Any, steps: list[int]) -> Any:
+        """The native part (hoisted rotations, fused products) for single packing, or
+        ``None``: not built here, its self-test failed, or ``SECUREINFER_CKKS_NATIVE=0``
+        (``secureinfer doctor`` says which); the server then runs on SEAL's calls alone."""
+        if self.packing.name != "single" or not _native.available():
+            return None
+        try:
+            return _native.Native(seal, galois, steps)
+        except (RuntimeError, KeyError) as exc:
+            _log.warning("ckks: native rotations off (%s)", exc)
+            return None
 
     def load_input(self, ctx: ServerContext, payload: bytes) -> Value:
         counts, blobs = self._parse(payload, "input")

@@ -10,7 +10,7 @@ may use block layouts. The cheapest layout (fewest rotations) wins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,10 +88,11 @@ def _diagonals(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
     return out, skipped
 
 
-def _best_baby(indices: Sequence[int]) -> int:
-    """Baby-step size minimising rotations (ties: fewer distinct steps, then a power of
-    two, whose giant steps are multiples of it and reuse power-of-two Galois keys, then
-    smaller)."""
+def _best_baby(indices: Sequence[int],
+               baby_cost: Callable[[int], float] | None = None) -> int:
+    """Baby-step size minimising rotations, ``baby_cost(babies)`` pricing the baby
+    rotations (default: one each; ties: fewer distinct steps, then a power of two, whose
+    giant steps are multiples of it and reuse power-of-two Galois keys, then smaller)."""
     if not indices:
         return 1
     top = max(indices) + 1
@@ -100,7 +101,8 @@ def _best_baby(indices: Sequence[int]) -> int:
     for b in sorted(candidates):
         baby = {i % b for i in indices} - {0}
         giant = {i - i % b for i in indices} - {0}
-        key = (len(baby) + len(giant), len(baby | giant), b & (b - 1) != 0, b)
+        babies = baby_cost(len(baby)) if baby_cost is not None else len(baby)
+        key = (babies + len(giant), len(baby | giant), b & (b - 1) != 0, b)
         if best_key is None or key < best_key:
             best, best_key = b, key
     return best
@@ -116,13 +118,15 @@ def _rotsum_steps(out_period: int, in_period: int) -> list[int]:
 
 def _make_single(matrix: np.ndarray, in_layout: Layout, out_layout: Layout,
                  gather: np.ndarray | None, name: str,
-                 structure: np.ndarray | None = None) -> SingleLayout:
+                 structure: np.ndarray | None = None,
+                 baby_cost: Callable[[int], float] | None = None) -> SingleLayout:
     """The hybrid-diagonal form of ``matrix``; ``structure`` marks where the unpruned layer
-    has weights (default: everywhere), so all-zero diagonals count as skipped units."""
+    has weights (default: everywhere), so all-zero diagonals count as skipped units.
+    ``baby_cost``: what its baby rotations cost (``_best_baby``)."""
     if structure is None:
         structure = np.ones(matrix.shape, dtype=bool)
     diags, skipped = _diagonals(matrix, in_layout, out_layout, structure)
-    return SingleLayout(in_layout, out_layout, diags, _best_baby(sorted(diags)),
+    return SingleLayout(in_layout, out_layout, diags, _best_baby(sorted(diags), baby_cost),
                         _rotsum_steps(out_layout.period, in_layout.period), gather, name,
                         skipped)
 

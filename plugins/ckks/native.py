@@ -1,0 +1,403 @@
+"""Hoisted rotations: several rotations of one ciphertext for little more than the price of one.
+
+SEAL's ``rotate_vector`` key-switches each rotation from scratch. Its costly part, splitting
+the ciphertext's second part into one digit per prime and transforming every digit into
+every prime, does not depend on the step: a Galois automorphism acts on the transformed
+digits as a permutation. So :class:`Native` splits a ciphertext once
+(:meth:`Native.split`) and then derives each rotation from the split
+(:meth:`Native.rotate`), reading SEAL's key and ciphertext buffers in place and writing
+each result into a new SEAL ciphertext. At LeNet-5's second convolution (N=16384, 5
+primes) a rotation from the split costs about half of SEAL's. :meth:`Native.dot` sums
+plaintext products with one modular reduction per coefficient where SEAL's
+``multiply_plain`` and ``add_inplace`` make two per product.
+
+The arithmetic is in ``_native.c`` (built by ``setup.py``; optional). SEAL's Python
+bindings give no buffer addresses, so :func:`buffer` reads them from the objects' memory
+(pybind11 keeps the C++ object's address after the Python object header; SEAL 4's
+``Ciphertext`` layout) and checks every field it can against SEAL's own accessors before
+it trusts the address. :func:`available` runs a self-test against SEAL's rotation once per
+process; anything unexpected (no extension, another SEAL layout, a mismatch) makes it
+``False`` with the reason in :func:`why_unavailable`, and the plugin rotates with SEAL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .backend import galois_element, sealapi
+
+__all__ = ["Native", "Products", "Split", "Sums", "available", "buffer", "key_buffers", "plain_buffer",
+           "why_unavailable"]
+
+_OBJ = 16            # pybind11: the C++ object's address after PyObject_HEAD
+# seal::Ciphertext: parms_id, is_ntt_form, size, degree, limbs, scale, correction, data
+_SIZE, _DEGREE, _LIMBS, _SCALE, _DYN_SIZE, _DATA = 40, 48, 56, 64, 104, 112
+# seal::Plaintext: parms_id, coeff_count, scale, data
+_PT_COUNT, _PT_SCALE, _PT_DYN_SIZE, _PT_DATA = 32, 40, 72, 80
+# seal::GaloisKeys: pool, parms_id, keys_ (a vector of vectors of PublicKey, each one
+# Ciphertext of _CT_BYTES)
+_KEYS_VEC, _CT_BYTES = 48, 144
+_TAB_HEAD = 8
+_status: dict[str, Any] = {}
+
+
+def _u64(addr: int) -> int:
+    return ctypes.c_uint64.from_address(addr).value
+
+
+def buffer(ct: Any) -> np.ndarray:
+    """SEAL's own buffer of ``ct`` as a writable ``(parts, limbs, N)`` uint64 view.
+
+    The view is valid while ``ct`` lives and is not resized. ``RuntimeError`` if the
+    object does not look like the SEAL 4 ``Ciphertext`` this module was written against.
+    """
+    obj = _u64(id(ct) + _OBJ)
+    parts, n, limbs = ct.size(), ct.poly_modulus_degree(), ct.coeff_modulus_size()
+    if obj == 0 or (_u64(obj + _SIZE), _u64(obj + _DEGREE), _u64(obj + _LIMBS)) \
+            != (parts, n, limbs) or _u64(obj + _DYN_SIZE) != parts * n * limbs \
+            or ctypes.c_double.from_address(obj + _SCALE).value != ct.scale:
+        raise RuntimeError("ckks native: the SEAL Ciphertext layout is not the expected one")
+    addr = _u64(obj + _DATA)
+    if addr == 0 or parts == 0:
+        raise RuntimeError("ckks native: the ciphertext has no data")
+    view = np.ctypeslib.as_array((ctypes.c_uint64 * (parts * n * limbs)).from_address(addr))
+    if int(view[0]) != ct.data(0) or (parts > 1 and int(view[n * limbs]) != ct.data(1)):
+        raise RuntimeError("ckks native: the SEAL Ciphertext buffer does not match its data")
+    return view.reshape(parts, limbs, n)
+
+
+def key_buffers(galois: Any, elt: int, n: int, limbs: int) -> list[np.ndarray]:
+    """SEAL's own buffers of the Galois key of ``elt`` (one ``(2, limbs, n)`` view per
+    decomposition prime; valid while ``galois`` lives), checked against SEAL's copy of the
+    key (``GaloisKeys.key`` copies, so it is called once, here)."""
+    copies = galois.key(elt)
+    obj = _u64(id(galois) + _OBJ)
+    begin, end = _u64(obj + _KEYS_VEC), _u64(obj + _KEYS_VEC + 8)
+    index = galois.get_index(elt)
+    if obj == 0 or begin == 0 or (end - begin) % 24 or not 0 <= index < (end - begin) // 24:
+        raise RuntimeError("ckks native: the SEAL GaloisKeys layout is not the expected one")
+    first, last = _u64(begin + 24 * index), _u64(begin + 24 * index + 8)
+    if last - first != _CT_BYTES * len(copies):
+        raise RuntimeError("ckks native: the SEAL GaloisKeys layout is not the expected one")
+    size = 2 * n * limbs
+    views = []
+    for j, pk in enumerate(copies):
+        ct = first + _CT_BYTES * j
+        if (_u64(ct + _SIZE), _u64(ct + _DEGREE), _u64(ct + _LIMBS), _u64(ct + _DYN_SIZE)) \
+                != (2, n, limbs, size) or _u64(ct + _DATA) == 0:
+            raise RuntimeError("ckks native: the SEAL GaloisKeys layout is not the expected one")
+        view = np.ctypeslib.as_array((ctypes.c_uint64 * size).from_address(_u64(ct + _DATA)))
+        ref = buffer(pk.data())
+        if not (view[:: n // 8] == ref.reshape(-1)[:: n // 8]).all():
+            raise RuntimeError("ckks native: the SEAL GaloisKeys buffer does not match its data")
+        view.setflags(write=False)
+        views.append(view.reshape(2, limbs, n))
+    return views
+
+
+def plain_buffer(pt: Any, limbs: int) -> np.ndarray:
+    """SEAL's own buffer of the NTT-form plaintext ``pt`` (``limbs`` primes) as a read-only
+    ``(limbs, N)`` uint64 view (valid while ``pt`` lives); ``RuntimeError`` as
+    :func:`buffer`."""
+    obj = _u64(id(pt) + _OBJ)
+    count = pt.coeff_count()
+    if obj == 0 or not pt.is_ntt_form() or count == 0 or count % limbs \
+            or _u64(obj + _PT_COUNT) != count or _u64(obj + _PT_DYN_SIZE) != count \
+            or ctypes.c_double.from_address(obj + _PT_SCALE).value != pt.scale:
+        raise RuntimeError("ckks native: the SEAL Plaintext layout is not the expected one")
+    addr = _u64(obj + _PT_DATA)
+    if addr == 0:
+        raise RuntimeError("ckks native: the plaintext has no data")
+    view = np.ctypeslib.as_array((ctypes.c_uint64 * count).from_address(addr))
+    if int(view[0]) != pt.data(0) or int(view[count - 1]) != pt.data(count - 1):
+        raise RuntimeError("ckks native: the SEAL Plaintext buffer does not match its data")
+    view.setflags(write=False)
+    return view.reshape(limbs, count // limbs)
+
+
+def _brev(bits: int) -> np.ndarray:
+    idx = np.arange(1 << bits, dtype=np.int64)
+    out = np.zeros_like(idx)
+    for b in range(bits):
+        out |= ((idx >> b) & 1) << (bits - 1 - b)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _table(q: int, n: int) -> np.ndarray:
+    """One prime's constants and transform tables, laid out as ``_native.c`` reads them."""
+    # the minimal primitive 2n-th root of unity (SEAL's choice)
+    x = 2
+    while True:
+        g = pow(x, (q - 1) // (2 * n), q)
+        if pow(g, n, q) == q - 1:
+            break
+        x += 1
+    g2, cur, psi = g * g % q, g, g
+    for _ in range(n):
+        psi = min(psi, cur)
+        cur = cur * g2 % q
+    inv = pow(psi, -1, q)
+    powers, ipowers = [1] * n, [1] * n
+    for i in range(1, n):
+        powers[i] = powers[i - 1] * psi % q
+        ipowers[i] = ipowers[i - 1] * inv % q
+    order = _brev(n.bit_length() - 1).tolist()
+    roots = [powers[k] for k in order]
+    iroots = [ipowers[k] for k in order]
+    ratio = (1 << 128) // q
+    ninv = pow(n, -1, q)
+    head = [q, ratio & (2 ** 64 - 1), ratio >> 64, ninv, (ninv << 64) // q, 0, 0, 0]
+    tab = np.array(head + roots + [(w << 64) // q for w in roots] + iroots
+                   + [(w << 64) // q for w in iroots], dtype=np.uint64)
+    tab.setflags(write=False)
+    return tab
+
+
+@functools.lru_cache(maxsize=256)
+def _perm(elt: int, n: int) -> np.ndarray:
+    """The Galois automorphism ``elt`` on a limb in NTT order: ``out[i] = in[perm[i]]``."""
+    bits = n.bit_length() - 1
+    rev_wide = _brev(bits + 1)
+    i = np.arange(n, 2 * n, dtype=np.int64)
+    raw = ((elt * rev_wide[i]) >> 1) & (n - 1)
+    perm = _brev(bits)[raw].astype(np.uint32)
+    perm.setflags(write=False)
+    return perm
+
+
+class Split:
+    """A ciphertext's hoisted digits, ready for :meth:`Native.rotate` (several steps)."""
+
+    __slots__ = ("ct", "limbs", "digits", "c0")
+
+    def __init__(self, ct: Any, limbs: int, digits: np.ndarray, c0: np.ndarray) -> None:
+        self.ct, self.limbs, self.digits, self.c0 = ct, limbs, digits, c0
+
+
+class Products:
+    """The plaintexts of one sum of products, their buffers looked up once."""
+
+    __slots__ = ("pts", "limbs", "scale", "addrs")
+
+    def __init__(self, pts: Sequence[Any], limbs: int) -> None:
+        self.pts = list(pts)  # keeps SEAL's buffers alive
+        self.limbs = limbs
+        self.scale = self.pts[0].scale
+        if any(p.scale != self.scale for p in self.pts):
+            raise ValueError("ckks native: the plaintexts of one sum differ in scale")
+        self.addrs = np.array([plain_buffer(p, limbs).ctypes.data for p in self.pts],
+                              dtype=np.uint64)
+
+
+class Sums:
+    """Several sums of products over one pool of ciphertexts (:meth:`Native.sums`):
+    output ``labels[o]`` is the sum of ``pt * cts[key]`` over its ``(key, pt)`` terms."""
+
+    __slots__ = ("labels", "keys", "counts", "index", "pts", "addrs", "limbs", "scale")
+
+    def __init__(self, labels: Sequence[Any], terms: Sequence[Sequence[tuple[Any, Any]]],
+                 limbs: int) -> None:
+        if len(labels) != len(terms) or any(not t for t in terms):
+            raise ValueError("ckks native: every sum needs a label and at least one term")
+        self.labels = list(labels)
+        self.keys: list[Any] = []
+        slot: dict[Any, int] = {}
+        for t in terms:
+            for key, _ in t:
+                if key not in slot:
+                    slot[key] = len(self.keys)
+                    self.keys.append(key)
+        self.counts = np.array([len(t) for t in terms], dtype=np.int64)
+        self.index = np.array([slot[key] for t in terms for key, _ in t], dtype=np.int64)
+        self.pts = [pt for t in terms for _, pt in t]  # keeps SEAL's buffers alive
+        self.limbs = limbs
+        self.scale = self.pts[0].scale
+        if any(p.scale != self.scale for p in self.pts):
+            raise ValueError("ckks native: the plaintexts of one sum differ in scale")
+        self.addrs = np.array([plain_buffer(p, limbs).ctypes.data for p in self.pts],
+                              dtype=np.uint64)
+
+
+class Native:
+    """Sums of plaintext products (:meth:`dot`) and hoisted rotations (:meth:`split`,
+    :meth:`rotate`, with the Galois keys of ``steps``, a subset of ``galois``'s) on SEAL's
+    own buffers. Reads SEAL's keys in place (no copies) and holds one table per prime."""
+
+    def __init__(self, seal: Any, galois: Any = None, steps: Iterable[int] = ()) -> None:
+        from . import _native  # noqa: PLC0415 - optional extension
+
+        self._native = _native
+        self.seal = seal
+        self.n = seal.params.poly_modulus_degree
+        key_primes = [m.value() for m in seal.context.key_context_data().parms().coeff_modulus()]
+        self.special = key_primes[-1]
+        self.data_primes = key_primes[:-1]
+        self.tables = [_table(q, self.n) for q in key_primes]
+        self._keys: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+        half = self.n // 2
+        for step in sorted({s % half for s in steps} - {0}):
+            elt = galois_element(step, self.n)
+            if galois is None or not galois.has_key(elt):
+                raise KeyError(f"ckks native: no Galois key for step {step}")
+            views = key_buffers(galois, elt, self.n, len(key_primes))
+            addrs = np.array([v.ctypes.data for v in views], dtype=np.uint64)
+            self._keys[step] = (views, addrs)
+        self._galois = galois  # keeps the keys' buffers alive
+        self._consts: dict[int, np.ndarray] = {}
+        self._tab_addrs: dict[int, np.ndarray] = {}
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps :meth:`rotate` can take."""
+        return sorted(self._keys)
+
+    def _tabs(self, limbs: int) -> np.ndarray:
+        """Table addresses: the first ``limbs`` data primes, then the special prime."""
+        if limbs not in self._tab_addrs:
+            tabs = self.tables[:limbs] + [self.tables[-1]]
+            self._tab_addrs[limbs] = np.array([t.ctypes.data for t in tabs], dtype=np.uint64)
+            p = self.special
+            qs = self.data_primes[:limbs]
+            inv = [pow(p, -1, q) for q in qs]
+            self._consts[limbs] = np.array(
+                [v for iv, q in zip(inv, qs) for v in (iv, (iv << 64) // q)]
+                + [(p >> 1) % q for q in qs], dtype=np.uint64)
+        return self._tab_addrs[limbs]
+
+    def _like(self, ct: Any) -> tuple[Any, np.ndarray]:
+        """A new ciphertext with ``ct``'s parameters and scale, and its buffer."""
+        out = sealapi().Ciphertext()
+        self.seal.evaluator.mod_switch_to(ct, ct.parms_id(), out)
+        return out, buffer(out)
+
+    def products(self, pts: Sequence[Any], limbs: int) -> Products:
+        return Products(pts, limbs)
+
+    def dot(self, cts: Sequence[Any], prods: Products, acc: Any = None) -> Any:
+        """``acc + sum_t prods.pts[t] * cts[t]``, written into ``acc`` when given (at the
+        products' scale), else into a new ciphertext. One reduction per coefficient where
+        SEAL's ``multiply_plain`` and ``add_inplace`` make two per product."""
+        if len(cts) != len(prods.addrs) or not cts:
+            raise ValueError(f"ckks native: {len(cts)} ciphertexts for "
+                             f"{len(prods.addrs)} plaintexts")
+        bufs = [buffer(c) for c in cts]
+        shape = (2, prods.limbs, self.n)
+        scale = cts[0].scale * prods.scale
+        if any(b.shape != shape for b in bufs) or any(c.scale != cts[0].scale for c in cts):
+            raise ValueError("ckks native: the ciphertexts of one sum differ in level or scale")
+        if acc is None:
+            out, obuf = self._like(cts[0])
+            acc_addr = 0
+        else:
+            out, obuf = acc, buffer(acc)
+            if obuf.shape != shape or abs(acc.scale / scale - 1) > 1e-9:
+                raise ValueError("ckks native: the accumulator differs in level or scale")
+            acc_addr = obuf.ctypes.data
+        addrs = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
+        self._native.dot(len(bufs), addrs.ctypes.data, prods.addrs.ctypes.data, prods.limbs,
+                         self.n, self._tabs(prods.limbs).ctypes.data, acc_addr,
+                         obuf.ctypes.data)
+        out.scale = scale
+        return out
+
+    def sums(self, labels: Sequence[Any], terms: Sequence[Sequence[tuple[Any, Any]]],
+             limbs: int) -> Sums:
+        return Sums(labels, terms, limbs)
+
+    def run(self, sums: Sums, cts: Mapping[Any, Any]) -> dict[Any, Any]:
+        """``{label: sum}`` of ``sums`` over ``cts`` (``{key: ciphertext}``), in one pass
+        over the coefficients (:meth:`dot` per sum reads every ciphertext once per sum)."""
+        pool = [cts[k] for k in sums.keys]
+        bufs = [buffer(c) for c in pool]
+        shape = (2, sums.limbs, self.n)
+        if any(b.shape != shape for b in bufs) or any(c.scale != pool[0].scale for c in pool):
+            raise ValueError("ckks native: the ciphertexts of one sum differ in level or scale")
+        outs = [self._like(pool[0]) for _ in sums.labels]
+        addrs = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
+        out_addrs = np.array([b.ctypes.data for _, b in outs], dtype=np.uint64)
+        self._native.dots(len(outs), sums.counts.ctypes.data, sums.index.ctypes.data,
+                          sums.addrs.ctypes.data, addrs.ctypes.data, sums.limbs, self.n,
+                          self._tabs(sums.limbs).ctypes.data, out_addrs.ctypes.data)
+        scale = pool[0].scale * sums.scale
+        for ct, _ in outs:
+            ct.scale = scale
+        return {label: ct for label, (ct, _) in zip(sums.labels, outs)}
+
+    def split(self, ct: Any) -> Split:
+        """Hoist ``ct`` (two parts, NTT form): ``limbs`` inverse and ``limbs**2`` forward
+        transforms, once for every rotation of it."""
+        if ct.size() != 2 or not ct.is_ntt_form():
+            raise ValueError("ckks native: only two-part NTT-form ciphertexts can be hoisted")
+        buf = buffer(ct)
+        limbs = buf.shape[1]
+        tabs = self._tabs(limbs)
+        digits = np.empty((limbs, limbs + 1, self.n), dtype=np.uint64)
+        c1 = np.ascontiguousarray(buf[1])
+        self._native.split(c1.ctypes.data, limbs, self.n, tabs.ctypes.data, digits.ctypes.data)
+        return Split(ct, limbs, digits, np.ascontiguousarray(buf[0]))
+
+    def rotate(self, split: Split, step: int) -> Any:
+        """``split``'s ciphertext rotated left by ``step`` slots (a new SEAL ciphertext)."""
+        step %= self.n // 2
+        if step not in self._keys:
+            raise KeyError(f"ckks native: no Galois key for step {step}")
+        views, addrs = self._keys[step]
+        limbs = split.limbs
+        out, obuf = self._like(split.ct)
+        perm = _perm(galois_element(step, self.n), self.n)
+        tabs = self._tabs(limbs)
+        self._native.rotate(split.digits.ctypes.data, split.c0.ctypes.data, perm.ctypes.data,
+                            limbs, self.n, tabs.ctypes.data, addrs.ctypes.data,
+                            views[0].shape[1], views[0].shape[1] - 1,
+                            self._consts[limbs].ctypes.data, obuf.ctypes.data)
+        return out
+
+
+def available() -> bool:
+    """Whether hoisted rotations work here (cached; see :func:`why_unavailable`)."""
+    if "ok" not in _status:
+        _status["ok"], _status["why"] = _self_test()
+    return bool(_status["ok"])
+
+
+def why_unavailable() -> str:
+    available()
+    return str(_status.get("why", ""))
+
+
+def _self_test() -> tuple[bool, str]:
+    if os.environ.get("SECUREINFER_CKKS_NATIVE", "1") == "0":
+        return False, "disabled by SECUREINFER_CKKS_NATIVE=0"
+    try:
+        from . import _native  # noqa: F401, PLC0415
+    except ImportError as exc:
+        return False, f"the extension is not built ({exc})"
+    try:
+        from .backend import ClientKeys, Seal  # noqa: PLC0415
+        from .params import Params  # noqa: PLC0415
+
+        seal = Seal(Params(1024, (30, 25, 30), 25, 1, 0))
+        keys = ClientKeys(seal, [1, 3], False)
+        values = np.random.default_rng(0).random(seal.slots) - 0.5
+        ct = keys.encrypt(values)
+        nat = Native(seal, keys.galois, [1, 3])
+        sp = nat.split(ct)
+        for step in (1, 3):
+            got = keys.decrypt(nat.rotate(sp, step))
+            # a wrong permutation or key gives errors ~0.5; the noise here is ~1e-3
+            if not np.allclose(got, np.roll(values, -step), atol=2e-2):
+                return False, f"self-test: rotation by {step} does not match (SEAL differs)"
+        pts = [seal.encode(values * k, seal.top, 2.0 ** 20) for k in (1, 2)]
+        got = keys.decrypt(nat.dot([ct, ct], nat.products(pts, seal.top + 1)))
+        if not np.allclose(got, 3 * values * values, atol=2e-2):
+            return False, "self-test: a sum of products does not match"
+    except Exception as exc:  # noqa: BLE001 - any failure means: use SEAL's rotations
+        return False, f"self-test failed ({type(exc).__name__}: {exc})"
+    return True, ""
