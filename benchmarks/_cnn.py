@@ -130,7 +130,9 @@ def _children_memory_gb() -> tuple[float, float]:
 
 def _unit_costs(scheme: Any, reps: int = 5) -> dict[int, dict[str, float]]:
     """Seconds per rotation, plaintext product, ciphertext product (with relinearization)
-    and rescale at every level, with the plan's parameters."""
+    and rescale at every level, with the plan's parameters; with the native part also per
+    split and per rotation from a split, a product being one term of a fused sum (the
+    ``threads`` of the config: a sum's products on one thread, ``dot``)."""
     from secureinfer.plugins.ckks.backend import ClientKeys, Seal, sealapi
 
     seal = Seal(scheme.params)
@@ -140,7 +142,8 @@ def _unit_costs(scheme: Any, reps: int = 5) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     from secureinfer.plugins.ckks import native
 
-    nat = native.Native(seal, keys.galois, [1]) if native.available() else None
+    threads = int(scheme.opts.get("threads") or 1)
+    nat = native.Native(seal, keys.galois, [1], threads) if native.available() else None
 
     def med(fn: Any) -> float:
         ts = []
@@ -175,6 +178,8 @@ def _unit_costs(scheme: Any, reps: int = 5) -> dict[int, dict[str, float]]:
             out[level].update(split=med(lambda: nat.split(c)),
                               hoisted_rotation=med(lambda: nat.rotate(split, 1)),
                               pt_product=med(lambda: nat.dot([c] * 8, prods)) / 8)
+            if threads > 1:  # every rotation runs on the threads (``Native.rotate_one``)
+                out[level]["rotation"] = med(lambda: nat.rotate_one(c, 1))
     return out
 
 

@@ -226,3 +226,29 @@ def test_network_evaluates_the_same_with_and_without_the_native_part(monkeypatch
     for y in (y_native, y_again, y_chained, y_seal):
         assert np.abs(y - ref).max() < 1e-2
     assert np.abs(y_native - y_seal).max() < 1e-3
+
+
+def test_threads_agree_with_one_thread_and_refuse_workers(monkeypatch) -> None:
+    """``threads=2``: every rotation (hoisted babies, giant steps, passes) and every sum
+    on two threads, the same result; combined with forked ``workers`` it is refused."""
+    from secureinfer.errors import ConfigError
+
+    monkeypatch.setattr(grid, "_im2col_first", lambda *_: None)
+    x = np.random.default_rng(4).random((2, 1, 12, 12))
+    sm, y1, ref = _evaluate("ckks?flood_bits=0&input_shifts=1", x)
+    calls = {"rotate_one": 0}
+    real = native.Native.rotate_one
+
+    def counting(self, ct, step):
+        calls["rotate_one"] += 1
+        return real(self, ct, step)
+
+    monkeypatch.setattr(native.Native, "rotate_one", counting)
+    threaded, y2, _ = _evaluate("ckks?flood_bits=0&input_shifts=1&threads=2", x)
+    assert threaded.plan["rotation_steps"] == sm.plan["rotation_steps"]
+    assert calls["rotate_one"] > 0  # giant steps and passes went native too
+    assert np.abs(y2 - ref).max() < 1e-2 and np.abs(y2 - y1).max() < 1e-3
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        _evaluate("ckks?threads=2&workers=2", x)
+    with pytest.raises(ConfigError, match="threads=0"):
+        _evaluate("ckks?threads=0", x)

@@ -90,6 +90,10 @@ class _CountingNative:
         self._counter.rotations += 1
         return self._inner.rotate(*args)
 
+    def rotations(self, split, steps):
+        self._counter.rotations += len(steps)
+        return self._inner.rotations(split, steps)
+
     def run(self, sums, cts):
         self._counter.products += int(sums.counts.sum())
         return self._inner.run(sums, cts)

@@ -26,6 +26,9 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   its input, one Galois key per baby step, so that the server splits the input once and
   derives every baby from the split (hoisted rotations, ``secureinfer.plugins.ckks.native``,
   about half a rotation each). ``false``: babies chained over fewer keys.
+* ``threads`` (default 1): threads of the native part per evaluation; hoisted rotations,
+  digit splits and sums of products run side by side (its C functions release the GIL;
+  SEAL's own calls hold it and stay on one).
 * ``poly_modulus_degree``, ``scale_bits``, ``coeff_mod_bits`` (``"q0,q1,...,special"``):
   override the planner (see ``secureinfer.plugins.ckks.params``).
 * ``lazy_rescale`` (``auto``/``off``): a square leaves its rescale to the affine stage after

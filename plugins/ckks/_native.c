@@ -149,7 +149,8 @@ static PyObject *py_ntt(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* split(c1, L, n, tables, digits): the hoisted digits of a ciphertext's second part.
+/* split(c1, L, n, tables, digits, first, last): the hoisted digits J in [first, last) of
+ * a ciphertext's second part (two calls on disjoint ranges may run at once).
  *
  * c1: L limbs (NTT form) at the data primes q_0..q_{L-1}.
  * tables: L + 1 table addresses (the L data primes, then the special prime).
@@ -158,9 +159,13 @@ static PyObject *py_ntt(PyObject *self, PyObject *args)
 static PyObject *py_split(PyObject *self, PyObject *args)
 {
     unsigned long long c1a, taba, outa;
-    Py_ssize_t L, n;
-    if (!PyArg_ParseTuple(args, "KnnKK", &c1a, &L, &n, &taba, &outa))
+    Py_ssize_t L, n, first, last;
+    if (!PyArg_ParseTuple(args, "KnnKKnn", &c1a, &L, &n, &taba, &outa, &first, &last))
         return NULL;
+    if (first < 0 || last > L || first > last) {
+        PyErr_SetString(PyExc_ValueError, "split: digit range out of bounds");
+        return NULL;
+    }
     const uint64_t *c1 = (const uint64_t *)c1a;
     const uint64_t *const *tabs = (const uint64_t *const *)taba;
     uint64_t *out = (uint64_t *)outa;
@@ -169,7 +174,7 @@ static PyObject *py_split(PyObject *self, PyObject *args)
     if (!coef)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    for (size_t J = 0; J < LL; J++) {
+    for (size_t J = (size_t)first; J < (size_t)last; J++) {
         prime_t pj = prime_at(tabs[J], N);
         memcpy(coef, c1 + J * N, N * sizeof(uint64_t));
         ntt_inverse(coef, N, pj.q, pj.iroots, pj.ishoup, pj.ninv, pj.ninv_shoup);
@@ -194,38 +199,43 @@ static PyObject *py_split(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* rotate(digits, c0, perm, L, n, tables, keys, key_limbs, key_special, out):
- * one Galois automorphism of a split ciphertext, key-switched back to the secret key.
+/* One Galois automorphism of a split ciphertext, key-switched back to the secret key, in
+ * two phases that run on disjoint ranges side by side (native.py calls both):
  *
- * digits: py_split's output; c0: the first part's L limbs (NTT form);
- * perm: n uint32, the automorphism in NTT order (out[i] = in[perm[i]]);
- * keys: L addresses, key J's two parts, each key_limbs limbs of n (SEAL's layout of a
- * PublicKey's ciphertext), of which limb I (I < L) and limb key_special are used;
- * tables: L + 1 (the data primes, then the special prime);
- * consts: L pairs (P^-1 mod q_J, its Shoup factor), then L values (P/2 mod q_J);
- * out: two parts of L limbs. */
-static PyObject *py_rotate(PyObject *self, PyObject *args)
+ * rotate_mac(digits, perm, L, n, tables, keys, key_limbs, key_special, acc, first, last):
+ * the key products at primes I in [first, last) (I = L: the special prime), into acc (two
+ * parts of L + 1 limbs, the tables' order).
+ *   digits: py_split's output, read through perm (n uint32: out[i] = in[perm[i]], the
+ *   automorphism in NTT order);
+ *   keys: L addresses, key J's two parts, each key_limbs limbs of n (SEAL's layout of a
+ *   PublicKey's ciphertext), of which limb I (I < L) and limb key_special are used;
+ *   tables: L + 1 (the data primes, then the special prime).
+ *
+ * rotate_down(acc, c0, perm, L, n, tables, consts, out, part): part ``part`` of the result:
+ * acc's part divided by the special prime P, plus (part 0) the permuted first part c0.
+ *   consts: L pairs (P^-1 mod q_J, its Shoup factor), then L values (P/2 mod q_J);
+ *   out: two parts of L limbs. */
+static PyObject *py_rotate_mac(PyObject *self, PyObject *args)
 {
-    unsigned long long dga, c0a, perma, taba, keya, consta, outa;
-    Py_ssize_t L, n, key_limbs, key_special;
-    if (!PyArg_ParseTuple(args, "KKKnnKKnnKK", &dga, &c0a, &perma, &L, &n, &taba, &keya,
-                          &key_limbs, &key_special, &consta, &outa))
+    unsigned long long dga, perma, taba, keya, acca;
+    Py_ssize_t L, n, key_limbs, key_special, first, last;
+    if (!PyArg_ParseTuple(args, "KKnnKKnnKnn", &dga, &perma, &L, &n, &taba, &keya, &key_limbs,
+                          &key_special, &acca, &first, &last))
         return NULL;
-    const uint64_t *dg = (const uint64_t *)dga, *c0 = (const uint64_t *)c0a;
+    if (first < 0 || last > L + 1 || first > last || key_special >= key_limbs
+            || L >= key_limbs) {
+        PyErr_SetString(PyExc_ValueError, "rotate_mac: prime range or key limbs out of bounds");
+        return NULL;
+    }
+    const uint64_t *dg = (const uint64_t *)dga;
     const uint32_t *perm = (const uint32_t *)perma;
     const uint64_t *const *tabs = (const uint64_t *const *)taba;
     const uint64_t *const *keys = (const uint64_t *const *)keya;
-    const uint64_t *consts = (const uint64_t *)consta;
-    uint64_t *out = (uint64_t *)outa;
+    uint64_t *acc = (uint64_t *)acca;
     size_t N = (size_t)n, LL = (size_t)L, KL = (size_t)key_limbs;
-    /* acc: two parts of L + 1 limbs, in the order of the tables */
-    uint64_t *acc = malloc((2 * (LL + 1) + 1) * N * sizeof(uint64_t));
-    if (!acc)
-        return PyErr_NoMemory();
-    uint64_t *tmp = acc + 2 * (LL + 1) * N;
     Py_BEGIN_ALLOW_THREADS
     u128 s0[DOT_BLOCK], s1[DOT_BLOCK];
-    for (size_t I = 0; I <= LL; I++) {
+    for (size_t I = (size_t)first; I < (size_t)last; I++) {
         prime_t pi = prime_at(tabs[I], N);
         size_t klimb = I == LL ? (size_t)key_special : I;
         uint64_t *a0 = acc + I * N, *a1 = acc + (LL + 1 + I) * N;
@@ -250,41 +260,65 @@ static PyObject *py_rotate(PyObject *self, PyObject *args)
             }
         }
     }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rotate_down(PyObject *self, PyObject *args)
+{
+    unsigned long long acca, c0a, perma, taba, consta, outa;
+    Py_ssize_t L, n, part;
+    if (!PyArg_ParseTuple(args, "KKKnnKKKn", &acca, &c0a, &perma, &L, &n, &taba, &consta,
+                          &outa, &part))
+        return NULL;
+    if (part < 0 || part > 1) {
+        PyErr_SetString(PyExc_ValueError, "rotate_down: part must be 0 or 1");
+        return NULL;
+    }
+    uint64_t *acc = (uint64_t *)acca;
+    const uint64_t *c0 = (const uint64_t *)c0a;
+    const uint32_t *perm = (const uint32_t *)perma;
+    const uint64_t *const *tabs = (const uint64_t *const *)taba;
+    const uint64_t *consts = (const uint64_t *)consta;
+    uint64_t *out = (uint64_t *)outa;
+    size_t N = (size_t)n, LL = (size_t)L, P = (size_t)part;
+    uint64_t *tmp = malloc(N * sizeof(uint64_t));
+    if (!tmp)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
     prime_t ps = prime_at(tabs[LL], N);
     uint64_t half = ps.q >> 1;
-    for (size_t part = 0; part < 2; part++) {
-        uint64_t *last = acc + (part * (LL + 1) + LL) * N;
-        ntt_inverse(last, N, ps.q, ps.iroots, ps.ishoup, ps.ninv, ps.ninv_shoup);
+    uint64_t *last = acc + (P * (LL + 1) + LL) * N;
+    ntt_inverse(last, N, ps.q, ps.iroots, ps.ishoup, ps.ninv, ps.ninv_shoup);
+    for (size_t k = 0; k < N; k++) {
+        uint64_t v = last[k] + half;
+        last[k] = v >= ps.q ? v - ps.q : v;
+    }
+    for (size_t J = 0; J < LL; J++) {
+        prime_t pj = prime_at(tabs[J], N);
+        uint64_t q = pj.q, inv = consts[2 * J], invs = consts[2 * J + 1];
+        uint64_t fix = consts[2 * LL + J];
         for (size_t k = 0; k < N; k++) {
-            uint64_t v = last[k] + half;
-            last[k] = v >= ps.q ? v - ps.q : v;
+            uint64_t v = reduce64(last[k], q, pj.r1);
+            v = v >= fix ? v - fix : v + q - fix;
+            tmp[k] = v;
         }
-        for (size_t J = 0; J < LL; J++) {
-            prime_t pj = prime_at(tabs[J], N);
-            uint64_t q = pj.q, inv = consts[2 * J], invs = consts[2 * J + 1];
-            uint64_t fix = consts[2 * LL + J];
-            for (size_t k = 0; k < N; k++) {
-                uint64_t v = reduce64(last[k], q, pj.r1);
-                v = v >= fix ? v - fix : v + q - fix;
-                tmp[k] = v;
-            }
-            ntt_forward(tmp, N, q, pj.roots, pj.shoup);
-            const uint64_t *t = acc + (part * (LL + 1) + J) * N;
-            uint64_t *o = out + (part * LL + J) * N;
-            const uint64_t *c = c0 + J * N;
-            for (size_t k = 0; k < N; k++) {
-                uint64_t v = mul_shoup_lazy(t[k] + q - tmp[k], inv, invs, q);
+        ntt_forward(tmp, N, q, pj.roots, pj.shoup);
+        const uint64_t *t = acc + (P * (LL + 1) + J) * N;
+        uint64_t *o = out + (P * LL + J) * N;
+        const uint64_t *c = c0 + J * N;
+        for (size_t k = 0; k < N; k++) {
+            uint64_t v = mul_shoup_lazy(t[k] + q - tmp[k], inv, invs, q);
+            v = v >= q ? v - q : v;
+            if (P == 0) {
+                v += c[perm[k]];
                 v = v >= q ? v - q : v;
-                if (part == 0) {
-                    v += c[perm[k]];
-                    v = v >= q ? v - q : v;
-                }
-                o[k] = v;
             }
+            o[k] = v;
         }
     }
     Py_END_ALLOW_THREADS
-    free(acc);
+    free(tmp);
     Py_RETURN_NONE;
 }
 
@@ -401,7 +435,8 @@ static PyObject *py_dots(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"ntt", py_ntt, METH_VARARGS, "Transform one limb in place (forward or inverse)."},
     {"split", py_split, METH_VARARGS, "The hoisted digits of a ciphertext's second part."},
-    {"rotate", py_rotate, METH_VARARGS, "One key-switched Galois automorphism of split digits."},
+    {"rotate_mac", py_rotate_mac, METH_VARARGS, "A rotation's key products at some primes."},
+    {"rotate_down", py_rotate_down, METH_VARARGS, "A rotation's division by the special prime."},
     {"dot", py_dot, METH_VARARGS, "Sum of plaintext-ciphertext products, reduced once."},
     {"dots", py_dots, METH_VARARGS, "Several sums of products over one pool, in one pass."},
     {NULL, NULL, 0, NULL},

@@ -150,6 +150,9 @@ class _Kernel(abc.ABC):
         return self.seal.new_ciphertext()
 
     def _rotate(self, ct: Any, step: int) -> Any:
+        nat = self.ctx.native
+        if nat is not None and nat.threads > 1 and step % self.seal.slots in nat.steps:
+            return nat.rotate_one(ct, step)  # split and rotation on the threads
         out = self._new()
         self.ev.rotate_vector(ct, step, self.ctx.galois, out)
         return out
@@ -160,8 +163,7 @@ class _Kernel(abc.ABC):
         nat = self.ctx.native
         if nat is not None and len(steps) >= 2 and all(s % self.seal.slots in nat.steps
                                                         for s in steps):
-            split = nat.split(ct)
-            return [nat.rotate(split, s) for s in steps]
+            return nat.rotations(nat.split(ct), steps)
         return [self._rotate(ct, s) for s in steps]
 
     def _sums(self, groups: Sequence[tuple[int, Sequence[tuple[int, Any]]]]) -> Any:

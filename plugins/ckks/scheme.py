@@ -272,6 +272,9 @@ class CKKSScheme(Scheme):
                "twice the scale per pair, so fewer primes and cheaper rotations) when that "
                "keeps the ring degree; off: a rescale after every product",
                choices=("auto", "off")),
+        Option("threads", int, 1,
+               "threads of the native part per evaluation: hoisted rotations, digit splits "
+               "and sums of products side by side (SEAL's own calls stay on one); 1: none"),
         Option("hoist", bool, True,
                "single packing with grid layouts: each baby rotation of a stage by its own "
                "step from the input, which the server splits once (hoisted rotations, about "
@@ -297,6 +300,14 @@ class CKKSScheme(Scheme):
         if not 1 <= self.opts["workers"] <= _grid.MAX_WORKERS:
             raise ConfigError(f"scheme 'ckks': workers={self.opts['workers']} must be between 1 "
                               f"and {_grid.MAX_WORKERS} processes")
+        if not 1 <= self.opts["threads"] <= 64:
+            raise ConfigError(f"scheme 'ckks': threads={self.opts['threads']} must be between 1 "
+                              "and 64")
+        if self.opts["threads"] > 1 and self.opts["workers"] > 1:
+            raise ConfigError(f"scheme 'ckks': threads={self.opts['threads']} and "
+                              f"workers={self.opts['workers']} cannot be combined (a forked "
+                              "helper has none of the server's threads); use threads for one "
+                              "image on several cores")
         if not 1 <= self.opts["input_shifts"] <= 256:
             raise ConfigError(f"scheme 'ckks': input_shifts={self.opts['input_shifts']} must "
                               "be between 1 (the input alone) and 256 ciphertexts per image")
@@ -551,7 +562,7 @@ class CKKSScheme(Scheme):
         if self.packing.name != "single" or not _native.available():
             return None
         try:
-            return _native.Native(seal, galois, steps)
+            return _native.Native(seal, galois, steps, int(self.opts["threads"]))
         except (RuntimeError, KeyError) as exc:
             _log.warning("ckks: native rotations off (%s)", exc)
             return None
