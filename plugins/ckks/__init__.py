@@ -22,10 +22,12 @@ Config keys (``ckks?packing=batch&scale_bits=30``):
   block layout when it costs fewer rotations; ``false`` keeps the hybrid diagonals, whose
   diagonals ``secureinfer.nn.prune`` zeroes one by one (a block layout has a few coarse
   units: ``units.py``). Prune under ``false``, then compile the pruned model either way.
-* ``hoist`` (default true): with grid layouts, each stage's baby rotations all start from
-  its input, one Galois key per baby step, so that the server splits the input once and
-  derives every baby from the split (hoisted rotations, ``secureinfer.plugins.ckks.native``,
-  about half a rotation each). ``false``: babies chained over fewer keys.
+* ``hoist`` (default true): with grid layouts, each stage's baby-step tree groups the
+  babies by parent over the Galois keys the plan has anyway, so that the server splits each
+  parent once and derives its babies from the split (hoisted rotations,
+  ``secureinfer.plugins.ckks.native``, about 0.6 of a rotation each), and the planner
+  prices babies so. ``false``: babies chained, every rotation priced in full (the better
+  plan for a server without the native part).
 * ``threads`` (default 1): threads of the native part per evaluation; hoisted rotations,
   digit splits and sums of products run side by side (its C functions release the GIL;
   SEAL's own calls hold it and stay on one).

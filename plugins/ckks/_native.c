@@ -12,7 +12,7 @@
  * a per-call scratch buffer, and all of them run without the GIL.
  *
  * Conventions (SEAL 4's, checked against SEAL by native.py's self-test and by the tests):
- *  - a limb is n residues modulo one prime q < 2^61, in SEAL's NTT order: the forward
+ *  - a limb is n residues modulo one prime q < 2^60 (SEAL's largest), in SEAL's NTT order: the forward
  *    transform is Cooley-Tukey with the powers of the minimal primitive 2n-th root psi
  *    in bit-reversed order, roots[k] = psi^brev(k);
  *  - inverse roots: iroots[k] = psi^-brev(k);
@@ -29,7 +29,8 @@
 typedef unsigned __int128 u128;
 
 /* coefficients per block of the product loops (two 128-bit sums each: 8 KB on the stack),
- * and most 120-bit products summed before a reduction */
+ * and most products (< 2^120 with primes < 2^60) summed before a reduction: 128 of them
+ * plus a reduced value stay below 2^127 */
 #define DOT_BLOCK 256
 #define DOT_CHUNK 128
 

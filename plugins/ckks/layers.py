@@ -24,6 +24,7 @@ from secureinfer.scheme import SecureLayer
 
 from .backend import Seal
 from .grid import GridPlan, RotPlan
+from .native import Sums
 from .program import Affine, Polynomial, Program, SingleLayout
 from .search import DenseLayouts
 
@@ -177,7 +178,7 @@ class _Kernel(abc.ABC):
 
     def _products_of(self, rotated: dict[int, Any], sums: Any) -> dict[int, Any]:
         """``{giant: sum of plaintext * rotated[baby]}`` over ``sums`` (from ``_sums``)."""
-        if self.ctx.native is not None and not isinstance(sums, list):
+        if isinstance(sums, Sums):
             return self.ctx.native.run(sums, rotated)
         out: dict[int, Any] = {}
         prod = self._new()

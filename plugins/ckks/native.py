@@ -25,6 +25,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -102,13 +104,16 @@ def key_buffers(galois: Any, elt: int, n: int, limbs: int) -> list[np.ndarray]:
     return views
 
 
-def plain_buffer(pt: Any, limbs: int) -> np.ndarray:
-    """SEAL's own buffer of the NTT-form plaintext ``pt`` (``limbs`` primes) as a read-only
-    ``(limbs, N)`` uint64 view (valid while ``pt`` lives); ``RuntimeError`` as
-    :func:`buffer`."""
+def plain_buffer(pt: Any, limbs: int, n: int) -> np.ndarray:
+    """SEAL's own buffer of the NTT-form plaintext ``pt`` (``limbs`` primes of degree
+    ``n``) as a read-only ``(limbs, n)`` uint64 view (valid while ``pt`` lives);
+    ``RuntimeError`` as :func:`buffer`, ``ValueError`` for a plaintext of another level."""
     obj = _u64(id(pt) + _OBJ)
     count = pt.coeff_count()
-    if obj == 0 or not pt.is_ntt_form() or count == 0 or count % limbs \
+    if count != limbs * n:
+        raise ValueError(f"ckks native: a plaintext of {count} coefficients where "
+                         f"{limbs} primes of degree {n} were expected")
+    if obj == 0 or not pt.is_ntt_form() \
             or _u64(obj + _PT_COUNT) != count or _u64(obj + _PT_DYN_SIZE) != count \
             or ctypes.c_double.from_address(obj + _PT_SCALE).value != pt.scale:
         raise RuntimeError("ckks native: the SEAL Plaintext layout is not the expected one")
@@ -119,7 +124,7 @@ def plain_buffer(pt: Any, limbs: int) -> np.ndarray:
     if int(view[0]) != pt.data(0) or int(view[count - 1]) != pt.data(count - 1):
         raise RuntimeError("ckks native: the SEAL Plaintext buffer does not match its data")
     view.setflags(write=False)
-    return view.reshape(limbs, count // limbs)
+    return view.reshape(limbs, n)
 
 
 def _brev(bits: int) -> np.ndarray:
@@ -187,13 +192,13 @@ class Products:
 
     __slots__ = ("pts", "limbs", "scale", "addrs")
 
-    def __init__(self, pts: Sequence[Any], limbs: int) -> None:
+    def __init__(self, pts: Sequence[Any], limbs: int, n: int) -> None:
         self.pts = list(pts)  # keeps SEAL's buffers alive
         self.limbs = limbs
         self.scale = self.pts[0].scale
         if any(p.scale != self.scale for p in self.pts):
             raise ValueError("ckks native: the plaintexts of one sum differ in scale")
-        self.addrs = np.array([plain_buffer(p, limbs).ctypes.data for p in self.pts],
+        self.addrs = np.array([plain_buffer(p, limbs, n).ctypes.data for p in self.pts],
                               dtype=np.uint64)
 
 
@@ -204,7 +209,7 @@ class Sums:
     __slots__ = ("labels", "keys", "counts", "index", "pts", "addrs", "limbs", "scale")
 
     def __init__(self, labels: Sequence[Any], terms: Sequence[Sequence[tuple[Any, Any]]],
-                 limbs: int) -> None:
+                 limbs: int, n: int) -> None:
         if len(labels) != len(terms) or any(not t for t in terms):
             raise ValueError("ckks native: every sum needs a label and at least one term")
         self.labels = list(labels)
@@ -222,7 +227,7 @@ class Sums:
         self.scale = self.pts[0].scale
         if any(p.scale != self.scale for p in self.pts):
             raise ValueError("ckks native: the plaintexts of one sum differ in scale")
-        self.addrs = np.array([plain_buffer(p, limbs).ctypes.data for p in self.pts],
+        self.addrs = np.array([plain_buffer(p, limbs, n).ctypes.data for p in self.pts],
                               dtype=np.uint64)
 
 
@@ -244,6 +249,9 @@ class Native:
         self.seal = seal
         self.n = seal.params.poly_modulus_degree
         key_primes = [m.value() for m in seal.context.key_context_data().parms().coeff_modulus()]
+        if max(key_primes) >= 1 << 60:
+            raise RuntimeError("ckks native: primes of 60 bits or more (the products' "
+                               "128-bit sums assume fewer)")
         self.special = key_primes[-1]
         self.data_primes = key_primes[:-1]
         self.tables = [_table(q, self.n) for q in key_primes]
@@ -257,25 +265,25 @@ class Native:
             addrs = np.array([v.ctypes.data for v in views], dtype=np.uint64)
             self._keys[step] = (views, addrs)
         self._galois = galois  # keeps the keys' buffers alive
+        self.steps = frozenset(self._keys)
+        """The steps :meth:`rotate` can take."""
         self._consts: dict[int, np.ndarray] = {}
         self._tab_addrs: dict[int, np.ndarray] = {}
 
-    @property
-    def steps(self) -> list[int]:
-        """The steps :meth:`rotate` can take."""
-        return sorted(self._keys)
-
     def _tabs(self, limbs: int) -> np.ndarray:
         """Table addresses: the first ``limbs`` data primes, then the special prime."""
-        if limbs not in self._tab_addrs:
-            tabs = self.tables[:limbs] + [self.tables[-1]]
-            self._tab_addrs[limbs] = np.array([t.ctypes.data for t in tabs], dtype=np.uint64)
+        if limbs not in self._tab_addrs:  # _consts first: another thread may be reading
+            if not 1 <= limbs <= len(self.data_primes):
+                raise ValueError(f"ckks native: {limbs} primes, the chain has "
+                                 f"{len(self.data_primes)}")
             p = self.special
             qs = self.data_primes[:limbs]
             inv = [pow(p, -1, q) for q in qs]
             self._consts[limbs] = np.array(
                 [v for iv, q in zip(inv, qs) for v in (iv, (iv << 64) // q)]
                 + [(p >> 1) % q for q in qs], dtype=np.uint64)
+            tabs = self.tables[:limbs] + [self.tables[-1]]
+            self._tab_addrs[limbs] = np.array([t.ctypes.data for t in tabs], dtype=np.uint64)
         return self._tab_addrs[limbs]
 
     def _like(self, ct: Any) -> tuple[Any, np.ndarray]:
@@ -285,7 +293,7 @@ class Native:
         return out, buffer(out)
 
     def products(self, pts: Sequence[Any], limbs: int) -> Products:
-        return Products(pts, limbs)
+        return Products(pts, limbs, self.n)
 
     def dot(self, cts: Sequence[Any], prods: Products, acc: Any = None) -> Any:
         """``acc + sum_t prods.pts[t] * cts[t]``, written into ``acc`` when given (at the
@@ -316,7 +324,7 @@ class Native:
 
     def sums(self, labels: Sequence[Any], terms: Sequence[Sequence[tuple[Any, Any]]],
              limbs: int) -> Sums:
-        return Sums(labels, terms, limbs)
+        return Sums(labels, terms, limbs, self.n)
 
     def run(self, sums: Sums, cts: Mapping[Any, Any]) -> dict[Any, Any]:
         """``{label: sum}`` of ``sums`` over ``cts`` (``{key: ciphertext}``), in one pass
@@ -351,12 +359,14 @@ class Native:
             raise ValueError("ckks native: only two-part NTT-form ciphertexts can be hoisted")
         buf = buffer(ct)
         limbs = buf.shape[1]
+        if buf.shape[2] != self.n:
+            raise ValueError(f"ckks native: a ciphertext of degree {buf.shape[2]}, not {self.n}")
         tabs = self._tabs(limbs)
         digits = np.empty((limbs, limbs + 1, self.n), dtype=np.uint64)
         c1 = np.ascontiguousarray(buf[1])
         self._parallel(lambda lo, hi: self._native.split(
             c1.ctypes.data, limbs, self.n, tabs.ctypes.data, digits.ctypes.data, lo, hi), limbs)
-        return Split(ct, limbs, digits, np.ascontiguousarray(buf[0]))
+        return Split(ct, limbs, digits, buf[0].copy())  # a snapshot, as the digits are
 
     def _parallel(self, fn: Any, count: int, weights: np.ndarray | None = None) -> None:
         """``fn(lo, hi)`` over ``[0, count)`` cut into ``threads`` runs of about equal
@@ -425,6 +435,10 @@ def why_unavailable() -> str:
 def _self_test() -> tuple[bool, str]:
     if os.environ.get("SECUREINFER_CKKS_NATIVE", "1") == "0":
         return False, "disabled by SECUREINFER_CKKS_NATIVE=0"
+    # the object header this module reads past is a release build's (16 bytes)
+    if sys.implementation.name != "cpython" or hasattr(sys, "gettotalrefcount") \
+            or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return False, "needs a release build of CPython with the GIL (object layout)"
     try:
         from . import _native  # noqa: F401, PLC0415
     except ImportError as exc:

@@ -276,9 +276,10 @@ class CKKSScheme(Scheme):
                "threads of the native part per evaluation: hoisted rotations, digit splits "
                "and sums of products side by side (SEAL's own calls stay on one); 1: none"),
         Option("hoist", bool, True,
-               "single packing with grid layouts: each baby rotation of a stage by its own "
-               "step from the input, which the server splits once (hoisted rotations, about "
-               "half the cost each; more Galois keys); false: babies chained over fewer keys"),
+               "single packing with grid layouts: group each stage's baby rotations by "
+               "parent over the same Galois keys, the server splitting each parent once "
+               "(hoisted rotations, about 0.6 of a rotation each), and plan with them priced "
+               "so; false: babies chained, every rotation at full price"),
         Option("block_layouts", bool, True,
                "single packing may use block layouts for dense layers (false: hybrid "
                "diagonals only, whose diagonals secureinfer.nn.prune can zero one by one)"),
