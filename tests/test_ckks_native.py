@@ -244,6 +244,7 @@ def test_threads_agree_with_one_thread_and_refuse_workers(monkeypatch) -> None:
         return real(self, ct, step)
 
     monkeypatch.setattr(native.Native, "rotate_one", counting)
+    monkeypatch.setattr(native, "FAST_SINGLE_DEGREE", 0)  # this small ring too
     threaded, y2, _ = _evaluate("ckks?flood_bits=0&input_shifts=1&threads=2", x)
     assert threaded.plan["rotation_steps"] == sm.plan["rotation_steps"]
     assert calls["rotate_one"] > 0  # giant steps and passes went native too

@@ -152,7 +152,7 @@ class _Kernel(abc.ABC):
 
     def _rotate(self, ct: Any, step: int) -> Any:
         nat = self.ctx.native
-        if nat is not None and nat.threads > 1 and step % self.seal.slots in nat.steps:
+        if nat is not None and nat.fast_single and step % self.seal.slots in nat.steps:
             return nat.rotate_one(ct, step)  # split and rotation on the threads
         out = self._new()
         self.ev.rotate_vector(ct, step, self.ctx.galois, out)
