@@ -323,59 +323,6 @@ static PyObject *py_rotate_down(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* dot(terms, cts, pts, L, n, tables, acc, out): out = acc + sum_t pts[t] * cts[t], each
- * part and limb (NTT form, so products are per coefficient), reduced once per 128 terms.
- *
- * cts: terms addresses of two-part ciphertexts of L limbs; pts: terms addresses of
- * plaintexts of L limbs; tables: L table addresses; acc: 0 or a two-part ciphertext of L
- * limbs (may be out); out: two parts of L limbs. */
-static PyObject *py_dot(PyObject *self, PyObject *args)
-{
-    unsigned long long cta, pta, taba, acca, outa;
-    Py_ssize_t terms, L, n;
-    if (!PyArg_ParseTuple(args, "nKKnnKKK", &terms, &cta, &pta, &L, &n, &taba, &acca, &outa))
-        return NULL;
-    const uint64_t *const *cts = (const uint64_t *const *)cta;
-    const uint64_t *const *pts = (const uint64_t *const *)pta;
-    const uint64_t *const *tabs = (const uint64_t *const *)taba;
-    const uint64_t *acc = (const uint64_t *)acca;
-    uint64_t *out = (uint64_t *)outa;
-    size_t N = (size_t)n, LL = (size_t)L, T = (size_t)terms;
-    Py_BEGIN_ALLOW_THREADS
-    u128 s0[DOT_BLOCK], s1[DOT_BLOCK];
-    for (size_t j = 0; j < LL; j++) {
-        prime_t p = prime_at(tabs[j], N);
-        for (size_t b = 0; b < N; b += DOT_BLOCK) {
-            size_t e = b + DOT_BLOCK < N ? b + DOT_BLOCK : N;
-            for (size_t k = b; k < e; k++) {
-                s0[k - b] = acc ? acc[j * N + k] : 0;
-                s1[k - b] = acc ? acc[(LL + j) * N + k] : 0;
-            }
-            for (size_t t = 0; t < T; t++) {
-                if (t && t % DOT_CHUNK == 0) {
-                    for (size_t k = 0; k < e - b; k++) {
-                        s0[k] = reduce128(s0[k], p.q, p.r0, p.r1);
-                        s1[k] = reduce128(s1[k], p.q, p.r0, p.r1);
-                    }
-                }
-                const uint64_t *pt = pts[t] + j * N, *c0 = cts[t] + j * N,
-                               *c1 = cts[t] + (LL + j) * N;
-                for (size_t k = b; k < e; k++) {
-                    uint64_t w = pt[k];
-                    s0[k - b] += (u128)w * c0[k];
-                    s1[k - b] += (u128)w * c1[k];
-                }
-            }
-            for (size_t k = b; k < e; k++) {
-                out[j * N + k] = reduce128(s0[k - b], p.q, p.r0, p.r1);
-                out[(LL + j) * N + k] = reduce128(s1[k - b], p.q, p.r0, p.r1);
-            }
-        }
-    }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 /* dots(outputs, counts, index, pts, cts, L, n, tables, outs): several sums of products
  * over one pool of ciphertexts, out[o] = sum_t pts[t] * cts[index[t]] over the terms of
  * output o (``counts[o]`` of them, in order). One pass over the coefficients: a block of
@@ -438,7 +385,6 @@ static PyMethodDef methods[] = {
     {"split", py_split, METH_VARARGS, "The hoisted digits of a ciphertext's second part."},
     {"rotate_mac", py_rotate_mac, METH_VARARGS, "A rotation's key products at some primes."},
     {"rotate_down", py_rotate_down, METH_VARARGS, "A rotation's division by the special prime."},
-    {"dot", py_dot, METH_VARARGS, "Sum of plaintext-ciphertext products, reduced once."},
     {"dots", py_dots, METH_VARARGS, "Several sums of products over one pool, in one pass."},
     {NULL, NULL, 0, NULL},
 };

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,19 +180,20 @@ class _Kernel(abc.ABC):
         """``{giant: sum of plaintext * rotated[baby]}`` over ``sums`` (from ``_sums``)."""
         if isinstance(sums, Sums):
             return self.ctx.native.run(sums, rotated)
-        out: dict[int, Any] = {}
-        prod = self._new()
-        for g, terms in sums:
-            acc = None
-            for a, pt in terms:
-                if acc is None:
-                    acc = self._new()
-                    self.ev.multiply_plain(rotated[a], pt, acc)
-                else:
-                    self.ev.multiply_plain(rotated[a], pt, prod)
-                    self.ev.add_inplace(acc, prod)
-            out[g] = acc
-        return out
+        return {g: self._sum_products((rotated[a], pt) for a, pt in terms) for g, terms in sums}
+
+    def _sum_products(self, pairs: Iterable[tuple[Any, Any]]) -> Any | None:
+        """``sum ct * pt`` over ``pairs`` with SEAL's calls (``None`` when empty)."""
+        acc = prod = None
+        for ct, pt in pairs:
+            if acc is None:
+                acc = self._new()
+                self.ev.multiply_plain(ct, pt, acc)
+            else:
+                prod = prod or self._new()
+                self.ev.multiply_plain(ct, pt, prod)
+                self.ev.add_inplace(acc, prod)
+        return acc
 
     def _finish(self, acc: Any, bias: Any | None) -> Any:
         self.ev.rescale_to_next_inplace(acc)
@@ -410,18 +411,10 @@ class AffineBatch(_Kernel):
 
     def __call__(self, group: list[Any]) -> list[Any]:
         out = []
-        prod = self._new()
         level, scale = self.step.level_in, self.step.plain_scale
         for terms, bias in zip(self.rows, self.bias):
-            acc = None
-            for c, w in terms:
-                pt = self.seal.encode(w, level, scale)
-                if acc is None:
-                    acc = self._new()
-                    self.ev.multiply_plain(group[c], pt, acc)
-                else:
-                    self.ev.multiply_plain(group[c], pt, prod)
-                    self.ev.add_inplace(acc, prod)
+            acc = self._sum_products((group[c], self.seal.encode(w, level, scale))
+                                     for c, w in terms)
             out.append(self._finish(acc if acc is not None else self._tiny(group[0]), bias))
         return out
 

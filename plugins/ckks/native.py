@@ -35,7 +35,7 @@ import numpy as np
 
 from .backend import galois_element, sealapi
 
-__all__ = ["Native", "Products", "Split", "Sums", "available", "buffer", "key_buffers", "plain_buffer",
+__all__ = ["Native", "Split", "Sums", "available", "buffer", "key_buffers", "plain_buffer",
            "why_unavailable"]
 
 _OBJ = 16            # pybind11: the C++ object's address after PyObject_HEAD
@@ -191,21 +191,6 @@ class Split:
         self.ct, self.limbs, self.digits, self.c0 = ct, limbs, digits, c0
 
 
-class Products:
-    """The plaintexts of one sum of products, their buffers looked up once."""
-
-    __slots__ = ("pts", "limbs", "scale", "addrs")
-
-    def __init__(self, pts: Sequence[Any], limbs: int, n: int) -> None:
-        self.pts = list(pts)  # keeps SEAL's buffers alive
-        self.limbs = limbs
-        self.scale = self.pts[0].scale
-        if any(p.scale != self.scale for p in self.pts):
-            raise ValueError("ckks native: the plaintexts of one sum differ in scale")
-        self.addrs = np.array([plain_buffer(p, limbs, n).ctypes.data for p in self.pts],
-                              dtype=np.uint64)
-
-
 class Sums:
     """Several sums of products over one pool of ciphertexts (:meth:`Native.sums`):
     output ``labels[o]`` is the sum of ``pt * cts[key]`` over its ``(key, pt)`` terms."""
@@ -236,7 +221,7 @@ class Sums:
 
 
 class Native:
-    """Sums of plaintext products (:meth:`dot`) and hoisted rotations (:meth:`split`,
+    """Sums of plaintext products (:meth:`run`, :meth:`dot`) and hoisted rotations (:meth:`split`,
     :meth:`rotate`, with the Galois keys of ``steps``, a subset of ``galois``'s) on SEAL's
     own buffers. Reads SEAL's keys in place (no copies) and holds one table per prime."""
 
@@ -298,35 +283,23 @@ class Native:
         self.seal.evaluator.mod_switch_to(ct, ct.parms_id(), out)
         return out, buffer(out)
 
-    def products(self, pts: Sequence[Any], limbs: int) -> Products:
-        return Products(pts, limbs, self.n)
+    def products(self, pts: Sequence[Any], limbs: int) -> Sums:
+        """One sum over ``pts``, for :meth:`dot` (its terms keyed by position)."""
+        return Sums([0], [list(enumerate(pts))], limbs, self.n)
 
-    def dot(self, cts: Sequence[Any], prods: Products, acc: Any = None) -> Any:
-        """``acc + sum_t prods.pts[t] * cts[t]``, written into ``acc`` when given (at the
-        products' scale), else into a new ciphertext. One reduction per coefficient where
-        SEAL's ``multiply_plain`` and ``add_inplace`` make two per product."""
-        if len(cts) != len(prods.addrs) or not cts:
+    def dot(self, cts: Sequence[Any], prods: Sums, acc: Any = None) -> Any:
+        """``acc + sum_t prods.pts[t] * cts[t]`` (``prods`` from :meth:`products`), added
+        into ``acc`` when given, else a new ciphertext: :meth:`run` of one sum."""
+        if len(cts) != len(prods.pts) or not cts:
             raise ValueError(f"ckks native: {len(cts)} ciphertexts for "
-                             f"{len(prods.addrs)} plaintexts")
-        bufs = [buffer(c) for c in cts]
-        shape = (2, prods.limbs, self.n)
-        scale = cts[0].scale * prods.scale
-        if any(b.shape != shape for b in bufs) or any(c.scale != cts[0].scale for c in cts):
-            raise ValueError("ckks native: the ciphertexts of one sum differ in level or scale")
+                             f"{len(prods.pts)} plaintexts")
+        out = self.run(prods, dict(enumerate(cts)))[0]
         if acc is None:
-            out, obuf = self._like(cts[0])
-            acc_addr = 0
-        else:
-            out, obuf = acc, buffer(acc)
-            if obuf.shape != shape or abs(acc.scale / scale - 1) > 1e-9:
-                raise ValueError("ckks native: the accumulator differs in level or scale")
-            acc_addr = obuf.ctypes.data
-        addrs = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
-        self._native.dot(len(bufs), addrs.ctypes.data, prods.addrs.ctypes.data, prods.limbs,
-                         self.n, self._tabs(prods.limbs).ctypes.data, acc_addr,
-                         obuf.ctypes.data)
-        out.scale = scale
-        return out
+            return out
+        if acc.coeff_modulus_size() != prods.limbs or abs(acc.scale / out.scale - 1) > 1e-9:
+            raise ValueError("ckks native: the accumulator differs in level or scale")
+        self.seal.evaluator.add_inplace(acc, out)
+        return acc
 
     def sums(self, labels: Sequence[Any], terms: Sequence[Sequence[tuple[Any, Any]]],
              limbs: int) -> Sums:
