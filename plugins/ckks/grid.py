@@ -228,10 +228,7 @@ class RotPlan:
                 got = [b for b in remaining if (b - n) % width in keys]
                 if len(got) > len(kids):
                     best, kids = n, got
-            if not kids:  # unreachable by construction; keep the chain's order for the rest
-                kids = [min(remaining, key=self._signed)]
-                best = min(reached, key=lambda n: abs(self._signed((kids[0] - n) % width)))
-                keys.add((kids[0] - best) % width)
+            assert kids, "the chain's keys reach every baby"
             for b in sorted(kids, key=self._signed):
                 out.append((b, best, (b - best) % width))
                 remaining.discard(b)
@@ -287,6 +284,7 @@ class RotPlan:
         return ({s % self.width for s in passes} | tree | chain) - {0}
 
     def describe(self) -> dict[str, Any]:
+        splits, hoisted = self.hoisting()
         return {"kind": self.name, "width": self.width, "rotations": self.rotations(),
                 "galois_steps": len(self.steps()),
                 "baby_steps": len(self.babies()), "giant_steps": len(self.giants()),
@@ -294,8 +292,7 @@ class RotPlan:
                 "pool_rotations": sum(len(p) for p in (*self.pre, *self.post)),
                 "rotsum": len(self.rotsum), "plaintext_products": self.products(),
                 "units_skipped": self.skipped, "folded": self.folded, "merged": self.merged,
-                "hoisted": self.hoisted, "splits": self.hoisting()[0],
-                "hoisted_rotations": self.hoisting()[1],
+                "hoisted": self.hoisted, "splits": splits, "hoisted_rotations": hoisted,
                 "giant_parts": [len(p) for p in self.giant_parts()] if self.split else []}
 
 
@@ -913,6 +910,12 @@ def split_stages(plan: GridPlan, workers: int) -> GridPlan:
     return replace(plan, stages=stages)
 
 
+#: Fewest baby rotations made on the server for which ``hoist_stages`` hoists a stage: a
+#: split and each baby from it cost about 0.6 of a rotation (``HOISTED_ROTATION``), so two
+#: babies already gain a little.
+MIN_HOISTED = 2
+
+
 #: A rotation from a split and a split, in rotations (SEAL's ``rotate_vector``), measured
 #: at LeNet-5's second convolution (N=16384, 5 primes): ~10 ms each against ~17 ms.
 HOISTED_ROTATION, SPLIT = 0.6, 0.6
@@ -927,12 +930,6 @@ def hoisted_cost(babies: int) -> float:
     if babies < MIN_HOISTED:
         return float(babies)
     return HOISTED_ROTATION * babies + SPLIT * max(1.0, babies / BABIES_PER_SPLIT)
-
-#: Fewest baby rotations made on the server for which ``hoist_stages`` hoists a stage: a
-#: split costs about half a rotation and each baby from it about half of one, so two
-#: babies already gain a little.
-MIN_HOISTED = 2
-
 
 def hoist_stages(plan: GridPlan) -> GridPlan:
     """``plan`` with every stage of ``MIN_HOISTED`` or more server-side baby rotations

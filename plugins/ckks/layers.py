@@ -12,6 +12,7 @@ its prime ``q`` of ``2*scale_bits`` bits.
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -248,7 +249,6 @@ class AffineSingle(_Kernel):
                                 step.plain_scale)
             if pt is not None:
                 groups.setdefault(g, []).append((a, pt))
-        self.giants = sorted(groups)
         self.sums = self._sums(sorted(groups.items()))
         self.rotsum = lay.rotsum
         _, bias = stage.weights()
@@ -263,10 +263,7 @@ class AffineSingle(_Kernel):
         rotated = {0: ct, **dict(zip(self.babies, self._rotations(ct, self.babies)))}
         products = self._products_of(rotated, self.sums)
         acc = None
-        for g in self.giants:
-            inner = products.get(g)
-            if inner is None:
-                continue
+        for g, inner in sorted(products.items()):
             if g:
                 inner = self._rotate(inner, g)
             if acc is None:
@@ -331,14 +328,11 @@ class RotationKernel(_Kernel):
         if self.plan.client_babies:  # the client's shifted copies: input, then each baby
             return dict(zip((0, *self.plan.babies()), item))
         rotated = {0: item}
-        tree, i = self.tree, 0
-        while i < len(tree):  # the babies of one parent together: hoisted (``_rotations``)
-            j = i
-            while j < len(tree) and tree[j][1] == tree[i][1]:
-                j += 1
-            made = self._rotations(rotated[tree[i][1]], [k for _, _, k in tree[i:j]])
-            rotated.update(zip((a for a, _, _ in tree[i:j]), made))
-            i = j
+        # the babies of one parent together: hoisted (``_rotations``)
+        for parent, run in itertools.groupby(self.tree, key=lambda t: t[1]):
+            kids = list(run)
+            made = self._rotations(rotated[parent], [k for _, _, k in kids])
+            rotated.update(zip((a for a, _, _ in kids), made))
         return rotated
 
     def partial(self, item: Any, part: int, rotated: dict[int, Any] | None = None) -> Any:
