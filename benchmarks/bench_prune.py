@@ -1,16 +1,19 @@
 """HE-aware pruning against magnitude pruning, measured under encryption (issue 14).
 
-For each case (model, scheme) three variants of the same trained default model run:
+For each case (model, scheme) the variants of the same trained default model run:
 ``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the
-case's target sparsity, budget ``--max-drop`` points) and ``magnitude`` (the same
-fraction of each layer's weights of least magnitude zeroed, no fine-tuning). Each variant
+case's target sparsity and fine-tuning weight decay, budget ``--max-drop`` points),
+``he-aware, no decay`` when the case has a weight decay (the same schedule without it:
+what the pruning gives alone), ``decay only`` beside it (the same distillation and
+decay, nothing pruned: what the decay gives alone) and ``magnitude`` (the same fraction of each layer's
+weights of least magnitude zeroed, no fine-tuning). Each variant
 is first compiled and run in its own process (so peak memory is its own): setup, then
 ``--images`` test images through encrypt, evaluate and decrypt, to check that the
 encrypted decisions agree with the clear model. Evaluate latency is then measured in one
-process per pair (``base`` and one pruned variant, both set up): the two evaluate the same
-test images alternately, image after image, for ``--rounds`` rounds, and each latency is
-the median of its ``rounds x images`` calls, so a busy spell on the shared machine hits
-both alike; the change against ``base`` is taken within the pair. Printed per variant:
+process per case (every variant set up): they evaluate the same test images alternately,
+image after image, for ``--rounds`` rounds, and each latency is the median of its
+``rounds x images`` calls, so a busy spell on the shared machine hits all alike; the
+changes against ``base`` (and against ``decay only``) are taken within that process. Printed per variant:
 test accuracy of the float model (the whole test split), the median evaluate latency (for
 FE this is the server's functional decryption), the change against ``base``, the
 process's peak RSS, Galois key bytes and functional key count from the plan, the units
@@ -32,6 +35,7 @@ beat the block layouts, which is where the rotations go.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -48,13 +52,16 @@ import numpy as np
 #: epochs per step, fine-tuning weight decay). ckks runs unflooded (``flood_bits=0``): the
 #: default flood raises the scale enough to double the ring (N=32768), which makes LeNet-5
 #: take ~7 GB; pruning changes the layouts, not the flood. The classifiers (16 diagonals in
-#: the cnn) are pruned by half, the other layers by 3/4. bfv runs in one process, so its
+#: the cnn) are pruned by half, the other layers by 3/4. The digits cnn fine-tunes with weight
+#: decay 0.01 under ckks: its smaller weights amplify the noise less, so the planner's scale
+#: falls from 29 to 27 bits and the chain fits N=8192 (the ``no decay`` row shows the
+#: pruning alone). bfv runs in one process, so its
 #: outputs are not re-randomized (the default there); single packing evaluates two images
 #: per ciphertext, one here.
 Case = tuple[str, str, str, float, dict[str, float], int, int, float]
 CASES: list[Case] = [
     ("digits", "cnn", "ckks?packing=single&flood_bits=0", 0.75, {"conv1": 0.0, "fc2": 0.5}, 4, 16,
-     0.0),
+     0.01),
     ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8, 0.0),
     ("digits", "mlp", "bfv?packing=single", 0.75, {"fc2": 0.5}, 4, 8, 0.0),
     ("digits", "cnn", "bfv?packing=single", 0.75, {"conv1": 0.5, "fc2": 0.5}, 4, 16, 0.0)]
@@ -105,30 +112,52 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
               layer_sparsity: dict[str, float], max_drop: float,
               schedule: tuple[int, int, float],
               folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """``base``, ``he-aware`` (the case's schedule, with its weight decay), ``he-aware,
+    no decay`` when the case has a decay (the same schedule without it: what the pruning
+    alone gives) and ``magnitude``, each saved under ``folder``."""
     from secureinfer import data
     from secureinfer import nn as snn
+    from secureinfer.nn.training import fit
 
     ds = data.load(dataset)
     base = snn.default_model(dataset, arch)
-    out = []
-    start = time.perf_counter()
     extra = PRUNE_OPTIONS.get(scheme.split("?")[0])
     prune_with = f"{scheme}{'&' if '?' in scheme else '?'}{extra}" if extra else scheme
-    aware = snn.prune(base, prune_with, sparsity=sparsity, max_drop=max_drop, data=ds,
-                      layer_sparsity=layer_sparsity, steps=schedule[0], epochs=schedule[1],
-                      weight_decay=schedule[2], progress=sys.stderr.isatty())
-    prune_s = time.perf_counter() - start
+    models: list[tuple[str, Any, dict[str, Any]]] = [
+        ("base", base, {"accuracy": snn.accuracy(base, ds.x_test, ds.y_test)})]
+    decays = [("he-aware", schedule[2])]
+    if schedule[2]:
+        decays.append(("he-aware, no decay", 0.0))
+    for name, decay in decays:
+        start = time.perf_counter()
+        aware = snn.prune(base, prune_with, sparsity=sparsity, max_drop=max_drop, data=ds,
+                          layer_sparsity=layer_sparsity, steps=schedule[0],
+                          epochs=schedule[1], weight_decay=decay,
+                          progress=sys.stderr.isatty())
+        models.append((name, aware.model,
+                       {"accuracy": aware.meta["accuracy_after"],
+                        "units": f"{aware.meta['pruned']}/{aware.meta['units']} "
+                                 f"{aware.meta['unit']}",
+                        "prune_s": time.perf_counter() - start, "weight_decay": decay}))
+    if schedule[2]:
+        # The control for the decay: the same distillation and decay, nothing pruned.
+        start = time.perf_counter()
+        tuned = copy.deepcopy(base)
+        fit(tuned, ds.x_train, ds.y_train, epochs=schedule[0] * schedule[1],
+            teacher=copy.deepcopy(base).eval(), weight_decay=schedule[2], seed=1,
+            progress=sys.stderr.isatty(), desc="decay only")
+        tuned.eval()
+        models.append(("decay only", tuned,
+                       {"accuracy": snn.accuracy(tuned, ds.x_test, ds.y_test),
+                        "units": "none", "prune_s": time.perf_counter() - start,
+                        "weight_decay": schedule[2]}))
     magnitude = snn.magnitude_prune(base, sparsity, data=ds)
-    acc = snn.accuracy(base, ds.x_test, ds.y_test)
-    for name, model, meta in (("base", base, {"accuracy": acc}),
-                              ("he-aware", aware.model,
-                               {"accuracy": aware.meta["accuracy_after"],
-                                "units": f"{aware.meta['pruned']}/{aware.meta['units']} "
-                                         f"{aware.meta['unit']}", "prune_s": prune_s}),
-                              ("magnitude", magnitude.model,
-                               {"accuracy": magnitude.meta["accuracy_after"],
-                                "units": f"{100 * sparsity:.0f}% weights"})):
-        path = folder / f"{dataset}-{arch}-{name}.npz"
+    models.append(("magnitude", magnitude.model,
+                   {"accuracy": magnitude.meta["accuracy_after"],
+                    "units": f"{100 * sparsity:.0f}% weights"}))
+    out = []
+    for name, model, meta in models:
+        path = folder / f"{dataset}-{arch}-{name.replace(', ', '-').replace(' ', '-')}.npz"
         snn.save(model, path)
         out.append((name, path, meta))
     return out
@@ -180,9 +209,8 @@ def _run_timing(paths: list[Path], scheme: str, dataset: str, images: int,
 
 
 def run_case(case: Case, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
-    """The three variants of one case: each alone in its process (figures, agreement, peak
-    memory), then every pruned variant timed against ``base`` alternately in one process;
-    a discarded warm-up run first (it builds the on-disk tables and caches the first run
+    """The variants of one case: each alone in its process (figures, agreement, peak
+    memory), then all of them timed alternately in one process; a discarded warm-up run first (it builds the on-disk tables and caches the first run
     would otherwise pay alone)."""
     dataset, arch, scheme, sparsity, per_layer, steps, epochs, decay = case
     if args.sparsity is not None:
@@ -192,23 +220,15 @@ def run_case(case: Case, args: argparse.Namespace, folder: Path) -> list[dict[st
     _run_child(variants[0][1], scheme, dataset, 1)
     alone = {name: _run_child(path, scheme, dataset, args.images)
              for name, path, _ in variants}
-    base_path = variants[0][1]
-    timed: dict[str, tuple[float, float]] = {}
-    for name, path, _ in variants[1:]:
-        base_ms, ms = _run_timing([base_path, path], scheme, dataset, args.images,
-                                  args.rounds)
-        timed[name] = (base_ms, ms)
+    medians = _run_timing([path for _, path, _ in variants], scheme, dataset, args.images,
+                          args.rounds)
+    timed = {name: ms for (name, _, _), ms in zip(variants, medians)}
     rows = []
     for name, _, meta in variants:
         row = {"model": f"{dataset} {arch}", "scheme": scheme, "variant": name,
-               "sparsity": sparsity, **meta, **alone[name]}
-        if name == "base":
-            row["evaluate_ms"] = timed[variants[1][0]][0]
-            row["vs_base"] = "-"
-        else:
-            base_ms, ms = timed[name]
-            row["evaluate_ms"], row["base_ms"] = ms, base_ms
-            row["vs_base"] = f"{100 * (ms - base_ms) / base_ms:+.0f}%"
+               "sparsity": sparsity, **meta, **alone[name], "evaluate_ms": timed[name],
+               "vs_base": "-" if name == "base" else
+               f"{100 * (timed[name] - timed['base']) / timed['base']:+.0f}%"}
         rows.append(row)
     return rows
 
@@ -239,18 +259,37 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows of each case, each group starting with its ``base``."""
+    groups: list[list[dict[str, Any]]] = []
+    for r in rows:
+        if r["variant"] == "base":
+            groups.append([])
+        groups[-1].append(r)
+    return groups
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     out = []
-    for start in range(0, len(rows), 3):
-        group = rows[start:start + 3]
+    for group in _groups(rows):
         keys = _change(group, "galois_key_bytes")
         fk = _change(group, "functional_keys")
         for r in group[1:]:
             drop = 100 * (group[0]["accuracy"] - r["accuracy"])
             out.append(f"{r['model']} / {r['scheme']} / {r['variant']}: evaluate "
-                       f"{r['vs_base']} (timed beside base), Galois key bytes "
+                       f"{r['vs_base']} (timed with base in one process), Galois key bytes "
                        f"{keys[r['variant']]}, functional keys "
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
+        control = [r for r in group if r["variant"] == "decay only"]
+        aware = [r for r in group if r["variant"] == "he-aware"]
+        if control and aware:
+            c, r = control[0], aware[0]
+            out.append(f"{r['model']} / {r['scheme']} / he-aware against decay only (the "
+                       "pruning's own share, same decay): evaluate "
+                       f"{100 * (r['evaluate_ms'] - c['evaluate_ms']) / c['evaluate_ms']:+.0f}%,"
+                       " Galois key bytes "
+                       f"{100 * (r['galois_key_bytes'] - c['galois_key_bytes']) / c['galois_key_bytes']:+.0f}%,"
+                       f" accuracy {100 * (r['accuracy'] - c['accuracy']):+.2f} points")
         base = group[0]
         if base.get("fixed_keys") is not None and base["galois_keys"]:
             fixed, total = base["fixed_keys"], base["galois_keys"]
@@ -288,8 +327,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            rows += run_case(case, args, Path(tmp))
-            print(table(rows[-3:]), flush=True)
+            case_rows = run_case(case, args, Path(tmp))
+            rows += case_rows
+            print(table(case_rows), flush=True)
     print()
     print(table(rows))
     print("\n".join(summary(rows)))
