@@ -4,9 +4,10 @@ For each case (model, scheme) the variants of the same trained default model run
 ``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the
 case's target sparsity and fine-tuning weight decay, budget ``--max-drop`` points),
 ``he-aware, no decay`` when the case has a weight decay (the same schedule without it:
-what the pruning gives alone), ``decay only`` beside it (the same distillation and
-decay, nothing pruned: what the decay gives alone) and ``magnitude`` (the same fraction of each layer's
-weights of least magnitude zeroed, no fine-tuning). Each variant
+what the pruning gives alone), ``decay only`` beside it (prune's distillation schedule
+and decay, nothing pruned: what the decay gives alone) and ``magnitude`` (each layer's
+weights of least magnitude zeroed, at he-aware's fraction of that layer's units, no
+fine-tuning). Each variant
 is first compiled and run in its own process (so peak memory is its own): setup, then
 ``--images`` test images through encrypt, evaluate and decrypt, to check that the
 encrypted decisions agree with the clear model. Evaluate latency is then measured in one
@@ -26,7 +27,7 @@ evaluate latency and >= 30 % fewer key bytes at <= 1 point loss; digits mlp unde
 
 Run: ``python benchmarks/bench_prune.py [--images 10] [--rounds 3] [--sparsity S]
 [--max-drop 1.0] [--lenet] [--only 0,2] [--out r.json]``. ``--lenet`` adds LeNet-5 on
-28x28 digits as case 4 (minutes, ~2.5 GB per process, two at once while timing).
+28x28 digits as case 4 (minutes; ~2.5 GB per process, three models in the timing one).
 The sparsity (fraction of each layer's units) and the schedule are per case (``CASES``):
 ckks needs enough of a dense layer's diagonals gone for the all-hybrid chain of layouts to
 beat the block layouts, which is where the rotations go.
@@ -52,10 +53,11 @@ import numpy as np
 #: epochs per step, fine-tuning weight decay). ckks runs unflooded (``flood_bits=0``): the
 #: default flood raises the scale enough to double the ring (N=32768), which makes LeNet-5
 #: take ~7 GB; pruning changes the layouts, not the flood. The classifiers (16 diagonals in
-#: the cnn) are pruned by half, the other layers by 3/4. The digits cnn fine-tunes with weight
-#: decay 0.01 under ckks: its smaller weights amplify the noise less, so the planner's scale
-#: falls from 29 to 27 bits and the chain fits N=8192 (the ``no decay`` row shows the
-#: pruning alone). bfv runs in one process, so its
+#: the cnn) are pruned by half, the other layers by 3/4 unless named (the ckks cnn's
+#: ``conv1`` not at all, the bfv cnn's by half). The digits cnn fine-tunes with weight
+#: decay 0.01 under ckks: smaller weights amplify the noise less, so the planner may choose
+#: a smaller scale and ring (the ``no decay`` and ``decay only`` rows separate the two
+#: effects). bfv runs in one process, so its
 #: outputs are not re-randomized (the default there); single packing evaluates two images
 #: per ciphertext, one here.
 Case = tuple[str, str, str, float, dict[str, float], int, int, float]
@@ -112,12 +114,14 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
               layer_sparsity: dict[str, float], max_drop: float,
               schedule: tuple[int, int, float],
               folder: Path) -> list[tuple[str, Path, dict[str, Any]]]:
-    """``base``, ``he-aware`` (the case's schedule, with its weight decay), ``he-aware,
-    no decay`` when the case has a decay (the same schedule without it: what the pruning
-    alone gives) and ``magnitude``, each saved under ``folder``."""
+    """``base``, ``he-aware`` (the case's schedule, with its weight decay), when the case
+    has a decay ``he-aware, no decay`` (the same schedule without it: the pruning alone)
+    and ``decay only`` (the decay alone), and ``magnitude``, each saved under
+    ``folder``."""
     from secureinfer import data
     from secureinfer import nn as snn
-    from secureinfer.nn.training import fit
+    from secureinfer.nn.ranges import calibrate
+    from secureinfer.nn.training import INPUT_RANGE, fit
 
     ds = data.load(dataset)
     base = snn.default_model(dataset, arch)
@@ -140,21 +144,25 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
                                  f"{aware.meta['unit']}",
                         "prune_s": time.perf_counter() - start, "weight_decay": decay}))
     if schedule[2]:
-        # The control for the decay: the same distillation and decay, nothing pruned.
+        # The control for the decay: prune's schedule (``steps`` fits of ``epochs``, each
+        # with a fresh optimizer, seeds 1..steps) and decay, distilled from base, nothing
+        # pruned; calibrated as prune calibrates its result.
         start = time.perf_counter()
-        tuned = copy.deepcopy(base)
-        fit(tuned, ds.x_train, ds.y_train, epochs=schedule[0] * schedule[1],
-            teacher=copy.deepcopy(base).eval(), weight_decay=schedule[2], seed=1,
-            progress=sys.stderr.isatty(), desc="decay only")
+        tuned, teacher = copy.deepcopy(base), copy.deepcopy(base).eval()
+        for k in range(1, schedule[0] + 1):
+            fit(tuned, ds.x_train, ds.y_train, epochs=schedule[1], teacher=teacher,
+                weight_decay=schedule[2], seed=k, progress=sys.stderr.isatty(),
+                desc=f"decay only {k}/{schedule[0]}")
         tuned.eval()
+        calibrate(tuned, ds.x_train, ds.input_shape, input_range=INPUT_RANGE)
         models.append(("decay only", tuned,
                        {"accuracy": snn.accuracy(tuned, ds.x_test, ds.y_test),
                         "units": "none", "prune_s": time.perf_counter() - start,
                         "weight_decay": schedule[2]}))
-    magnitude = snn.magnitude_prune(base, sparsity, data=ds)
+    magnitude = snn.magnitude_prune(base, sparsity, data=ds, layer_sparsity=layer_sparsity)
     models.append(("magnitude", magnitude.model,
                    {"accuracy": magnitude.meta["accuracy_after"],
-                    "units": f"{100 * sparsity:.0f}% weights"}))
+                    "units": f"{100 * _zero_fraction(magnitude.model):.0f}% weights"}))
     out = []
     for name, model, meta in models:
         path = folder / f"{dataset}-{arch}-{name.replace(', ', '-').replace(' ', '-')}.npz"
@@ -163,10 +171,20 @@ def _variants(dataset: str, arch: str, scheme: str, sparsity: float,
     return out
 
 
+def _zero_fraction(model: Any) -> float:
+    """The fraction of the Linear and Conv2d weights of ``model`` that are zero."""
+    import torch
+
+    ws = [m.weight.detach() for m in model.modules()
+          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
 def timing(paths: list[str], scheme: str, dataset: str, images: int,
            rounds: int) -> list[float]:
-    """Median evaluate ms of each model of ``paths``, all set up in this process and run
-    alternately (image by image) for ``rounds`` rounds of ``images`` test images."""
+    """Median evaluate ms of each model of ``paths``, all set up in this process, each
+    warmed up by one discarded evaluation, then run alternately (image by image, the
+    order rotating at each image) for ``rounds`` rounds of ``images`` test images."""
     import secureinfer
     from secureinfer import data
     from secureinfer import nn as snn
@@ -178,14 +196,21 @@ def timing(paths: list[str], scheme: str, dataset: str, images: int,
         client, server, _ = sm.setup()
         parties.append((client, server))
     x = ds.x_test[:images]
+    for client, server in parties:  # one discarded evaluation each (first-call costs)
+        server.evaluate(client.encrypt(x[:1]))
     times: list[list[float]] = [[] for _ in paths]
+    calls = 0
     for _ in range(rounds):
         for i in range(len(x)):
-            for k, (client, server) in enumerate(parties):
+            # the order rotates call by call, so no model always follows the same one
+            for j in range(len(parties)):
+                k = (j + calls) % len(parties)
+                client, server = parties[k]
                 ct = client.encrypt(x[i:i + 1])
                 start = time.perf_counter()
                 server.evaluate(ct)
                 times[k].append(time.perf_counter() - start)
+            calls += 1
     return [1e3 * statistics.median(t) for t in times]
 
 
@@ -282,7 +307,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
                        f"{fk[r['variant']]}, accuracy {-drop:+.2f} points")
         control = [r for r in group if r["variant"] == "decay only"]
         aware = [r for r in group if r["variant"] == "he-aware"]
-        if control and aware:
+        if control and aware and control[0]["evaluate_ms"] and control[0]["galois_key_bytes"]:
             c, r = control[0], aware[0]
             out.append(f"{r['model']} / {r['scheme']} / he-aware against decay only (the "
                        "pruning's own share, same decay): evaluate "
@@ -296,7 +321,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"{base['model']} / {base['scheme']}: {fixed} of base's {total} Galois "
                        "keys are pool passes and rotate-and-sums, keyed whatever the "
                        "weights at base's layouts: at those layouts pruning removes at "
-                       f"most {total - fixed} keys ({-100 * (total - fixed) / total:.0f} % "
+                       f"most {total - fixed} key{'' if total - fixed == 1 else 's'} "
+                       f"({-100 * (total - fixed) / total:.0f} % "
                        "at the same chain; other layouts may drop more)")
     return out
 
@@ -315,8 +341,8 @@ def main() -> None:
                         help="one sparsity for every case and layer (default: per case)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of --images evaluations per variant, alternating with "
-                             "base in one process; the median of all is kept")
+                        help="rounds of --images evaluations per variant, all variants of a "
+                             "case alternating in one process; the median of all is kept")
     parser.add_argument("--lenet", action="store_true", help="add LeNet-5 on 28x28 digits")
     parser.add_argument("--only", help="comma-separated case indices (0-based) to run")
     parser.add_argument("--out", help="write the rows as JSON")
@@ -330,11 +356,11 @@ def main() -> None:
             case_rows = run_case(case, args, Path(tmp))
             rows += case_rows
             print(table(case_rows), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
     print()
     print(table(rows))
     print("\n".join(summary(rows)))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

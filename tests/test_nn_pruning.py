@@ -107,6 +107,18 @@ def test_shape_diagonals_without_a_scheme(small_cnn, digits):
     assert zero_taps >= 1  # whole kernel offsets, across every channel pair
 
 
+def test_magnitude_prune_zeroes_each_layers_fraction(mlp, digits):
+    result = snn.magnitude_prune(mlp, 0.75, data=digits, layer_sparsity={"fc2": 0.5})
+    fc1, fc2 = result.model.fc1.weight.detach(), result.model.fc2.weight.detach()
+    assert abs(float((fc1 == 0).float().mean()) - 0.75) < 0.01
+    assert abs(float((fc2 == 0).float().mean()) - 0.5) < 0.01
+    kept = mlp.fc1.weight.detach()[fc1 != 0].abs()
+    assert float(kept.min()) >= float(mlp.fc1.weight.detach()[fc1 == 0].abs().max())
+    assert float(mlp.fc1.weight.detach().abs().sum()) > 0 and (mlp.fc1.weight != 0).all()
+    with pytest.raises(ConfigError, match="layer_sparsity names conv9.*valid: fc1, fc2"):
+        snn.magnitude_prune(mlp, 0.5, data=digits, layer_sparsity={"conv9": 0.5})
+
+
 def test_bad_arguments_say_what_is_valid(mlp, digits):
     with pytest.raises(ConfigError, match=r"sparsity=1.5 must be in \[0, 1\)"):
         snn.prune(mlp, "fe-ip", sparsity=1.5, data=digits)

@@ -244,6 +244,22 @@ def _prune_step(groups: list[_Group], fraction: Callable[[int], float]) -> None:
             g.zero()
 
 
+def _check_targets(model: nn.Module, sparsity: float,
+                   layer_sparsity: Mapping[str, float] | None) -> dict[str, float]:
+    """``layer_sparsity`` as ``{name: fraction}``, every fraction and name checked."""
+    targets = {str(k): float(v) for k, v in (layer_sparsity or {}).items()}
+    for name, value in {"": sparsity, **targets}.items():
+        if not 0.0 <= value < 1.0:
+            where = f"layer_sparsity[{name!r}]" if name else "sparsity"
+            raise ConfigError(f"{where}={value} must be in [0, 1) (a fraction of the units)")
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    unknown = sorted(set(targets) - layers)
+    if unknown:
+        raise ConfigError(f"layer_sparsity names {', '.join(unknown)}, not a Linear or Conv2d "
+                          f"of this model; valid: {', '.join(sorted(layers))}")
+    return targets
+
+
 def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
           max_drop: float = 1.0, data: str | Dataset = "digits", *, unit: str | None = None,
           layer_sparsity: Mapping[str, float] | None = None, steps: int = 4,
@@ -280,16 +296,7 @@ def prune(model: nn.Module, scheme: str | None = None, sparsity: float = 0.5,
     Raises:
         ConfigError: a bad sparsity, budget, unit or scheme; the message says what is valid.
     """
-    targets = {str(k): float(v) for k, v in (layer_sparsity or {}).items()}
-    for name, value in {"": sparsity, **targets}.items():
-        if not 0.0 <= value < 1.0:
-            where = f"layer_sparsity[{name!r}]" if name else "sparsity"
-            raise ConfigError(f"{where}={value} must be in [0, 1) (a fraction of the units)")
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    unknown = sorted(set(targets) - layers)
-    if unknown:
-        raise ConfigError(f"layer_sparsity names {', '.join(unknown)}, not a Linear or Conv2d "
-                          f"of this model; valid: {', '.join(sorted(layers))}")
+    targets = _check_targets(model, sparsity, layer_sparsity)
     if max_drop < 0:
         raise ConfigError(f"max_drop={max_drop} must be >= 0 (accuracy points)")
     if steps < 1:
@@ -408,22 +415,24 @@ def _pruner(model: nn.Module, kind: str, scheme: str | None,
     return _GroupPruner(model, kind)
 
 
-def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "digits",
-                    ) -> PruneResult:
+def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "digits", *,
+                    layer_sparsity: Mapping[str, float] | None = None) -> PruneResult:
     """Unstructured magnitude pruning, for contrast: the ``sparsity`` fraction of each
-    weighted layer's weights of least magnitude set to zero, no fine-tuning."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity={sparsity} must be in [0, 1)")
+    weighted layer's weights of least magnitude set to zero (``layer_sparsity``: another
+    fraction for the named layers, as in ``prune``), no fine-tuning."""
+    targets = _check_targets(model, sparsity, layer_sparsity)
     ds = _data(data)
     student = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in _weighted(student):
+        for name, layer in student.named_modules():
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                continue
             w = layer.weight
-            k = int(w.numel() * sparsity)
+            k = int(w.numel() * targets.get(name, sparsity))
             if k:
                 cut = w.abs().flatten().kthvalue(k).values
                 w[w.abs() <= cut] = 0.0
-    meta = {"unit": "weights", "target_sparsity": sparsity,
+    meta = {"unit": "weights", "target_sparsity": sparsity, "layer_sparsity": targets,
             "accuracy_before": accuracy(model, ds.x_test, ds.y_test),
             "accuracy_after": accuracy(student, ds.x_test, ds.y_test)}
     return _finish(student.eval(), ds, meta)
