@@ -102,8 +102,13 @@ class _Group:
                 p[m] = 0.0
 
 
+def _named_weighted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Linear and Conv2d layers of ``model`` with their names."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def _weighted(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [m for _, m in _named_weighted(model)]
 
 
 def _mask(p: torch.Tensor, index: Any) -> torch.Tensor:
@@ -252,7 +257,7 @@ def _check_targets(model: nn.Module, sparsity: float,
         if not 0.0 <= value < 1.0:
             where = f"layer_sparsity[{name!r}]" if name else "sparsity"
             raise ConfigError(f"{where}={value} must be in [0, 1) (a fraction of the units)")
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {n for n, _ in _named_weighted(model)}
     unknown = sorted(set(targets) - layers)
     if unknown:
         raise ConfigError(f"layer_sparsity names {', '.join(unknown)}, not a Linear or Conv2d "
@@ -352,8 +357,7 @@ class _GroupPruner:
     def __init__(self, model: nn.Module, unit: str) -> None:
         self.groups = _groups(model, unit)
         self.total = len(self.groups)
-        names = {id(m): n for n, m in model.named_modules()}
-        self.names = [names[id(m)] for m in _weighted(model)]
+        self.names = [n for n, _ in _named_weighted(model)]
         self.targets: Callable[[str], float] = lambda name: 0.0
 
     def step(self, progress: float) -> None:
@@ -424,9 +428,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, data: str | Dataset = "di
     ds = _data(data)
     student = copy.deepcopy(model)
     with torch.no_grad():
-        for name, layer in student.named_modules():
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-                continue
+        for name, layer in _named_weighted(student):
             w = layer.weight
             k = int(w.numel() * targets.get(name, sparsity))
             if k:
