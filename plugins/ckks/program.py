@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from secureinfer.layers import Conv2d, LayerSpec, Linear, Poly, im2col
+from secureinfer.layers import AvgPool2d, Conv2d, LayerSpec, Linear, Poly, im2col
 
 __all__ = [
     "Affine",
@@ -129,6 +129,27 @@ class SingleLayout:
         return set(self.baby_steps()) | set(self.giant_steps()) | set(self.rotsum)
 
 
+def _window(specs: Sequence[LayerSpec]) -> tuple[int, int] | None:
+    """Rows x columns of the input window one output of the spatial layers ``specs``
+    reads (each kernel widens it by ``k - 1`` input strides; element-wise layers keep it),
+    or ``None`` when a Linear or Flatten layer makes every output read the whole input."""
+    high = wide = 1
+    down = across = 1
+    for spec in specs:
+        if isinstance(spec, Conv2d):
+            (kh, kw), (sh, sw) = spec.weight.shape[2:], spec.stride
+        elif isinstance(spec, AvgPool2d):
+            kh = kw = spec.kernel
+            sh = sw = spec.stride
+        elif spec.kind == "poly":
+            continue
+        else:
+            return None
+        high, wide = high + (kh - 1) * down, wide + (kw - 1) * across
+        down, across = down * sh, across * sw
+    return high, wide
+
+
 @dataclass(eq=False)
 class Affine:
     """``y = scale * (M x + b)`` over the flattened value: one or more fused layers.
@@ -186,15 +207,47 @@ class Affine:
             y = _abs_forward(spec, y)
         return float(np.max(y.reshape(-1) + np.abs(self.bias), initial=0.0))
 
-    def row_norm_max(self, probes: int = 32) -> float:
-        """Largest row norm of ``M``: exact for dense stages, else estimated from random
-        Gaussian probes (``E (M z)_r^2 = ||M_r||^2``), without building ``M``."""
+    def row_norm_max(self) -> float:
+        """Largest row norm of ``M`` (how much the stage amplifies independent slot
+        errors), exact and without building ``M``: dense stages read the matrix; the others
+        apply ``M`` to the colored probes of ``_color_probes``, whose squared outputs sum
+        to each row's squared norm."""
         if self.dense or self._fused is not None:
             return float(np.max(np.linalg.norm(self.matrix, axis=1), initial=0.0))
-        rng = np.random.default_rng(0)
-        z = rng.standard_normal((probes, self.shape[1]))
-        y = self.apply(z) - self.bias
-        return float(np.sqrt(np.max(np.mean(y * y, axis=0), initial=0.0)))
+        squares = np.zeros(self.shape[0])
+        bias = self.bias
+        for probes in self._color_probes():
+            y = self.apply(probes) - bias
+            squares += np.einsum("ij,ij->j", y, y)
+        return float(np.sqrt(np.max(squares, initial=0.0)))
+
+    def _color_probes(self, floats: int = 1 << 24) -> Iterator[np.ndarray]:
+        """Indicator vectors of the input's color classes, in batches of about ``floats``
+        values: input ``(c, i, j)`` has color ``(c, i mod P, j mod Q)``, ``P x Q`` the
+        window one output reads (``_window``; the whole map when a Linear or Flatten reads
+        everything). No two inputs of one output's window share a color, so
+        ``(M z_color)_r`` is the single entry of row ``r`` of that color, and the squares
+        over the colors sum to ``||M_r||^2``. Convolutions and pools need
+        ``c * P * Q`` probes (600 for LeNet-5's pool1+conv2, against 4704 inputs)."""
+        shape = self.specs[0].in_shape
+        n = self.shape[1]
+        if len(shape) == 3:
+            c, h, w = shape
+            win = _window(self.specs)
+            p, q = (min(h, win[0]), min(w, win[1])) if win else (h, w)
+            ii, jj = np.meshgrid(np.arange(h) % p, np.arange(w) % q, indexing="ij")
+            color = (np.arange(c)[:, None, None] * p + ii) * q + jj
+            colors = c * p * q
+        else:
+            color, colors = np.arange(n), n
+        color = color.reshape(-1)
+        per = max(1, floats // max(n, self.shape[0]))
+        for start in range(0, colors, per):
+            ids = np.arange(start, min(colors, start + per))
+            probes = np.zeros((len(ids), n))
+            hit = (color >= ids[0]) & (color <= ids[-1])
+            probes[color[hit] - ids[0], np.flatnonzero(hit)] = 1.0
+            yield probes
 
     @property
     def depth(self) -> int:
