@@ -1,24 +1,23 @@
 """HE-aware pruning against magnitude pruning, measured under encryption (issue 14).
 
-For each case (model, scheme) the variants of the same trained default model run:
-``base`` (unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the
-case's target sparsity and fine-tuning weight decay, budget ``--max-drop`` points),
-``he-aware, no decay`` when the case has a weight decay (the same schedule without it:
-what the pruning gives alone), ``decay only`` beside it (prune's distillation schedule
-and decay, nothing pruned: what the decay gives alone) and ``magnitude`` (each layer's
-weights of least magnitude zeroed, at he-aware's fraction of that layer's units, no
-fine-tuning). Each variant
-is first compiled and run in its own process (so peak memory is its own): setup, then
-``--images`` test images through encrypt, evaluate and decrypt, to check that the
-encrypted decisions agree with the clear model. Evaluate latency is then measured in one
+For each case (model, scheme) the variants of the same trained default model run: ``base``
+(unpruned), ``he-aware`` (``secureinfer.nn.prune`` in the scheme's units, the case's target
+sparsity and fine-tuning weight decay, budget ``--max-drop`` points), ``he-aware, no decay``
+when the case has a weight decay (the same schedule without it: what the pruning gives
+alone), ``decay only`` beside it (prune's distillation schedule and decay, nothing pruned:
+what the decay gives alone) and ``magnitude`` (each layer's weights of least magnitude
+zeroed, at the case's fraction of that layer's units (he-aware's target), no fine-tuning).
+Each variant is first compiled and run in its own process (so peak memory is its own):
+setup, then ``--images`` test images through encrypt, evaluate and decrypt, to check that
+the encrypted decisions agree with the clear model. Evaluate latency is then measured in one
 process per case (every variant set up): they evaluate the same test images alternately,
-image after image, for ``--rounds`` rounds, and each latency is the median of its
-``rounds x images`` calls, so a busy spell on the shared machine hits all alike; the
-changes against ``base`` (and against ``decay only``) are taken within that process. Printed per variant:
-test accuracy of the float model (the whole test split), the median evaluate latency (for
-FE this is the server's functional decryption), the change against ``base``, the
-process's peak RSS, Galois key bytes and functional key count from the plan, the units
-the plan skipped, and the agreement with the clear model.
+image after image, for ``--rounds`` rounds, and each latency is the median of its ``rounds x
+images`` calls, so a busy spell on the shared machine hits all alike; the changes against
+``base`` (and against ``decay only``) are taken within that process. Printed per variant:
+test accuracy of the float model (the whole test split), the median evaluate latency (for FE
+this is the server's functional decryption), the change against ``base``, the process's peak
+RSS, Galois key bytes and functional key count from the plan, the units the plan skipped,
+and the agreement with the clear model.
 
 Targets (issue 14): digits cnn (and LeNet-5) under ckks single packing, >= 40 % lower
 evaluate latency and >= 30 % fewer key bytes at <= 1 point loss; digits mlp under fe-ip,
@@ -67,8 +66,9 @@ CASES: list[Case] = [
     ("digits", "mlp", "fe-ip", 0.5, {}, 4, 8, 0.0),
     ("digits", "mlp", "bfv?packing=single", 0.75, {"fc2": 0.5}, 4, 8, 0.0),
     ("digits", "cnn", "bfv?packing=single", 0.75, {"conv1": 0.5, "fc2": 0.5}, 4, 16, 0.0)]
-#: LeNet-5 prunes its costliest stage harder: pool1+conv2 runs at the top levels with most
-#: of the rotations (46 of base's 101), so ``conv2`` goes to 0.88; ``fc2`` is left whole,
+#: LeNet-5 prunes its costliest stage harder: pool1+conv2 runs at level 7, near the top of
+#: the chain, with the largest share of the rotations (46 of base's 101) and ~57 % of the
+#: time, so ``conv2`` goes to 0.88; ``fc2`` is left whole,
 #: because base's block layout (7 rotations, 2 products) beats its pruned hybrid one (10
 #: rotations, 32 products at 3/4).
 LENET: Case = ("digits28", "lenet5", "ckks?packing=single&flood_bits=0", 0.75,

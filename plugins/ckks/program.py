@@ -129,10 +129,15 @@ class SingleLayout:
         return set(self.baby_steps()) | set(self.giant_steps()) | set(self.rotsum)
 
 
+_FUSE_CHUNK_BYTES = 64 << 20
+"""Memory of one block of basis vectors pushed through a run of affine layers."""
+
+
 def _window(specs: Sequence[LayerSpec]) -> tuple[int, int] | None:
     """Rows x columns of the input window one output of the spatial layers ``specs``
-    reads (each kernel widens it by ``k - 1`` input strides; element-wise layers keep it),
-    or ``None`` when a Linear or Flatten layer makes every output read the whole input."""
+    reads (each kernel widens it by ``k - 1`` input strides; element-wise layers and
+    Flatten keep it), or ``None`` when a Linear layer makes every output read the whole
+    input."""
     high = wide = 1
     down = across = 1
     for spec in specs:
@@ -141,13 +146,27 @@ def _window(specs: Sequence[LayerSpec]) -> tuple[int, int] | None:
         elif isinstance(spec, AvgPool2d):
             kh = kw = spec.kernel
             sh = sw = spec.stride
-        elif spec.kind == "poly":
+        elif spec.kind in ("poly", "flatten"):
             continue
         else:
             return None
         high, wide = high + (kh - 1) * down, wide + (kw - 1) * across
         down, across = down * sh, across * sw
     return high, wide
+
+
+def _sample_floats(specs: Sequence[LayerSpec]) -> int:
+    """Values one input of ``specs`` holds at once at its widest layer: the layer's input
+    and output, and a window layer's im2col columns (``out_h * out_w * c * k_h * k_w``)."""
+    widest = 1
+    for spec in specs:
+        size = int(np.prod(spec.in_shape)) + int(np.prod(spec.out_shape))
+        if isinstance(spec, Conv2d):
+            size += int(np.prod(spec.out_shape[1:])) * int(np.prod(spec.weight.shape[1:]))
+        elif isinstance(spec, AvgPool2d):
+            size += int(np.prod(spec.out_shape)) * spec.kernel ** 2
+        widest = max(widest, size)
+    return widest
 
 
 @dataclass(eq=False)
@@ -163,6 +182,7 @@ class Affine:
     identity: bool = False
     scale: float = 1.0
     _fused: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _row_norm: float | None = field(default=None, repr=False)
 
     kind = "affine"
 
@@ -211,21 +231,27 @@ class Affine:
         """Largest row norm of ``M`` (how much the stage amplifies independent slot
         errors), exact and without building ``M``: dense stages read the matrix; the others
         apply ``M`` to the colored probes of ``_color_probes``, whose squared outputs sum
-        to each row's squared norm."""
+        to each row's squared norm. Computed once per stage (the planner asks at every
+        scale it tries; the scale factor is not part of ``M``)."""
+        if self._row_norm is None:
+            self._row_norm = self._row_norm_max()
+        return self._row_norm
+
+    def _row_norm_max(self, floats: int = _FUSE_CHUNK_BYTES // 8) -> float:
         if self.dense or self._fused is not None:
             return float(np.max(np.linalg.norm(self.matrix, axis=1), initial=0.0))
         squares = np.zeros(self.shape[0])
         bias = self.bias
-        for probes in self._color_probes():
+        for probes in self._color_probes(floats):
             y = self.apply(probes) - bias
             squares += np.einsum("ij,ij->j", y, y)
         return float(np.sqrt(np.max(squares, initial=0.0)))
 
-    def _color_probes(self, floats: int = 1 << 24) -> Iterator[np.ndarray]:
-        """Indicator vectors of the input's color classes, in batches of about ``floats``
-        values: input ``(c, i, j)`` has color ``(c, i mod P, j mod Q)``, ``P x Q`` the
-        window one output reads (``_window``; the whole map when a Linear or Flatten reads
-        everything). No two inputs of one output's window share a color, so
+    def _color_probes(self, floats: int = _FUSE_CHUNK_BYTES // 8) -> Iterator[np.ndarray]:
+        """Indicator vectors of the input's color classes, in batches of at most
+        ``floats`` values in flight (``_sample_floats`` per probe, at least one probe):
+        input ``(c, i, j)`` has color ``(c, i mod P, j mod Q)``, ``P x Q`` the window one
+        output reads (``_window``; the whole map when a Linear reads everything). No two inputs of one output's window share a color, so
         ``(M z_color)_r`` is the single entry of row ``r`` of that color, and the squares
         over the colors sum to ``||M_r||^2``. Convolutions and pools need
         ``c * P * Q`` probes (600 for LeNet-5's pool1+conv2, against 4704 inputs)."""
@@ -241,7 +267,7 @@ class Affine:
         else:
             color, colors = np.arange(n), n
         color = color.reshape(-1)
-        per = max(1, floats // max(n, self.shape[0]))
+        per = max(1, floats // _sample_floats(self.specs))
         for start in range(0, colors, per):
             ids = np.arange(start, min(colors, start + per))
             probes = np.zeros((len(ids), n))
@@ -383,10 +409,6 @@ class Program:
 
 
 # ----- lowering -------------------------------------------------------------------------
-
-
-_FUSE_CHUNK_BYTES = 64 << 20
-"""Memory of one block of basis vectors pushed through a run of affine layers."""
 
 
 def _chain_matrix(specs: list[LayerSpec]) -> tuple[np.ndarray, np.ndarray]:
