@@ -77,7 +77,7 @@ async def stage_body(request: Request, directory: Path, limit: int) -> Path:
                         f"the body passed this server's limit of {limit} bytes: start the "
                         "service with a larger --max-request-mb")
                 fh.write(chunk)
-            fh.flush()
+                fh.flush()  # on disk as it arrives, not up to a buffer behind
             await run_in_threadpool(os.fsync, fh.fileno())
     except OSError as exc:
         path.unlink(missing_ok=True)
