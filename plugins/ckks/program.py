@@ -233,26 +233,25 @@ class Affine:
         apply ``M`` to the colored probes of ``_color_probes``, whose squared outputs sum
         to each row's squared norm. Computed once per stage (the planner asks at every
         scale it tries; the scale factor is not part of ``M``)."""
-        if self._row_norm is None:
-            self._row_norm = self._row_norm_max()
-        return self._row_norm
-
-    def _row_norm_max(self, floats: int = _FUSE_CHUNK_BYTES // 8) -> float:
+        if self._row_norm is not None:
+            return self._row_norm
         if self.dense or self._fused is not None:
-            return float(np.max(np.linalg.norm(self.matrix, axis=1), initial=0.0))
-        squares = np.zeros(self.shape[0])
-        bias = self.bias
-        for probes in self._color_probes(floats):
-            y = self.apply(probes) - bias
-            squares += np.einsum("ij,ij->j", y, y)
-        return float(np.sqrt(np.max(squares, initial=0.0)))
+            squares = np.sum(self.matrix ** 2, axis=1)
+        else:
+            squares = np.zeros(self.shape[0])
+            bias = self.bias
+            for probes in self._color_probes():
+                y = self.apply(probes) - bias
+                squares += np.einsum("ij,ij->j", y, y)
+        self._row_norm = float(np.sqrt(np.max(squares, initial=0.0)))
+        return self._row_norm
 
     def _color_probes(self, floats: int = _FUSE_CHUNK_BYTES // 8) -> Iterator[np.ndarray]:
         """Indicator vectors of the input's color classes, in batches of at most
         ``floats`` values in flight (``_sample_floats`` per probe, at least one probe):
         input ``(c, i, j)`` has color ``(c, i mod P, j mod Q)``, ``P x Q`` the window one
-        output reads (``_window``; the whole map when a Linear reads everything). No two inputs of one output's window share a color, so
-        ``(M z_color)_r`` is the single entry of row ``r`` of that color, and the squares
+        output reads (``_window``; the whole map when a Linear reads everything). No two
+        inputs of one output's window share a color, so ``(M z_color)_r`` is the single entry of row ``r`` of that color, and the squares
         over the colors sum to ``||M_r||^2``. Convolutions and pools need
         ``c * P * Q`` probes (600 for LeNet-5's pool1+conv2, against 4704 inputs)."""
         shape = self.specs[0].in_shape
